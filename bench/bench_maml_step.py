@@ -1,0 +1,300 @@
+"""One second-order MAML meta-step: metafast.BatchedMAML against torch.func, a per-task autograd
+loop (learn2learn's recipe; learn2learn itself when importable) and higher, in the same run.
+
+A meta-step is: inner loop on the support set (differentiated through) + query loss + backward to
+the meta-parameters + Adam step; every method gets the same inputs and the same initial weights, and
+the meta-gradients are compared against the per-task loop before anything is timed.
+
+    python bench/bench_maml_step.py [--device cpu|cuda] [--workload sinusoid|omniglot|all]
+                                    [--cuda-graph] [--out DIR] [--quick] [--threads N]
+"""
+import argparse
+import inspect
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.baselines import MetaStep, PerTaskLoop, TorchFunc, available  # noqa: E402
+from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from metafast.models import MLP, Conv4  # noqa: E402
+
+BENCH = "maml_step"
+# A meta-gradient this far from the per-task loop's is wrong, not rounding: fp32 rounding of the
+# loop itself (printed against fp64) is ~1e-7 here.
+GRAD_RTOL = 1e-4
+# Columns `metafast bench` prints.
+COLUMNS = ["workload", "method", "ms", "speedup_vs_torch_func", "speedup_vs_loop", "grad_rel_err_vs_loop", "threads"]
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], torch.nn.Module]
+    loss: str
+    inner_lr: float
+    steps: int
+    tasks: int
+    quick_tasks: int
+    target_vs_torch_func: float  # the speed-up metafast must reach
+    repeats: int  # timed runs (>= 7) after warm-up
+    make_batch: Callable[[int, torch.Generator], Tuple[torch.Tensor, ...]]
+
+
+def _sinusoid_batch(T: int, g: torch.Generator, K: int = 10, Q: int = 10):
+    # MAML paper: amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5].
+    amp = torch.rand(T, 1, 1, generator=g) * 4.9 + 0.1
+    phase = torch.rand(T, 1, 1, generator=g) * math.pi
+    x = torch.rand(T, K + Q, 1, generator=g) * 10 - 5
+    y = amp * torch.sin(x - phase)
+    return x[:, :K], y[:, :K], x[:, K:], y[:, K:]
+
+
+def _omniglot_batch(T: int, g: torch.Generator, ways: int = 5, shots: int = 1, queries: int = 1):
+    # Omniglot-shaped episodes: 28x28x1 images in [0, 1], labels a per-task permutation of the ways.
+    def split(n):
+        x = torch.rand(T, ways * n, 1, 28, 28, generator=g)
+        y = torch.stack([torch.randperm(ways, generator=g).repeat_interleave(n) for _ in range(T)])
+        return x, y
+
+    sx, sy = split(shots)
+    qx, qy = split(queries)
+    return sx, sy, qx, qy
+
+
+WORKLOADS: Dict[str, Workload] = {
+    "sinusoid": Workload("sinusoid", lambda: MLP(1, [40, 40], 1), "mse", 0.01, 1, 25, 5, 5.0, 21,
+                         _sinusoid_batch),
+    "omniglot": Workload("omniglot", lambda: Conv4.omniglot(5), "cross_entropy", 0.4, 1, 32, 4, 1.5, 7,
+                         _omniglot_batch),
+}
+
+
+class Metafast(MetaStep):
+    """metafast.BatchedMAML wrapped in the same interface as the baselines."""
+
+    name = "metafast"
+
+    def __init__(self, model, inner_lr, steps, loss, cuda_graph: bool = False):
+        super().__init__(model, inner_lr, steps, loss)
+        import metafast
+
+        kwargs = {"cuda_graph": True} if cuda_graph else {}
+        self.maml = metafast.BatchedMAML(self.model, inner_lr=inner_lr, inner_steps=steps, first_order=False,
+                                         meta_sgd=False, anil=False, loss=loss, **kwargs)
+        if cuda_graph:
+            self.name = "metafast+cuda-graph"
+
+    @property
+    def params(self):
+        return list(self.maml.parameters())
+
+    def meta_loss(self, sx, sy, qx, qy):
+        return self.maml(sx, sy, qx, qy).loss
+
+    def meta_grad(self, sx, sy, qx, qy):
+        g = super().meta_grad(sx, sy, qx, qy)
+        n = sum(p.numel() for p in self.model.parameters())
+        if g.numel() != n:
+            raise RuntimeError(f"metafast: BatchedMAML.parameters() hold {g.numel()} elements, the model {n}")
+        return g
+
+
+def metafast_status(cuda_graph: bool, device: torch.device) -> Tuple[bool, bool, List[str]]:
+    """(BatchedMAML importable, cuda_graph usable, notes)."""
+    notes = []
+    try:
+        import metafast
+
+        cls = metafast.BatchedMAML
+    except (ImportError, AttributeError) as e:
+        return False, False, [f"metafast.BatchedMAML not importable ({e}); metafast rows skipped"]
+    graph = False
+    if cuda_graph:
+        if device.type != "cuda":
+            notes.append("--cuda-graph needs --device cuda; skipped")
+        elif "cuda_graph" not in inspect.signature(cls).parameters:
+            notes.append("BatchedMAML has no cuda_graph keyword yet; --cuda-graph skipped")
+        else:
+            graph = True
+    return True, graph, notes
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else float("inf")
+
+
+def _worst_params(g: torch.Tensor, ref: torch.Tensor, model: torch.nn.Module, k: int = 3) -> str:
+    """The k parameters contributing most to the mismatch, as ||g_p - ref_p|| / ||ref|| (a per-parameter
+    relative error would single out the conv biases before BN, whose true gradient is ~0)."""
+    out, i, scale = [], 0, ref.double().norm().clamp_min(1e-30)
+    for name, p in model.named_parameters():
+        n = p.numel()
+        out.append((((g[i:i + n].double() - ref[i:i + n].double()).norm() / scale).item(), name))
+        i += n
+    out.sort(reverse=True)
+    return ", ".join(f"{name} {e:.1e}" for e, name in out[:k])
+
+
+def _to(batch, device, dtype=None):
+    return tuple(t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype) for t in batch)
+
+
+def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Sequence[type],
+                   use_metafast: bool, cuda_graph: bool, seed: int = 0) -> List[Dict[str, object]]:
+    T = wl.quick_tasks if quick else wl.tasks
+    torch.manual_seed(seed)
+    model = wl.make_model().to(device)
+    batch = _to(wl.make_batch(T, torch.Generator().manual_seed(seed)), device)
+    print(f"\n== {wl.name}: {type(model).__name__}, {T} tasks, {wl.steps} inner step(s) lr {wl.inner_lr}, "
+          f"{wl.loss}, support {tuple(batch[0].shape)}, query {tuple(batch[2].shape)}")
+
+    methods: List[MetaStep] = [cls(model, wl.inner_lr, wl.steps, wl.loss) for cls in classes]
+    if use_metafast:
+        methods.append(Metafast(model, wl.inner_lr, wl.steps, wl.loss))
+        if cuda_graph:
+            methods.append(Metafast(model, wl.inner_lr, wl.steps, wl.loss, cuda_graph=True))
+
+    # Correctness first: every method's meta-gradient against the per-task loop's, from the same weights.
+    loop = next(m for m in methods if isinstance(m, PerTaskLoop))
+    ref = loop.meta_grad(*batch)
+    ref64 = PerTaskLoop(model, wl.inner_lr, wl.steps, wl.loss)
+    ref64.model.double()
+    ref64 = ref64.meta_grad(*_to(batch, device, torch.float64))
+    print(f"per-task loop fp32 vs fp64 meta-gradient: rel err {rel_err(ref, ref64):.1e}")
+    errs, notes = {}, {}
+    for m in methods:
+        try:
+            g = ref if m is loop else m.meta_grad(*batch)
+        except Exception as e:  # a method that cannot run is reported, not fatal for the others
+            errs[m.name], notes[m.name] = float("nan"), f"failed: {type(e).__name__}: {e}"
+            print(f"  {m.name:>20}: FAILED ({notes[m.name]})")
+            continue
+        errs[m.name] = rel_err(g, ref)
+        ok = errs[m.name] <= GRAD_RTOL
+        if not ok:
+            why = " (vmap second order through BatchNorm)" if (
+                isinstance(m, TorchFunc) and any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm)
+                                                 for x in model.modules())) else ""
+            notes[m.name] = f"WRONG meta-gradient: rel err {errs[m.name]:.1e} vs per-task loop{why}; timed anyway"
+        print(f"  {m.name:>20}: meta-grad rel err vs loop {errs[m.name]:.1e}  {'OK' if ok else 'MISMATCH'}"
+              + ("" if ok else f"  worst: {_worst_params(g, ref, model)}"))
+
+    warmup, repeats = (1, 3) if quick else (3, wl.repeats)
+    times = {}
+    for m in methods:
+        if m.name in notes and notes[m.name].startswith("failed"):
+            continue
+        opt = torch.optim.Adam(m.params, lr=1e-3)
+
+        def step(m=m, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            m.forward_backward(*batch)
+            opt.step()
+
+        times[m.name] = time_ms(step, device, warmup=warmup, repeats=repeats)
+        print(f"  {m.name:>20}: {times[m.name]:9.2f} ms")
+
+    rows = []
+    base = base_row(BENCH, device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for m in methods:
+        if m.name not in times:
+            continue
+        ms = times[m.name]
+        row = {**base, "workload": wl.name, "method": m.name, "ms": ms,
+               "speedup_vs_torch_func": times[TorchFunc.name] / ms if TorchFunc.name in times else None,
+               "speedup_vs_loop": times[PerTaskLoop.name] / ms if PerTaskLoop.name in times else None,
+               "grad_rel_err_vs_loop": errs[m.name], "threads": torch.get_num_threads(), "tasks": T,
+               "quick": quick, "load_avg_1min": load}
+        if isinstance(m, Metafast):
+            row["target_vs_torch_func"] = wl.target_vs_torch_func
+            row["target_met"] = bool(errs[m.name] <= GRAD_RTOL and row["speedup_vs_torch_func"] is not None
+                                     and row["speedup_vs_torch_func"] >= wl.target_vs_torch_func)
+        if m.name in notes:
+            row["note"] = notes[m.name]
+        rows.append(row)
+    return rows
+
+
+def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
+        cuda_graph: bool = False, threads: Optional[int] = 2) -> List[Dict[str, object]]:
+    """Run the meta-step bench and return its rows (``threads`` applies on CPU; None leaves torch's)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
+    names = list(WORKLOADS) if workloads is None else list(workloads)
+    for n in names:
+        if n not in WORKLOADS:
+            raise ValueError(f"workloads: expected names from {sorted(WORKLOADS)}, got {n!r}")
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        use_metafast, graph, notes = metafast_status(cuda_graph, device)
+        for n in notes:
+            print(f"note: {n}")
+        classes = available()
+        missing = {"learn2learn", "higher"} - {c.name for c in classes}
+        if missing:
+            print(f"note: {', '.join(sorted(missing))} not importable; skipped")
+        rows = []
+        for n in names:
+            rows += bench_workload(WORKLOADS[n], device, quick, classes, use_metafast, graph)
+        return rows
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def report(rows: List[Dict[str, object]]) -> bool:
+    """Print the table and the targets; False when a metafast meta-gradient is wrong."""
+    print()
+    print_table(rows, COLUMNS)
+    ok = True
+    for r in rows:
+        if "target_vs_torch_func" not in r:
+            continue
+        right = r["grad_rel_err_vs_loop"] <= GRAD_RTOL
+        ok &= right
+        tf = next((x for x in rows if x["workload"] == r["workload"] and x["method"] == TorchFunc.name), None)
+        caveat = f" (torch.func itself: {tf['note']})" if tf is not None and "note" in tf else ""
+        sp = r["speedup_vs_torch_func"]
+        print(f"{'PASS' if r['target_met'] else 'FAIL'}  {r['workload']}: {r['method']} "
+              f"{'?' if sp is None else f'{sp:.2f}'}x torch.func (target >= {r['target_vs_torch_func']}x)"
+              f"{'' if right else ', meta-gradient WRONG'}{caveat}")
+    for r in rows:
+        if "note" in r and "target_vs_torch_func" not in r:
+            print(f"note: {r['workload']} {r['method']}: {r['note']}")
+    return ok
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    ap.add_argument("--cuda-graph", action="store_true", help="also time BatchedMAML(..., cuda_graph=True)")
+    ap.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
+    ap.add_argument("--quick", action="store_true", help="few tasks and repeats: a smoke run, not a measurement")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU only)")
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads: expected >= 1, got {args.threads}")
+    workloads = None if args.workload == "all" else [args.workload]
+    if hasattr(os, "getloadavg"):
+        print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    rows = run(args.device, quick=args.quick, workloads=workloads, cuda_graph=args.cuda_graph, threads=args.threads)
+    ok = report(rows)
+    name = f"{BENCH}_{args.device}" + ("" if workloads is None else f"_{args.workload}") + ("_quick" if args.quick else "")
+    print(f"\nrows written to {write_rows(name, rows, args.out)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
