@@ -1,0 +1,333 @@
+"""The default job: meta-train MAML on sinusoid regression with the MAML paper's setup.
+
+MLP 1-40-40-1, K=10 support and 10 query points, 1 inner SGD step with lr 0.01, meta-batch 25,
+Adam 1e-3, second order. At the end: MSE on 600 held-out tasks after 1/5/10 adaptation steps for
+K=5 and K=10 with 95% confidence intervals, metrics.json, a checkpoint and a PNG of adapted fits.
+
+Resuming from a checkpoint continues the run exactly: the model, the optimizer, the iteration and
+every random state (global torch CPU/CUDA and the task generator) are restored, so the final
+parameters and metrics equal those of an uninterrupted run bit for bit on the same device.
+"""
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from ..data.sinusoid import SinusoidBatch, SinusoidTasks
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json
+from .interrupt import DeferredInterrupt
+from .plot import plot_sinusoid_fits
+from .progress import RunningLoss, progress_bar
+
+# About a minute of meta-training on 2 CPU cores; the paper trains for 70000 iterations.
+DEFAULT_ITERATIONS = 20000
+PAPER_ITERATIONS = 70000
+DEFAULT_CHECKPOINT_EVERY = 1000
+
+# Held-out evaluation: fixed tasks, independent of the training seed, so runs compare directly.
+EVAL_SEED = 20170309
+EVAL_TASKS = 600
+EVAL_QUERIES = 100
+EVAL_SHOTS = (5, 10)
+EVAL_STEPS = (1, 5, 10)
+PLOT_TASKS = 4
+
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "sinusoid_fits.png"
+
+# Fields that define the math of a run: a resumed run must keep them.
+_FIXED_ON_RESUME = ("meta_batch", "shots", "queries", "inner_lr", "inner_steps", "meta_lr", "first_order",
+                    "meta_sgd", "seed")
+
+
+@dataclasses.dataclass
+class SinusoidConfig:
+    iterations: int = DEFAULT_ITERATIONS
+    meta_batch: int = 25
+    shots: int = 10
+    queries: int = 10
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    meta_lr: float = 1e-3
+    first_order: bool = False
+    meta_sgd: bool = False
+    seed: int = 0
+    device: str = "auto"  # cpu | cuda | auto
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: only at the end and on Ctrl-C
+
+    def validate(self) -> "SinusoidConfig":
+        for name, minimum in (("iterations", 1), ("meta_batch", 1), ("shots", 1), ("queries", 1),
+                              ("inner_steps", 1), ("checkpoint_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("inner_lr", "meta_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("first_order", "meta_sgd"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SinusoidConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown sinusoid config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C; ``checkpoint`` is the saved checkpoint (None if none could be saved)."""
+
+    def __init__(self, message: str, out_dir: str, iteration: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.out_dir, self.iteration, self.checkpoint = out_dir, iteration, checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False "
+                         "(no GPU or a CPU-only torch build); use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
+    return torch.device(name)
+
+
+def check_resume_config(saved: SinusoidConfig, wanted: SinusoidConfig) -> None:
+    """A resumed run may change iterations, device and checkpoint_every, nothing else."""
+    diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, asked for {getattr(wanted, k)!r}"
+             for k in _FIXED_ON_RESUME if getattr(saved, k) != getattr(wanted, k)]
+    if diffs:
+        raise ValueError("cannot resume with a different setup (" + "; ".join(diffs) + ")")
+
+
+def build(config: SinusoidConfig, device: torch.device):
+    """The MAML wrapper around MLP(1, [40, 40], 1) and its Adam optimizer."""
+    import metafast
+    from metafast.models import MLP
+
+    model = MLP(1, [40, 40], 1)
+    maml = metafast.BatchedMAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                                first_order=config.first_order, meta_sgd=config.meta_sgd, loss="mse").to(device)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
+    return maml, optimizer
+
+
+def eval_tasks(device=None) -> SinusoidBatch:
+    """The fixed held-out tasks: EVAL_TASKS tasks, max(EVAL_SHOTS) support and EVAL_QUERIES query points."""
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    return SinusoidTasks().sample(EVAL_TASKS, max(EVAL_SHOTS), EVAL_QUERIES, generator, device=device)
+
+
+def evaluate(maml, batch: SinusoidBatch, shots=EVAL_SHOTS, steps=EVAL_STEPS) -> Tuple[dict, dict]:
+    """Mean query MSE over tasks and its 95% CI (1.96 std / sqrt(tasks)) after adapting on the first
+    K support points. Returns ``mse[K][steps]`` and ``ci95[K][steps]`` with string keys."""
+    mse: Dict[str, Dict[str, float]] = {}
+    ci95: Dict[str, Dict[str, float]] = {}
+    tasks = batch.support_x.shape[0]
+    for k in shots:
+        sx, sy = batch.support_x[:, :k].contiguous(), batch.support_y[:, :k].contiguous()
+        mse[str(k)], ci95[str(k)] = {}, {}
+        for s in steps:
+            fast = maml.adapt(sx, sy, steps=s)
+            with torch.no_grad():
+                pred = maml.predict(fast, batch.query_x)
+                per_task = (pred - batch.query_y).pow(2).to(torch.float64).mean(dim=(1, 2))
+            mse[str(k)][str(s)] = per_task.mean().item()
+            ci95[str(k)][str(s)] = (1.96 * per_task.std() / math.sqrt(tasks)).item()
+    return mse, ci95
+
+
+def format_results(mse: dict, ci95: dict, tasks: int = EVAL_TASKS) -> str:
+    shots = list(mse)
+    steps = list(mse[shots[0]])
+    head = f"held-out MSE on {tasks} tasks (mean +- 95% CI)"
+    cols = [f"{s} step" + ("s" if s != "1" else "") for s in steps]
+    lines = [head, "       " + "".join(c.rjust(20) for c in cols)]
+    for k in shots:
+        cells = "".join(f"{mse[k][s]:.4f} +- {ci95[k][s]:.4f}".rjust(20) for s in steps)
+        lines.append(f"K={k:<5}" + cells)
+    return "\n".join(lines)
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    state = {"torch_cpu": torch.get_rng_state(), "tasks": generator.get_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    generator.set_state(state["tasks"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _plot(maml, batch: SinusoidBatch, path: str, iteration: int) -> str:
+    n = min(PLOT_TASKS, batch.support_x.shape[0])
+    k = max(EVAL_SHOTS)
+    sx, sy = batch.support_x[:n, :k].contiguous(), batch.support_y[:n, :k].contiguous()
+    grid = torch.linspace(-5.0, 5.0, 200, device=sx.device, dtype=sx.dtype)
+    grid_x = grid.view(1, -1, 1).expand(n, -1, -1).contiguous()
+    true_y = SinusoidTasks.function(grid_x, batch.amplitudes[:n], batch.phases[:n])
+    with torch.no_grad():
+        fits = {"pre-update": maml.module(grid.view(-1, 1)).view(1, -1).expand(n, -1)}
+    for s in (1, 10):
+        fast = maml.adapt(sx, sy, steps=s)
+        with torch.no_grad():
+            fits[f"{s} step" + ("s" if s > 1 else "")] = maml.predict(fast, grid_x).view(n, -1)
+    return plot_sinusoid_fits(path, grid, true_y.view(n, -1), fits, sx.view(n, -1), sy.view(n, -1),
+                              title=f"MAML sinusoid, {iteration} meta-iterations, K={k}",
+                              amplitudes=batch.amplitudes[:n], phases=batch.phases[:n])
+
+
+def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, progress: bool = True,
+                   callback: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict.
+
+    ``callback(iteration)`` runs after every completed meta-step. Ctrl-C stops at the next step
+    boundary, saves a checkpoint and raises TrainingInterrupted.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        if state.get("task") != "sinusoid":
+            raise ValueError(f"{ckpt_path} is a checkpoint of task {state.get('task')!r}, not 'sinusoid'")
+        check_resume_config(SinusoidConfig.from_dict(state["config"]), config)
+        if config.iterations < state["iteration"]:
+            raise ValueError(f"iterations must be >= {state['iteration']} (the checkpoint's iteration), "
+                             f"got {config.iterations}")
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{out_dir} already holds a checkpoint; resume it or pick another output directory")
+    os.makedirs(out_dir, exist_ok=True)
+
+    torch.manual_seed(config.seed)  # model initialisation (and any randomness inside the step)
+    maml, optimizer = build(config, device)
+    generator = torch.Generator().manual_seed(config.seed)  # task sampling, on the CPU: device independent
+    tasks = SinusoidTasks()
+    running = RunningLoss()
+    start, train_seconds_before = 0, 0.0
+    if state is not None:
+        maml.load_state_dict(state["maml"])
+        optimizer.load_state_dict(state["optimizer"])
+        running = RunningLoss.from_state(state["running_loss"], device=device)
+        start = state["iteration"]
+        train_seconds_before = state.get("train_seconds", 0.0)
+        _set_rng_state(state["rng"], generator, device)
+        log(f"resuming {out_dir} at iteration {start}/{config.iterations}")
+
+    iteration = start
+
+    def save() -> str:
+        save_checkpoint({
+            "task": "sinusoid",
+            "config": config.to_dict(),
+            "iteration": iteration,
+            "maml": maml.state_dict(),
+            "model": maml.module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(generator, device),
+            "running_loss": running.state(),
+            "train_seconds": train_seconds_before + (time.perf_counter() - t0),
+        }, ckpt_path)
+        return ckpt_path
+
+    bar = progress_bar(config.iterations, initial=start, enabled=progress)
+    mid_step = False
+    t0 = time.perf_counter()
+    try:
+        with DeferredInterrupt() as interrupt:
+            while iteration < config.iterations:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                mid_step = True
+                batch = tasks.sample(config.meta_batch, config.shots, config.queries, generator, device=device)
+                out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                running.update(out.loss)
+                iteration += 1
+                mid_step = False
+                bar.update(1)
+                if iteration % 50 == 0 or iteration == config.iterations:
+                    bar.set_postfix(loss=f"{running.value():.4f}", refresh=False)
+                if config.checkpoint_every and iteration % config.checkpoint_every == 0 \
+                        and iteration < config.iterations:  # the final one is saved below
+                    save()
+                if callback is not None:
+                    callback(iteration)
+    except KeyboardInterrupt:
+        bar.close()
+        if mid_step:  # a second Ctrl-C landed inside a step: the state may be half updated
+            msg = (f"interrupted inside iteration {iteration + 1}; not saving a possibly inconsistent state "
+                   f"(the last checkpoint, if any, is in {out_dir})")
+            raise TrainingInterrupted(msg, out_dir, iteration, None) from None
+        path = save()
+        msg = f"interrupted at iteration {iteration}/{config.iterations}; checkpoint saved to {path}"
+        raise TrainingInterrupted(msg, out_dir, iteration, path) from None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - t0
+    bar.close()
+    save()  # before evaluation, so an interrupted evaluation resumes without retraining
+
+    t1 = time.perf_counter()
+    try:
+        batch = eval_tasks(device)
+        mse, ci95 = evaluate(maml, batch)
+    except KeyboardInterrupt:
+        msg = f"interrupted during evaluation; training is complete and saved to {ckpt_path}"
+        raise TrainingInterrupted(msg, out_dir, iteration, ckpt_path) from None
+    eval_seconds = time.perf_counter() - t1
+    log(format_results(mse, ci95))
+    done = iteration - start
+    metrics = {
+        "task": "sinusoid",
+        "mse": mse,
+        "ci95": ci95,
+        "eval": {"tasks": EVAL_TASKS, "queries": EVAL_QUERIES, "seed": EVAL_SEED, "shots": list(EVAL_SHOTS),
+                 "steps": list(EVAL_STEPS), "inner_lr": config.inner_lr},
+        "iteration": iteration,
+        "train_loss": running.value(),
+        "config": config.to_dict(),
+        "device": _device_label(device),
+        "timing": {
+            "iterations_this_run": done,
+            "train_seconds_this_run": train_seconds,
+            "ms_per_iteration": 1e3 * train_seconds / done if done else None,
+            "train_seconds_total": train_seconds_before + train_seconds,
+            "eval_seconds": eval_seconds,
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "metafast": getattr(sys.modules.get("metafast"), "__version__", None)},
+    }
+    write_json(os.path.join(out_dir, METRICS_NAME), metrics)
+    plot = _plot(maml, batch, os.path.join(out_dir, PLOT_NAME), iteration)
+    log(f"wrote {os.path.join(out_dir, METRICS_NAME)}, {plot} and {ckpt_path}")
+    return metrics
