@@ -1,0 +1,226 @@
+"""BatchedMAML: MAML, Meta-SGD and ANIL over a whole batch of tasks at once."""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..functional.executor import BatchedModel
+from ..functional.flat import FlatParams
+from ..functional.layers import RunCtx
+from ..functional.losses import CrossEntropy, make_loss
+try:
+    from ..ops.inner_update import inner_update
+except ImportError:  # TEMPORARY until the fused op lands
+    def inner_update(theta, grad, lr, max_norm=None):
+        if max_norm is not None:
+            grad = grad * (max_norm / (grad.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+        return theta - lr * grad
+
+
+@dataclass
+class MetaOutput:
+    loss: torch.Tensor                      # mean query loss over tasks (differentiable)
+    task_losses: torch.Tensor               # [T], detached
+    task_accuracies: Optional[torch.Tensor]  # [T] for classification, else None
+    support_losses: torch.Tensor            # [T] support loss before the last inner step, detached
+
+
+@dataclass
+class FastWeights:
+    """Adapted weights of T tasks: θ for the shared prefix, ``fast`` [T, Pa] for the adapted suffix."""
+
+    theta: torch.Tensor
+    fast: Optional[torch.Tensor]
+    offset: int
+
+    @property
+    def num_tasks(self) -> Optional[int]:
+        return None if self.fast is None else self.fast.shape[0]
+
+
+class BatchedMAML(nn.Module):
+    """Model-Agnostic Meta-Learning over T tasks in one batched pass.
+
+    Args:
+        model: the network (an ``nn.Sequential``-style chain runs on batched layers with hand-written
+            inner backward; other modules run per task through vmap).
+        inner_lr: inner-loop step size (float), or one per step (sequence of ``inner_steps`` floats).
+        inner_steps: number of inner SGD steps during meta-training.
+        first_order: FOMAML (drop the second-order terms).
+        meta_sgd: learn a per-parameter inner learning rate (Meta-SGD), initialised to ``inner_lr``.
+        anil: adapt only the last layer with parameters (the head); the body is meta-learned only.
+        loss: "mse", "cross_entropy" or ``fn(out [T, N, ...], target) -> [T]`` per-task losses.
+        clip_grad_norm: optional per-task max norm of the inner gradient.
+        check_finite: raise when a loss becomes NaN/inf (one host sync per call on GPU).
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
+                 first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
+                 loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
+                 check_finite: bool = True):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps: expected an int >= 0, got {inner_steps!r}")
+        lrs = [float(v) for v in inner_lr] if isinstance(inner_lr, (list, tuple)) else [float(inner_lr)]
+        if len(lrs) > 1 and len(lrs) != inner_steps:
+            raise ValueError(f"inner_lr: expected one value or {inner_steps} (one per step), got {len(lrs)}")
+        if any(not math.isfinite(v) or v < 0 for v in lrs):
+            raise ValueError(f"inner_lr: expected finite values >= 0, got {lrs}")
+        if meta_sgd and len(lrs) > 1:
+            raise ValueError("inner_lr: meta_sgd learns one rate per parameter; pass a single float as its init")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm: expected None or a value > 0, got {clip_grad_norm}")
+        self.module = model
+        self.inner_lrs = lrs
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.meta_sgd = meta_sgd
+        self.anil = anil
+        self.clip_grad_norm = clip_grad_norm
+        self.check_finite = check_finite
+        self.loss_fn = make_loss(loss)
+        self._flat = FlatParams(model)
+        self._engine = BatchedModel(model, self._flat, head_only=anil)
+        if meta_sgd:
+            self.lrs = nn.Parameter(torch.full((self._engine.adapted_numel,), lrs[0], dtype=self._flat.buffer.dtype,
+                                               device=self._flat.buffer.device))
+        else:
+            self.lrs = None
+
+    # -- public API ------------------------------------------------------------------------------
+    def forward(self, support_x, support_y, query_x, query_y, inner_steps: Optional[int] = None) -> MetaOutput:
+        """Adapt to every task on its support set, then return the query loss (mean over tasks)."""
+        T = self._check_batch(support_x, support_y, query_x, query_y)
+        steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
+        theta = self._flat.theta()
+        mode = "first" if self.first_order else "second"
+        fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
+        out = self._predict(theta, fast, query_x, T)
+        self.loss_fn.check_target(out, query_y, "query_y")
+        task_losses = self.loss_fn.value(out, query_y)
+        self._finite(task_losses, "query loss")
+        acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
+        return MetaOutput(task_losses.mean(), task_losses.detach(), acc, support_losses)
+
+    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> FastWeights:
+        """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
+        T = self._check_batch(support_x, support_y)
+        steps = self.inner_steps if steps is None else self._check_steps(steps)
+        theta = self._flat.theta().detach()
+        if self._engine.local_autograd:
+            theta.requires_grad_(True)
+        with torch.enable_grad():
+            fast, _ = self._inner_loop(theta, support_x, support_y, steps, "eval")
+        return FastWeights(theta.detach(), None if fast is None else fast.detach(), self._engine.adapt_offset)
+
+    def predict(self, weights: FastWeights, x: torch.Tensor) -> torch.Tensor:
+        """Outputs [T, N, ...] of the adapted models on inputs x [T, N, ...]."""
+        if not isinstance(weights, FastWeights):
+            raise TypeError(f"weights: expected the FastWeights returned by adapt(), got {type(weights).__name__}")
+        self._check_x(x, "x")
+        if weights.fast is not None and weights.fast.shape[0] != x.shape[0]:
+            raise ValueError(f"x: weights were adapted for {weights.fast.shape[0]} tasks, x has {x.shape[0]}")
+        return self._predict(weights.theta, weights.fast, x, x.shape[0])
+
+    def describe(self) -> str:
+        """Which layer runs how; '*' marks adapted layers."""
+        return "\n".join(self._engine.describe())
+
+    # -- engine ----------------------------------------------------------------------------------
+    def _lr(self, step: int, a: int):
+        if self.lrs is not None:
+            return self.lrs
+        return self.inner_lrs[step] if len(self.inner_lrs) > 1 else self.inner_lrs[0]
+
+    def _inner_loop(self, theta, sx, sy, steps: int, mode: str):
+        engine = self._engine
+        T = sx.shape[0]
+        second = mode == "second"
+        rc = RunCtx(T, create_graph=second)
+        # first-order / eval: the inner graph is not differentiated later, so skip recording it
+        # (unless a layer computes its backward through a local autograd graph).
+        grad_ctx = nullcontext() if (second or engine.local_autograd) else torch.no_grad()
+        a = engine.adapt_offset
+        with grad_ctx:
+            x, layout, _ = engine.forward(0, engine.adapt_from, theta, None, sx, "tn", rc, record=False)
+        fast = None
+        support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
+        for step in range(steps):
+            with grad_ctx:
+                out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta, fast, x, layout,
+                                                       rc, record=True)
+                out = engine.output(out, out_layout, T)
+                if step == 0:
+                    self.loss_fn.check_target(out, sy, "support_y")
+                loss, dout = self.loss_fn.value_and_grad(out, sy, create_graph=second)
+                self._finite(loss, "support loss")
+            with nullcontext() if second else torch.no_grad():
+                g = engine.backward(tape, dout, out_layout, rc)
+            if not second:
+                g = g.detach()
+            support_losses = loss.detach()
+            lr = self._lr(step, a)
+            if mode == "eval" and torch.is_tensor(lr):
+                lr = lr.detach()
+            start = theta[a:] if fast is None else fast
+            fast = inner_update(start, g, lr, self.clip_grad_norm)
+        return fast, support_losses
+
+    def _predict(self, theta, fast, x, T):
+        engine = self._engine
+        rc = RunCtx(T, create_graph=False)
+        out, layout, _ = engine.forward(0, len(engine.layers), theta, fast, x, "tn", rc, record=False)
+        return engine.output(out, layout, T)
+
+    # -- validation ------------------------------------------------------------------------------
+    def _finite(self, losses: torch.Tensor, what: str) -> None:
+        if self.check_finite and not torch.isfinite(losses).all():
+            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
+            raise FloatingPointError(f"{what} is NaN/inf for tasks {bad[:10]}{'...' if len(bad) > 10 else ''}; "
+                                     "check the inputs, inner_lr and the model's initialisation")
+
+    @staticmethod
+    def _check_steps(steps) -> int:
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
+        return steps
+
+    def _check_x(self, x, name: str) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"{name}: expected a tensor [T, N, ...], got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"{name}: expected a tensor [T, N, ...] with a leading task dim, got shape {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name}: is empty (shape {tuple(x.shape)}): every task needs at least one sample")
+        ref = self._flat.ensure_bound()
+        if x.device != ref.device:
+            raise ValueError(f"{name}: is on {x.device}, the model is on {ref.device}")
+        if x.is_floating_point() and x.dtype != ref.dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} differs from the model's {ref.dtype}")
+
+    def _check_batch(self, sx, sy, qx=None, qy=None) -> int:
+        pairs = [("support_x", sx), ("support_y", sy)]
+        if qx is not None:
+            pairs += [("query_x", qx), ("query_y", qy)]
+        for name, t in pairs:
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name}: expected a tensor with a leading task dim, got {type(t).__name__}")
+        self._check_x(sx, "support_x")
+        T = sx.shape[0]
+        for name, t in pairs[1:]:
+            if t.dim() < 1 or t.shape[0] != T:
+                raise ValueError(f"{name}: expected {T} tasks (support_x.shape[0]), got shape {tuple(t.shape)}")
+        if sy.dim() < 2 or sy.shape[1] != sx.shape[1]:
+            raise ValueError(f"support_y: expected {sx.shape[1]} targets per task (support_x.shape[1]), "
+                             f"got shape {tuple(sy.shape)}")
+        if qx is not None:
+            self._check_x(qx, "query_x")
+            if qy.dim() < 2 or qy.shape[1] != qx.shape[1]:
+                raise ValueError(f"query_y: expected {qx.shape[1]} targets per task (query_x.shape[1]), "
+                                 f"got shape {tuple(qy.shape)}")
+        return T

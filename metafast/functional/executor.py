@@ -1,0 +1,148 @@
+"""Compile a module into batched layers and run them over T tasks with flat fast weights.
+
+``BatchedModel`` is the engine under BatchedMAML: a forward over any range of layers that records
+what the hand-written backward needs (a "tape"), and a backward that returns the per-task gradient
+of all adapted parameters as ONE [T, Pa] tensor in flat-buffer order, ready for the fused inner update.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import layers as L
+from .flat import FlatParams
+
+_ELEMENTWISE = (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Mish,
+                nn.Hardswish, nn.Dropout, nn.AlphaDropout)
+_POOLING = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout2d)
+_SKIP = (nn.Identity,)
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _make_layer(m: nn.Module, slots) -> Optional[L.Layer]:
+    if isinstance(m, _SKIP) or (isinstance(m, nn.Dropout) and m.p == 0):
+        return None
+    if type(m) is nn.Linear:
+        return L.Linear(m, slots)
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return L.Conv2d(m, slots)
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return L.BatchNorm(m, slots)
+    if type(m) is nn.ReLU:
+        return L.ReLU(m)
+    if type(m) is nn.Tanh:
+        return L.Tanh(m)
+    if type(m) is nn.Sigmoid:
+        return L.Sigmoid(m)
+    if type(m) is nn.MaxPool2d and not m.return_indices:
+        return L.MaxPool2d(m)
+    if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
+        return L.Flatten(m)
+    if not slots and type(m) in _ELEMENTWISE:
+        return L.Stateless(m, layout="any")
+    if not slots and type(m) in _POOLING:
+        return L.Stateless(m, layout="g")
+    return L.Generic(m, slots)
+
+
+class BatchedModel:
+    """A module as a list of batched layers over one FlatParams.
+
+    ``adapt_from`` is the index of the first adapted layer: every parameter from that layer on is
+    adapted per task (the suffix [a, P) of the flat buffer); layers before it run once with shared θ.
+    """
+
+    def __init__(self, module: nn.Module, flat: FlatParams, head_only: bool = False):
+        self.flat = flat
+        slots_by_id = flat.offsets()
+        self.layers: List[L.Layer] = []
+
+        def visit(m: nn.Module):
+            if _is_plain_sequential(m):
+                for child in m:
+                    visit(child)
+                return
+            slots = [slots_by_id[id(p)] for p in m.parameters()]
+            layer = _make_layer(m, slots)
+            if layer is not None:
+                self.layers.append(layer)
+
+        visit(module)
+        used = [s for layer in self.layers for s in layer.slots]
+        if [s.offset for s in used] != [s.offset for s in flat.slots]:
+            names = [s.name for s in used]
+            raise ValueError("model: each parameter must belong to exactly one layer, in registration order "
+                             f"(parameters shared between layers are not supported by BatchedMAML); got {names}")
+        with_params = [i for i, layer in enumerate(self.layers) if layer.slots]
+        self.adapt_from = with_params[-1] if head_only else with_params[0]
+        self.adapt_offset = self.layers[self.adapt_from].slots[0].offset
+        self.adapted_numel = flat.numel - self.adapt_offset
+        self._slot_sizes = [s.numel for s in flat.slots]
+        self._slot_index = {s.offset: i for i, s in enumerate(flat.slots)}
+        self._first_adapted_slot = self._slot_index[self.adapt_offset]
+        self.local_autograd = any(layer.local_autograd for layer in self.layers[self.adapt_from:])
+
+    def describe(self) -> List[str]:
+        return [("* " if i >= self.adapt_from else "  ") + repr(layer) for i, layer in enumerate(self.layers)]
+
+    # -- execution -------------------------------------------------------------------------------
+    def _weights(self, layer, parts, T):
+        """A layer's weights: shared views of θ, or per-task views of the fast weights [T, Pa]."""
+        if not layer.slots:
+            return [], False
+        theta_parts, fast_parts = parts
+        first = self._slot_index[layer.slots[0].offset]
+        if fast_parts is None or first < self._first_adapted_slot:
+            return [theta_parts[first + i].view(s.shape) for i, s in enumerate(layer.slots)], False
+        k = first - self._first_adapted_slot
+        return [fast_parts[k + i].view(T, *s.shape) for i, s in enumerate(layer.slots)], True
+
+    def _split(self, theta, fast, start: int, stop: int):
+        # One split per tensor and call: per-parameter slicing would give every slice its own
+        # backward that zero-fills a full-size gradient.
+        need_theta = fast is None or start < self.adapt_from
+        theta_parts = theta.split(self._slot_sizes) if need_theta else None
+        fast_parts = fast.split(self._slot_sizes[self._first_adapted_slot:], dim=1) if fast is not None else None
+        return theta_parts, fast_parts
+
+    def forward(self, start: int, stop: int, theta, fast, x, layout: str, rc: L.RunCtx, record: bool):
+        """Run layers [start, stop). Returns (output, layout, tape)."""
+        tape = []
+        parts = self._split(theta, fast, start, stop)
+        for i in range(start, stop):
+            layer = self.layers[i]
+            converted = None
+            if layer.layout != "any" and layer.layout != layout:
+                x = L.to_g(x, rc.T) if layer.layout == "g" else L.to_tn(x, rc.T)
+                converted, layout = layout, layer.layout
+            ws, batched = self._weights(layer, parts, rc.T)
+            x, saved = layer.forward(ws, batched, x, rc)
+            layout = layer.out_layout(layout)
+            if record:
+                tape.append((layer, ws, batched, saved, converted))
+        return x, layout, tape
+
+    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx) -> torch.Tensor:
+        """d(sum_t loss_t)/d(adapted weights) per task, as one [T, Pa] tensor (flat order)."""
+        if out_layout == "g":
+            gy = L.to_g(gy, rc.T)
+        first = next(k for k, entry in enumerate(tape) if entry[0].slots)
+        pieces = []
+        for k in range(len(tape) - 1, first - 1, -1):
+            layer, ws, batched, saved, converted = tape[k]
+            need_gx = k > first
+            gx, grads = layer.backward(ws, batched, saved, gy, need_gx, rc)
+            pieces.extend(g.reshape(rc.T, -1) for g in reversed(grads))
+            if need_gx:
+                gy = gx
+                if converted is not None:
+                    gy = L.to_g(gy, rc.T) if converted == "g" else L.to_tn(gy, rc.T)
+        pieces.reverse()
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def output(x, layout: str, T: int):
+        return L.to_tn(x, T) if layout == "g" else x

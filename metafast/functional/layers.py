@@ -1,0 +1,324 @@
+"""Layers executed over a batch of T tasks at once, each with a hand-written inner backward.
+
+Activations travel in one of two layouts:
+  "tn": [T, N, ...]            (task-major; Linear, vmap'd modules, the model output)
+  "g":  [N, T*C, *spatial]     (tasks folded into channels; Conv2d runs as one grouped convolution,
+                                BatchNorm as one batch_norm over T*C channels = per-task statistics)
+A contiguous "g" tensor is bit-identical to [N*T, C, *spatial], so a convolution with weights shared
+by all tasks (the first inner step) runs as one ordinary convolution with no copy.
+
+Weights come either shared ([*shape], ``batched=False``) or per task ([T, *shape], ``batched=True``).
+``backward`` returns (grad wrt the input, per-task grads [T, *shape] of each parameter) built from
+differentiable ops, so that the outer backward of second-order MAML differentiates through it once
+instead of running autograd's double backward of a create_graph=True pass.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .flat import ParamSlot
+
+
+class RunCtx:
+    """Per-call facts every layer needs."""
+
+    __slots__ = ("T", "create_graph")
+
+    def __init__(self, T: int, create_graph: bool):
+        self.T = T
+        self.create_graph = create_graph
+
+
+def to_g(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[T, N, C, *sp] -> [N, T*C, *sp]"""
+    return x.transpose(0, 1).reshape(x.shape[1], T * x.shape[2], *x.shape[3:])
+
+
+def to_tn(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, T*C, *sp] -> [T, N, C, *sp] (a view)"""
+    return x.view(x.shape[0], T, x.shape[1] // T, *x.shape[2:]).transpose(0, 1)
+
+
+class Layer:
+    layout = "any"          # input layout the layer needs: "tn", "g" or "any" (kept as is)
+    local_autograd = False  # backward by torch.autograd.grad on a recorded local graph
+
+    def __init__(self, module: nn.Module, slots: Sequence[ParamSlot] = ()):
+        self.module = module
+        self.slots = list(slots)
+
+    def out_layout(self, in_layout: str) -> str:
+        return in_layout
+
+    def forward(self, ws: List[torch.Tensor], batched: bool, x: torch.Tensor, rc: RunCtx):
+        raise NotImplementedError
+
+    def backward(self, ws, batched: bool, saved, gy: torch.Tensor, need_gx: bool, rc: RunCtx):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.module})"
+
+
+class Linear(Layer):
+    layout = "tn"
+
+    def forward(self, ws, batched, x, rc):
+        w = ws[0]
+        b = ws[1] if len(ws) > 1 else None
+        x3 = x.reshape(rc.T, -1, x.shape[-1])
+        if not batched:
+            y = F.linear(x3, w, b)
+        elif b is not None:
+            y = torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
+        else:
+            y = torch.bmm(x3, w.transpose(1, 2))
+        return y.view(*x.shape[:-1], y.shape[-1]), (x3, x.shape)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        # y = x W^T + b  =>  dW = gy^T x, db = sum_n gy, dx = gy W   (per task)
+        x3, x_shape = saved
+        gy3 = gy.reshape(rc.T, -1, gy.shape[-1])
+        grads = [torch.bmm(gy3.transpose(1, 2), x3)]
+        if len(ws) > 1:
+            grads.append(gy3.sum(1))
+        gx = None
+        if need_gx:
+            gx = (torch.bmm(gy3, ws[0]) if batched else gy3.matmul(ws[0])).view(x_shape)
+        return gx, grads
+
+
+class Conv2d(Layer):
+    layout = "g"
+
+    def __init__(self, module: nn.Conv2d, slots):
+        super().__init__(module, slots)
+        m = module
+        self.stride, self.padding, self.dilation = list(m.stride), list(m.padding), list(m.dilation)
+        self.groups = m.groups
+        self.cin, self.cout = m.in_channels, m.out_channels
+
+    def forward(self, ws, batched, x, rc):
+        w = ws[0]
+        b = ws[1] if len(ws) > 1 else None
+        n, T = x.shape[0], rc.T
+        if not batched:
+            # shared weights: "g" layout == [N*T, C, H, W], one plain convolution
+            y = F.conv2d(x.reshape(n * T, self.cin, *x.shape[2:]), w, b, self.stride, self.padding,
+                         self.dilation, self.groups)
+            y = y.view(n, T * self.cout, *y.shape[2:])
+            return y, (x, None)
+        wg = w.reshape(T * self.cout, *w.shape[2:])
+        bg = b.reshape(T * self.cout) if b is not None else None
+        y = F.conv2d(x, wg, bg, self.stride, self.padding, self.dilation, self.groups * T)
+        return y, (x, wg)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        x, wg = saved
+        T, n = rc.T, x.shape[0]
+        conv_bwd = torch.ops.aten.convolution_backward
+        gx = None
+        if wg is None:
+            w = ws[0]
+            if need_gx:
+                gx = conv_bwd(gy.reshape(n * T, self.cout, *gy.shape[2:]), x.reshape(n * T, self.cin, *x.shape[2:]), w,
+                              None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
+                              [True, False, False])[0].view(x.shape)
+            # Per-task weight grads need the grouped form; only the weight's shape is read here.
+            shape_only = w.new_zeros(()).expand(T * self.cout, *w.shape[1:])
+            gw = conv_bwd(gy, x, shape_only, None, self.stride, self.padding, self.dilation, False, [0, 0],
+                          self.groups * T, [False, True, False])[1]
+        else:
+            gx, gw, _ = conv_bwd(gy, x, wg, None, self.stride, self.padding, self.dilation, False, [0, 0],
+                                 self.groups * T, [need_gx, True, False])
+        grads = [gw.view(T, self.cout, *gw.shape[1:])]
+        if len(ws) > 1:
+            grads.append(gy.sum((0, 2, 3)).view(T, self.cout))
+        return gx, grads
+
+
+class BatchNorm(Layer):
+    """BatchNorm1d/2d with per-task batch statistics (transductive, as MAML uses it).
+
+    In "g" layout a per-task, per-channel statistic is a per-channel statistic over T*C channels, so
+    this is one native batch_norm, and its hand-written backward is native_batch_norm_backward
+    (whose own derivative is the exact batch-norm double backward, mean/var dependence included).
+    Running statistics are neither used nor updated, except in eval mode with
+    ``track_running_stats=True``, where the stored statistics normalise every task.
+    """
+
+    layout = "g"
+
+    def __init__(self, module, slots):
+        super().__init__(module, slots)
+        self.eps = module.eps
+        self.affine = module.affine
+
+    def _use_running(self) -> bool:
+        m = self.module
+        return (not m.training) and m.track_running_stats and m.running_mean is not None
+
+    def forward(self, ws, batched, x, rc):
+        T = rc.T
+        if self.affine:
+            w, b = (ws[0].reshape(-1), ws[1].reshape(-1)) if batched else (ws[0].repeat(T), ws[1].repeat(T))
+        else:
+            w = b = None
+        if self._use_running():
+            m = self.module
+            rm, rv = m.running_mean.repeat(T), m.running_var.repeat(T)
+            # affine in x: dx = gy * w / sqrt(rv + eps)
+            y = F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
+            return y, (x, w, None, torch.rsqrt(rv + self.eps))
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, self.eps)
+        return y, (x, w, mean, invstd)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        x, w, mean, invstd = saved
+        T = rc.T
+        if mean is None:  # eval with running statistics
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            dims = [0] + list(range(2, x.dim()))
+            gx = gy * (invstd if w is None else w * invstd).view(shape) if need_gx else None
+            grads = []
+            if self.affine:
+                rm = self.module.running_mean.repeat(T)
+                grads = [(gy * (x - rm.view(shape)) * invstd.view(shape)).sum(dims).view(T, -1),
+                         gy.sum(dims).view(T, -1)]
+            return gx, grads
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, w, None, None, mean, invstd, True, self.eps, [need_gx, self.affine, self.affine])
+        grads = [gw.view(T, -1), gb.view(T, -1)] if self.affine else []
+        return gx, grads
+
+
+class ReLU(Layer):
+    def forward(self, ws, batched, x, rc):
+        y = torch.relu(x)
+        return y, y
+
+    def backward(self, ws, batched, y, gy, need_gx, rc):
+        return torch.ops.aten.threshold_backward(gy, y, 0.0), []
+
+
+class Tanh(Layer):
+    def forward(self, ws, batched, x, rc):
+        y = torch.tanh(x)
+        return y, y
+
+    def backward(self, ws, batched, y, gy, need_gx, rc):
+        return gy * (1 - y * y), []
+
+
+class Sigmoid(Layer):
+    def forward(self, ws, batched, x, rc):
+        y = torch.sigmoid(x)
+        return y, y
+
+    def backward(self, ws, batched, y, gy, need_gx, rc):
+        return gy * (y * (1 - y)), []
+
+
+class MaxPool2d(Layer):
+    layout = "g"
+
+    def __init__(self, module: nn.MaxPool2d, slots=()):
+        super().__init__(module, slots)
+        m = module
+        self.k = list(_pair(m.kernel_size))
+        self.s = list(_pair(m.stride if m.stride is not None else m.kernel_size))
+        self.p, self.d, self.ceil = list(_pair(m.padding)), list(_pair(m.dilation)), m.ceil_mode
+
+    def forward(self, ws, batched, x, rc):
+        y, idx = F.max_pool2d(x, self.k, self.s, self.p, self.d, self.ceil, return_indices=True)
+        return y, (x, idx)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        x, idx = saved
+        return torch.ops.aten.max_pool2d_with_indices_backward(gy, x, self.k, self.s, self.p, self.d, self.ceil, idx), []
+
+
+class Flatten(Layer):
+    """nn.Flatten(1, -1) of each sample, in "tn" layout: [T, N, ...] -> [T, N, F] (a view when possible)."""
+
+    layout = "tn"
+
+    def forward(self, ws, batched, x, rc):
+        return x.reshape(x.shape[0], x.shape[1], -1), x.shape
+
+    def backward(self, ws, batched, shape, gy, need_gx, rc):
+        return gy.reshape(shape), []
+
+
+class Stateless(Layer):
+    """A parameter-free module applied to the whole batch (elementwise or per sample and channel);
+    backward through a local autograd graph."""
+
+    local_autograd = True
+
+    def __init__(self, module, slots=(), layout="any"):
+        super().__init__(module, slots)
+        self.layout = layout
+
+    def forward(self, ws, batched, x, rc):
+        if not x.requires_grad:  # nothing upstream is adapted: no input grad will be asked for
+            return self.module(x), None
+        y = self.module(x)
+        return y, (x, y)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        x, y = saved
+        (gx,) = torch.autograd.grad(y, x, gy, create_graph=rc.create_graph, retain_graph=True)
+        return gx, []
+
+
+def _contains_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class Generic(Layer):
+    """Any other module, run per task through torch.func.vmap(functional_call) - correct, not fast.
+
+    A module holding BatchNorm runs as a per-task loop instead: vmap's second-order gradients
+    through batch norm are wrong in current torch. Backward through a local autograd graph.
+    """
+
+    layout = "tn"
+    local_autograd = True
+
+    def __init__(self, module: nn.Module, slots):
+        super().__init__(module, slots)
+        self.names = [n for n, _ in module.named_parameters()]
+        self.loop = _contains_batchnorm(module)
+
+    def _call(self, params, x):
+        from torch.func import functional_call
+
+        state = dict(zip(self.names, params))
+        state.update(dict(self.module.named_buffers()))
+        return functional_call(self.module, state, (x,))
+
+    def forward(self, ws, batched, x, rc):
+        T = rc.T
+        if ws and not batched:  # per-task grads need per-task leaves: expand (a view, no copy)
+            ws = [w.unsqueeze(0).expand(T, *w.shape) for w in ws]
+        if self.loop:
+            y = torch.stack([self._call([w[t] for w in ws], x[t]) for t in range(T)])
+        else:
+            from torch.func import vmap
+
+            y = vmap(self._call, in_dims=(0, 0), randomness="different")(ws, x)
+        return y, (x, ws, y)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        x, ws_used, y = saved
+        inputs = list(ws_used)
+        if need_gx:
+            inputs.append(x)
+        grads = torch.autograd.grad(y, inputs, gy, create_graph=rc.create_graph, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
+        gx = grads[-1] if need_gx else None
+        return gx, grads[:len(ws_used)]
