@@ -1,6 +1,8 @@
 """metafast: meta-learning for PyTorch on fused GPU kernels."""
 __version__ = "0.1.0"
 
-from .algorithms import BatchedMAML, FastWeights, MetaOutput
+from .algorithms import (MAML, BatchedMAML, FastWeights, MetaOutput, MetaSGD, clone_module, detach_module,
+                         update_module)
 
-__all__ = ["BatchedMAML", "FastWeights", "MetaOutput", "__version__"]
+__all__ = ["BatchedMAML", "FastWeights", "MetaOutput", "MAML", "MetaSGD", "clone_module", "detach_module",
+           "update_module", "__version__"]

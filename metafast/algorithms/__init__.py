@@ -1,4 +1,8 @@
 """Meta-learning algorithms."""
 from .batched_maml import BatchedMAML, FastWeights, MetaOutput
+from .maml import MAML
+from .meta_sgd import MetaSGD
+from .module_utils import clone_module, detach_module, update_module
 
-__all__ = ["BatchedMAML", "FastWeights", "MetaOutput"]
+__all__ = ["BatchedMAML", "FastWeights", "MetaOutput", "MAML", "MetaSGD", "clone_module", "detach_module",
+           "update_module"]
