@@ -27,11 +27,14 @@ Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
   ``dlogits * grad_out``; the backward's own derivative is the fused softmax Jacobian-vector product.
   ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (used by the tests).
 """
+import numbers
 import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .. import _backend
 
 __all__ = [
     "task_cross_entropy",
@@ -41,38 +44,41 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("cuda", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_backend.register_op("task_cross_entropy", cuda_symbol="task_cross_entropy_fwd_cuda")
 
 
 # --------------------------------------------------------------------------------------------
 # Checks and small helpers
 # --------------------------------------------------------------------------------------------
 def _check_args(logits, labels, label_smoothing, ignore_index, reduction) -> None:
+    where = "task_cross_entropy"
     if not isinstance(logits, Tensor):
-        raise TypeError(f"logits: expected a Tensor [T, N, C], got {type(logits).__name__}")
+        raise TypeError(f"{where}: logits must be a Tensor [T, N, C], got {type(logits).__name__}")
     if not isinstance(labels, Tensor):
-        raise TypeError(f"labels: expected an int64 Tensor [T, N], got {type(labels).__name__}")
+        raise TypeError(f"{where}: labels must be an int64 Tensor [T, N], got {type(labels).__name__}")
     if logits.dim() != 3:
-        raise ValueError(f"logits: expected a 3-D tensor [T, N, C], got shape {tuple(logits.shape)}")
+        raise ValueError(f"{where}: logits must be a 3-D tensor [T, N, C], got shape {tuple(logits.shape)}")
     if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits: expected float16/bfloat16/float32/float64, got {logits.dtype}")
+        raise TypeError(f"{where}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.shape[2] < 1:
-        raise ValueError(f"logits: expected at least one class, got shape {tuple(logits.shape)}")
+        raise ValueError(f"{where}: logits must have at least one class (C >= 1), got shape "
+                         f"{tuple(logits.shape)}")
     if labels.dtype != torch.int64:
-        raise TypeError(f"labels: expected dtype torch.int64, got {labels.dtype}")
+        raise TypeError(f"{where}: labels must have dtype torch.int64, got {labels.dtype}")
     if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"labels: expected shape {tuple(logits.shape[:2])} (logits [T, N, C] -> "
-                         f"[T, N]), got {tuple(labels.shape)}")
+        raise ValueError(f"{where}: labels must have shape [T, N] = {tuple(logits.shape[:2])} to match "
+                         f"logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
     if labels.device != logits.device:
-        raise ValueError(f"labels: expected device {logits.device} (as logits), got {labels.device}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+        raise ValueError(f"{where}: labels must be on logits' device {logits.device}, got {labels.device}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
             or not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        raise ValueError(f"{where}: label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{where}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -84,8 +90,8 @@ def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> N
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bool(bad.any()):
         first = labels[bad][0].item()
-        raise ValueError(f"labels: expected class ids in [0, {num_classes}) or ignore_index="
-                         f"{ignore_index}, got {first}")
+        raise ValueError(f"task_cross_entropy: labels must be class ids in [0, {num_classes}) or "
+                         f"ignore_index={ignore_index}, got {first}")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -270,35 +276,11 @@ _jvp_op.register_autograd(_jvp_backward, setup_context=_jvp_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _has_cuda_op() -> bool:
-    try:
-        import metafast._C  # noqa: F401  (loading the library registers the metafast::*_cuda ops)
-
-        torch.ops.metafast.task_cross_entropy_fwd_cuda
-    except (ImportError, OSError, AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _resolve(backend: Optional[str], logits: Tensor) -> str:
-    if backend is None:
-        from metafast import _backend
-
-        backend = _backend.resolve("task_cross_entropy", logits.device)
-        if backend == "cuda" and not _has_cuda_op():
-            backend = "triton"  # extension built without this op
-        return backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    if backend == "cuda":
-        if not logits.is_cuda:
-            raise ValueError(f"backend: 'cuda' needs CUDA tensors, got logits on {logits.device}")
-        if not _has_cuda_op():
-            raise RuntimeError("backend: 'cuda' requested but metafast._C does not provide "
-                               "metafast::task_cross_entropy_fwd_cuda (extension not built?)")
-    if backend == "triton" and not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1")
-    return backend
+def _choose(device: torch.device, backend: Optional[str]) -> str:
+    # CPU tensors with no explicit request take the torch path without consulting _backend.
+    if backend is None and device.type == "cpu" and not os.environ.get(_backend.ENV):
+        return "torch"
+    return _backend.resolve("task_cross_entropy", device, backend)
 
 
 def task_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
@@ -307,7 +289,7 @@ def task_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 
     """Per-task cross-entropy: logits [T, N, C], labels [T, N] int64 -> loss [T] ([T, N] for
     reduction="none"). See the module docstring for semantics, dtypes and backends."""
     _check_args(logits, labels, label_smoothing, ignore_index, reduction)
-    backend = _resolve(backend, logits)
+    backend = _choose(logits.device, backend)
     if backend == "torch":
         return task_cross_entropy_reference(logits, labels, label_smoothing, ignore_index, reduction)
     return _tce_op(logits, labels, float(label_smoothing), ignore_index, reduction, backend)[0]
@@ -320,7 +302,7 @@ def task_cross_entropy_with_grad(logits: Tensor, labels: Tensor, label_smoothing
     w.r.t. logits (the fused softmax JVP on GPU), so the inner gradient of a MAML step can be formed
     by hand and still be differentiated for the meta-gradient."""
     _check_args(logits, labels, label_smoothing, ignore_index, reduction)
-    backend = _resolve(backend, logits)
+    backend = _choose(logits.device, backend)
     if backend == "torch":
         return task_cross_entropy_reference_with_grad(logits, labels, label_smoothing, ignore_index,
                                                       reduction)
