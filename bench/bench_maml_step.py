@@ -12,6 +12,7 @@ import argparse
 import inspect
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -43,7 +44,7 @@ class Workload:
     tasks: int
     quick_tasks: int
     target_vs_torch_func: float  # the speed-up metafast must reach
-    repeats: int  # timed runs (>= 7) after warm-up
+    repeats: int  # timed runs (>= 7) after warm-up, per round
     make_batch: Callable[[int, torch.Generator], Tuple[torch.Tensor, ...]]
 
 
@@ -143,6 +144,11 @@ def _worst_params(g: torch.Tensor, ref: torch.Tensor, model: torch.nn.Module, k:
     return ", ".join(f"{name} {e:.1e}" for e, name in out[:k])
 
 
+def _load() -> Optional[float]:
+    """1-minute load average: other processes on the machine skew CPU timings, so it goes in the rows."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _to(batch, device, dtype=None):
     return tuple(t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype) for t in batch)
 
@@ -187,8 +193,10 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
         print(f"  {m.name:>20}: meta-grad rel err vs loop {errs[m.name]:.1e}  {'OK' if ok else 'MISMATCH'}"
               + ("" if ok else f"  worst: {_worst_params(g, ref, model)}"))
 
-    warmup, repeats = (1, 3) if quick else (3, wl.repeats)
-    times = {}
+    # Methods are timed in interleaved rounds (each a time_ms median) so that a change in machine load
+    # during the run hits every method alike; a method's time is the median of its round medians.
+    warmup, repeats, rounds = (1, 3, 1) if quick else (3, wl.repeats, 3)
+    steps = {}
     for m in methods:
         if m.name in notes and notes[m.name].startswith("failed"):
             continue
@@ -199,12 +207,19 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
             m.forward_backward(*batch)
             opt.step()
 
-        times[m.name] = time_ms(step, device, warmup=warmup, repeats=repeats)
-        print(f"  {m.name:>20}: {times[m.name]:9.2f} ms")
+        steps[m.name] = step
+    per_round = {name: [] for name in steps}
+    load_before = _load()
+    for r in range(rounds):
+        for name, step in steps.items():
+            per_round[name].append(time_ms(step, device, warmup=warmup if r == 0 else 1, repeats=repeats))
+    times = {name: statistics.median(v) for name, v in per_round.items()}
+    for name, v in per_round.items():
+        print(f"  {name:>20}: {times[name]:9.2f} ms  (round medians {', '.join(f'{x:.2f}' for x in v)})")
 
     rows = []
     base = base_row(BENCH, device)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_after = _load()
     for m in methods:
         if m.name not in times:
             continue
@@ -213,7 +228,8 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
                "speedup_vs_torch_func": times[TorchFunc.name] / ms if TorchFunc.name in times else None,
                "speedup_vs_loop": times[PerTaskLoop.name] / ms if PerTaskLoop.name in times else None,
                "grad_rel_err_vs_loop": errs[m.name], "threads": torch.get_num_threads(), "tasks": T,
-               "quick": quick, "load_avg_1min": load}
+               "quick": quick, "load_avg_1min_before": load_before,
+               "load_avg_1min_after": load_after, "ms_rounds": per_round[m.name]}
         if isinstance(m, Metafast):
             row["target_vs_torch_func"] = wl.target_vs_torch_func
             row["target_met"] = bool(errs[m.name] <= GRAD_RTOL and row["speedup_vs_torch_func"] is not None
