@@ -66,9 +66,13 @@ class PerTaskLoop(MetaStep):
 
     name = "per-task loop"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._names = [n for n, _ in self.model.named_parameters()]
+        self._buffers = dict(self.model.named_buffers())
+
     def meta_loss(self, sx, sy, qx, qy):
-        names = [n for n, _ in self.model.named_parameters()]
-        buffers = dict(self.model.named_buffers())
+        names, buffers = self._names, self._buffers
         total = 0.0
         for t in range(sx.shape[0]):
             fast = [p.clone() for p in self.params]  # learn2learn's MAML.clone()
