@@ -11,13 +11,8 @@ from ..functional.executor import BatchedModel
 from ..functional.flat import FlatParams
 from ..functional.layers import RunCtx
 from ..functional.losses import CrossEntropy, make_loss
-try:
-    from ..ops.inner_update import inner_update
-except ImportError:  # TEMPORARY until the fused op lands
-    def inner_update(theta, grad, lr, max_norm=None):
-        if max_norm is not None:
-            grad = grad * (max_norm / (grad.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
-        return theta - lr * grad
+from .cuda_graph import GraphedMetaSteps
+from ..ops.inner_update import inner_update
 
 
 @dataclass
@@ -55,12 +50,15 @@ class BatchedMAML(nn.Module):
         loss: "mse", "cross_entropy" or ``fn(out [T, N, ...], target) -> [T]`` per-task losses.
         clip_grad_norm: optional per-task max norm of the inner gradient.
         check_finite: raise when a loss becomes NaN/inf (one host sync per call on GPU).
+        cuda_graph: on CUDA, capture the whole meta-step (inner loop, query loss and their backward)
+            in a CUDA graph on first use and replay it; a new input shape captures again (up to 8),
+            then runs eagerly with one warning. Results equal the eager path.
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, cuda_graph: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -83,6 +81,8 @@ class BatchedMAML(nn.Module):
         self.anil = anil
         self.clip_grad_norm = clip_grad_norm
         self.check_finite = check_finite
+        self.cuda_graph = cuda_graph
+        self._graphs = GraphedMetaSteps(self) if cuda_graph else None
         self.loss_fn = make_loss(loss)
         self._flat = FlatParams(model)
         self._engine = BatchedModel(model, self._flat, head_only=anil)
@@ -95,17 +95,28 @@ class BatchedMAML(nn.Module):
     # -- public API ------------------------------------------------------------------------------
     def forward(self, support_x, support_y, query_x, query_y, inner_steps: Optional[int] = None) -> MetaOutput:
         """Adapt to every task on its support set, then return the query loss (mean over tasks)."""
-        T = self._check_batch(support_x, support_y, query_x, query_y)
+        self._check_batch(support_x, support_y, query_x, query_y)
         steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
+        graphed = self._graphs(support_x, support_y, query_x, query_y, steps) if self._graphs is not None else None
+        if graphed is not None:
+            task_losses, support_losses = graphed[0], graphed[1]
+            acc = graphed[2] if len(graphed) > 2 else None
+            self._finite(task_losses, "query loss")
+        else:
+            task_losses, acc, support_losses = self._meta_forward(support_x, support_y, query_x, query_y, steps)
+        return MetaOutput(task_losses.mean(), task_losses.detach(), acc, support_losses.detach())
+
+    def _meta_forward(self, support_x, support_y, query_x, query_y, steps: int):
+        """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
         theta = self._flat.theta()
         mode = "first" if self.first_order else "second"
         fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
-        out = self._predict(theta, fast, query_x, T)
+        out = self._predict(theta, fast, query_x, support_x.shape[0])
         self.loss_fn.check_target(out, query_y, "query_y")
         task_losses = self.loss_fn.value(out, query_y)
         self._finite(task_losses, "query loss")
         acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
-        return MetaOutput(task_losses.mean(), task_losses.detach(), acc, support_losses)
+        return task_losses, acc, support_losses
 
     def adapt(self, support_x, support_y, steps: Optional[int] = None) -> FastWeights:
         """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
@@ -163,7 +174,7 @@ class BatchedMAML(nn.Module):
                 g = engine.backward(tape, dout, out_layout, rc)
             if not second:
                 g = g.detach()
-            support_losses = loss.detach()
+            support_losses = loss
             lr = self._lr(step, a)
             if mode == "eval" and torch.is_tensor(lr):
                 lr = lr.detach()
@@ -179,6 +190,8 @@ class BatchedMAML(nn.Module):
 
     # -- validation ------------------------------------------------------------------------------
     def _finite(self, losses: torch.Tensor, what: str) -> None:
+        if losses.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a host sync would break capture; checked on the replayed outputs instead
         if self.check_finite and not torch.isfinite(losses).all():
             bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
             raise FloatingPointError(f"{what} is NaN/inf for tasks {bad[:10]}{'...' if len(bad) > 10 else ''}; "
