@@ -564,6 +564,11 @@ def test_forward_and_attribute_passthrough():
         maml.no_such_attribute
     msgd = MetaSGD(net, lr=0.1)
     assert msgd.out_features == 2 and torch.equal(msgd(x), net(x))
+    # Checkpoints keep learn2learn's key layout; copies are independent.
+    assert list(maml.state_dict()) == ["module.weight", "module.bias"]
+    assert list(msgd.state_dict()) == ["module.weight", "module.bias", "lrs.0", "lrs.1"]
+    twin = copy.deepcopy(maml)
+    assert twin.weight is not net.weight and torch.equal(twin.weight, net.weight) and twin.lr == 0.1
 
 
 def test_bad_input_errors():
@@ -618,6 +623,36 @@ def test_cuda_update_goes_through_fused_op(monkeypatch):
     run_learner(MAML(model, lr=0.3), tasks, steps=2)
     assert len(calls) == 2 and calls[0][2] == 0.3 and len(calls[0][0]) == 6
     assert_all_close(grads_of(model), reference_meta_grads(model, tasks, 0.3, 2), RTOL64, "fused-path grads")
+
+
+@pytest.mark.parametrize("algo", ["maml", "meta_sgd"])
+def test_through_the_real_fused_op(monkeypatch, algo):
+    """Forced onto ``inner_update_multi`` (its CPU path here), meta-gradients stay exact to second order."""
+    fused = maml_mod._fused_inner_update()
+    if fused is None:
+        pytest.skip("metafast.ops.inner_update.inner_update_multi is not importable")
+    calls = []
+
+    def counting(params, grads, lr):
+        calls.append(lr)
+        return fused(params, grads, lr)
+
+    monkeypatch.setitem(maml_mod._FUSED, "fn", counting)
+    monkeypatch.setattr(maml_mod, "_wants_fused", lambda params, lr: True)
+    model, tasks = cnn(), cnn_tasks(2)
+    if algo == "maml":
+        run_learner(MAML(model, lr=0.3), tasks, steps=2)
+        expected, actual = reference_meta_grads(model, tasks, 0.3, 2), grads_of(model)
+    else:
+        msgd = MetaSGD(model, lr=0.1)
+        with torch.no_grad():
+            for lr in msgd.lrs:
+                lr.uniform_(0.05, 0.3)
+        run_learner(msgd, tasks, steps=2)
+        expected = reference_meta_grads(model, tasks, None, 2, lrs=list(msgd.lrs))
+        actual = grads_of(model) + [lr.grad for lr in msgd.lrs]
+    assert len(calls) == 4 and (calls[0] == 0.3 if algo == "maml" else len(calls[0]) == 6)
+    assert_all_close(actual, expected, RTOL64, f"{algo} through inner_update_multi")
 
 
 def test_wants_fused_only_for_cuda_tensors():

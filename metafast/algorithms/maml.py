@@ -37,34 +37,44 @@ def _fused_inner_update():
 
 
 def _wants_fused(params: Sequence[torch.Tensor], lr) -> bool:
-    # The fused op takes one scalar lr for all tensors; the loop stays the CPU path because it is
-    # learn2learn's exact arithmetic (bit-for-bit identical results).
-    return (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and len(params) > 0
-            and all(p.is_cuda for p in params)
-            and os.environ.get("METAFAST_BACKEND", "auto").lower() != "torch")
+    """True when the fused multi-tensor op applies: CUDA tensors, and a float lr or one lr tensor per
+    parameter of the params' dtype and device. The per-tensor loop stays the CPU path because it is
+    learn2learn's exact arithmetic (bit-for-bit identical results)."""
+    if not params or os.environ.get("METAFAST_BACKEND", "auto").lower() == "torch":
+        return False
+    if not all(p.is_cuda for p in params):
+        return False
+    if isinstance(lr, (list, tuple)):
+        dtype, device = params[0].dtype, params[0].device
+        return (len(lr) == len(params) and all(p.dtype == dtype for p in params)
+                and all(isinstance(l, torch.Tensor) and l.dtype == dtype and l.device == device for l in lr))
+    return isinstance(lr, numbers.Real) and not isinstance(lr, bool)
 
 
 def inner_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    lr: Union[float, torch.Tensor, Sequence[torch.Tensor]]) -> List[torch.Tensor]:
-    """New tensors ``p - lr * g`` for each pair, differentiable w.r.t. ``p``, ``g`` and ``lr``.
+    """New tensors ``p - lr * g`` for each pair, differentiable (twice) w.r.t. ``p``, ``g`` and ``lr``.
 
     ``lr``: one scalar (float or tensor) for all tensors, or a sequence with one learning rate per
-    tensor (Meta-SGD). On CUDA with a scalar float lr, the fused multi-tensor op does all tensors in
-    one launch; otherwise each tensor is updated with learn2learn's own expression.
+    tensor (Meta-SGD: shaped like it, or 0-dim). On CUDA, the fused multi-tensor op
+    (``metafast.ops.inner_update.inner_update_multi``) updates all tensors in one launch; otherwise
+    each tensor is updated with learn2learn's own expression.
     """
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
         raise ValueError(f"grads: expected one gradient per parameter ({len(params)}), got {len(grads)}")
-    if isinstance(lr, (list, tuple, nn.ParameterList)):
-        lrs = list(lr)
-        if len(lrs) != len(params):
-            raise ValueError(f"lr: expected one learning rate per parameter ({len(params)}), got {len(lrs)}")
-        # Meta-SGD: learn2learn writes p - lr_p * g_p.
-        return [p - lr_p * g for p, lr_p, g in zip(params, lrs, grads)]
+    per_tensor = isinstance(lr, (list, tuple, nn.ParameterList))
+    if per_tensor:
+        lr = list(lr)
+        if len(lr) != len(params):
+            raise ValueError(f"lr: expected one learning rate per parameter ({len(params)}), got {len(lr)}")
     if _wants_fused(params, lr):
         fused = _fused_inner_update()
         if fused is not None:
-            return list(fused(params, grads, float(lr)))
+            return list(fused(params, grads, lr if per_tensor else float(lr)))
+    if per_tensor:
+        # Meta-SGD: learn2learn writes p - lr_p * g_p.
+        return [p - lr_p * g for p, lr_p, g in zip(params, lr, grads)]
     # MAML: learn2learn writes update = -lr * g, then p + update.
     return [p + (-lr * g) for p, g in zip(params, grads)]
 
@@ -138,7 +148,10 @@ class Learner(nn.Module):
         try:
             return super().__getattr__(attr)
         except AttributeError:
-            return getattr(self.__dict__["_modules"]["module"], attr)
+            modules = self.__dict__.get("_modules")
+            if not modules or modules.get("module") is None:   # e.g. mid-unpickling
+                raise
+            return getattr(modules["module"], attr)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
