@@ -309,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     for name, help_text in _PLANNED.items():
         p = sub.add_parser(name, help=f"{help_text} (not available in this version)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(handler=_cmd_planned)
     p = sub.add_parser("bench", help="run the kernel microbenchmarks of a source checkout (bench/)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="default auto")
@@ -318,13 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_bench)
     p = sub.add_parser("info", help="print versions and which backend runs each op")
     p.set_defaults(handler=_cmd_info)
+    parser.subcommands = dict(sub.choices)  # for errors with the subcommand's own usage line
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # parse_known_args: the planned commands accept (and ignore) any arguments, so that they
+        # answer "not available" rather than complain about options they do not know yet.
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command not in _PLANNED:
+            parser.subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:

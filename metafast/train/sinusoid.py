@@ -204,7 +204,8 @@ def _plot(maml, batch: SinusoidBatch, path: str, iteration: int) -> str:
 
 
 def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, progress: bool = True,
-                   callback: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print) -> dict:
+                   callback: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
+                   plot: bool = True) -> dict:
     """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict.
 
     ``callback(iteration)`` runs after every completed meta-step. Ctrl-C stops at the next step
@@ -328,6 +329,8 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
                      "metafast": getattr(sys.modules.get("metafast"), "__version__", None)},
     }
     write_json(os.path.join(out_dir, METRICS_NAME), metrics)
-    plot = _plot(maml, batch, os.path.join(out_dir, PLOT_NAME), iteration)
-    log(f"wrote {os.path.join(out_dir, METRICS_NAME)}, {plot} and {ckpt_path}")
+    written = [os.path.join(out_dir, METRICS_NAME), ckpt_path]
+    if plot:
+        written.append(_plot(maml, batch, os.path.join(out_dir, PLOT_NAME), iteration))
+    log("wrote " + ", ".join(written))
     return metrics

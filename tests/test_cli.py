@@ -1,0 +1,225 @@
+"""The metafast command: the default train job end to end, Ctrl-C, bad arguments, info, bench."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import pytest
+import torch
+
+import metafast
+from metafast import cli
+from metafast.train import checkpoint as ckpt
+from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
+
+needs_maml = pytest.mark.skipif(not hasattr(metafast, "BatchedMAML"), reason="metafast.BatchedMAML not available")
+
+
+def _run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ----------------------------------------------------------------------------- train
+@needs_maml
+def test_default_job_smoke(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    rc, out, err = _run(capsys, "train", "--iterations", "20", "--out", str(out_dir), "--no-progress")
+    assert rc == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for key in ("mse", "ci95"):
+        assert sorted(metrics[key], key=int) == ["5", "10"]
+        for k in ("5", "10"):
+            assert sorted(metrics[key][k], key=int) == ["1", "5", "10"]
+            for v in metrics[key][k].values():
+                assert math.isfinite(v) and v > 0, (key, k, v)
+    # 600 tasks with amplitudes up to 5: the CI is a small fraction of the mean, nowhere near zero
+    assert 0 < metrics["ci95"]["10"]["10"] < metrics["mse"]["10"]["10"]
+    cfg = metrics["config"]
+    assert cfg["iterations"] == 20 and cfg["meta_batch"] == 25 and cfg["inner_lr"] == 0.01
+    assert cfg["first_order"] is False and metrics["iteration"] == 20 and metrics["eval"]["tasks"] == 600
+    assert metrics["timing"]["iterations_this_run"] == 20 and metrics["timing"]["ms_per_iteration"] > 0
+    png = (out_dir / "sinusoid_fits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    state = ckpt.load_checkpoint(str(out_dir))
+    assert state["iteration"] == 20
+    shapes = [tuple(v.shape) for v in state["model"].values()]
+    assert shapes == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]  # MLP 1-40-40-1
+    assert "held-out MSE on 600 tasks" in out and "K=10" in out
+
+
+@needs_maml
+def test_training_reduces_heldout_error(tmp_path):
+    # On the fixed held-out tasks, 100 meta-steps (a larger meta-lr than the paper's, to be quick)
+    # must clearly beat the same run after 1 step; measured: about 3.9 -> 1.9.
+    cfg = dict(device="cpu", checkpoint_every=0, meta_batch=10, meta_lr=0.005)
+    quiet = dict(progress=False, log=lambda s: None, plot=False)
+    m0 = train_sinusoid(SinusoidConfig(iterations=1, **cfg), str(tmp_path / "a"), **quiet)
+    m1 = train_sinusoid(SinusoidConfig(iterations=100, **cfg), str(tmp_path / "b"), **quiet)
+    for k in ("5", "10"):
+        before, after = m0["mse"][k]["10"], m1["mse"][k]["10"]
+        assert after < 0.7 * before, (k, before, after)
+
+
+def test_default_config_is_the_papers_setup():
+    args = cli.build_parser().parse_args(["train"])
+    assert args.dataset == "sinusoid"
+    assert all(getattr(args, k) is None for k in cli._TRAIN_FIELDS)  # everything from SinusoidConfig
+    c = SinusoidConfig()
+    assert (c.meta_batch, c.shots, c.queries, c.inner_lr, c.inner_steps, c.meta_lr, c.first_order) == \
+        (25, 10, 10, 0.01, 1, 1e-3, False)
+    assert c.iterations >= 2000
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--iterations", "0"], "argument --iterations: expected an integer >= 1, got 0"),
+    (["--iterations", "many"], "argument --iterations: expected an integer >= 1, got 'many'"),
+    (["--meta-batch", "0"], "argument --meta-batch: expected an integer >= 1"),
+    (["--inner-lr", "-0.1"], "argument --inner-lr: expected a positive finite number"),
+    (["--meta-lr", "nan"], "argument --meta-lr: expected a positive finite number"),
+    (["--inner-steps", "1.5"], "argument --inner-steps: expected an integer >= 1"),
+    (["--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    (["--checkpoint-every", "-5"], "argument --checkpoint-every: expected an integer >= 0"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_train_arguments(capsys, argv, match):
+    rc, out, err = _run(capsys, "train", *argv)
+    assert rc == 2 and match in err, err
+
+
+def test_resume_argument_errors(tmp_path, capsys):
+    rc, _, err = _run(capsys, "train", "--resume", str(tmp_path / "missing"))
+    assert rc == 2 and "--resume" in err and "no checkpoint at" in err, err
+    rc, _, err = _run(capsys, "train", "--resume", str(tmp_path), "--out", str(tmp_path / "elsewhere"))
+    assert rc == 2 and "--out and --resume both given" in err, err
+    # a checkpoint at iteration 50 written by a run with meta-batch 25
+    state = {"task": "sinusoid", "config": SinusoidConfig(iterations=100).to_dict(), "iteration": 50}
+    ckpt.save_checkpoint(state, str(tmp_path / "checkpoint.pt"))
+    rc, _, err = _run(capsys, "train", "--resume", str(tmp_path), "--meta-batch", "5")
+    assert rc == 2 and "meta_batch: checkpoint has 25, asked for 5" in err, err
+    rc, _, err = _run(capsys, "train", "--resume", str(tmp_path), "--iterations", "10")
+    assert rc == 2 and "--iterations 10" in err and "already at iteration 50" in err, err
+    rc, _, err = _run(capsys, "train", "--out", str(tmp_path), "--iterations", "3", "--no-progress")
+    assert rc == 2 and "already holds a checkpoint" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_gpu(tmp_path, capsys):
+    rc, _, err = _run(capsys, "train", "--device", "cuda", "--out", str(tmp_path), "--iterations", "1")
+    assert rc == 2 and "device 'cuda'" in err and "torch.cuda.is_available() is False" in err, err
+
+
+@needs_maml
+def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path):
+    """A real SIGINT to `python -m metafast train`: checkpoint, resume hint, exit 130; the resumed run
+    equals an uninterrupted run of the same length."""
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "metafast", "train", "--iterations", "1000000", "--checkpoint-every", "10",
+           "--device", "cpu", "--out", str(out_dir), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out_dir / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no periodic checkpoint within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert f"resume with: metafast train --resume {out_dir}" in err, err
+    stopped = ckpt.load_checkpoint(str(out_dir))["iteration"]
+    assert 10 <= stopped < 1_000_000
+    quiet = dict(progress=False, log=lambda s: None, plot=False)
+    cfg = dict(iterations=stopped + 3, device="cpu", checkpoint_every=10)
+    resumed = train_sinusoid(SinusoidConfig(**cfg), str(out_dir), resume=True, **quiet)
+    straight = train_sinusoid(SinusoidConfig(**cfg), str(tmp_path / "straight"), **quiet)
+    a, b = ckpt.load_checkpoint(str(out_dir)), ckpt.load_checkpoint(str(tmp_path / "straight"))
+    for k in a["maml"]:
+        assert torch.equal(a["maml"][k], b["maml"][k]), k
+    assert resumed["mse"] == straight["mse"]
+
+
+# ----------------------------------------------------------------------------- other commands
+@pytest.mark.parametrize("command", ["eval", "distill", "multitask"])
+def test_planned_commands_say_not_available(capsys, command):
+    rc, out, err = _run(capsys, command, "--anything")
+    assert rc == 2 and f"'{command}' is not available in this version" in err and out == ""
+
+
+def test_no_command_prints_help(capsys):
+    rc, _, err = _run(capsys)
+    assert rc == 2 and "train" in err and "bench" in err and "info" in err
+
+
+def test_info_prints_versions_and_backends(capsys, monkeypatch):
+    fake = types.ModuleType("metafast._backend")
+    fake.describe = lambda: {"versions": {"torch": "9.9"}, "ops": {"inner_update": {"active": "torch",
+                             "unavailable": {"cuda": "no GPU"}}}, "notes": []}
+    monkeypatch.setitem(sys.modules, "metafast._backend", fake)
+    rc, out, _ = _run(capsys, "info")
+    assert rc == 0
+    assert f"torch: {torch.__version__}" in out and f"metafast: {metafast.__version__}" in out
+    lines = out.splitlines()
+    i = lines.index("backends:")
+    assert lines[i + 1:i + 9] == ["  versions:", "    torch: 9.9", "  ops:", "    inner_update:",
+                                  "      active: torch", "      unavailable:", "        cuda: no GPU", "  notes: none"]
+
+
+def test_info_without_backend_module(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "metafast._backend", None)  # import now fails: module absent
+    rc, out, _ = _run(capsys, "info")
+    assert rc == 0 and "metafast._backend is not part of this installation" in out
+
+
+def test_bench_without_bench_dir(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "find_bench_dir", lambda: None)
+    rc, _, err = _run(capsys, "bench")
+    assert rc == 2 and "bench/ directory of a metafast source checkout" in err, err
+
+
+def test_bench_runs_modules_and_reports_failures(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "__init__.py").write_text("")
+    (bench / "common.py").write_text(textwrap.dedent("""
+        def device_name(device):
+            return "fake " + device.type
+        def print_table(rows, columns):
+            print("|".join(columns))
+            for r in rows:
+                print("|".join(str(r.get(c)) for c in columns))
+    """))
+    (bench / "bench_alpha.py").write_text(textwrap.dedent("""
+        def run(device, quick=False):
+            return [{"bench": "alpha", "date": "d", "op": "add", "ms": 2.5, "quick": quick, "dev": device.type}]
+    """))
+    (bench / "bench_beta.py").write_text("def run(device, quick=False):\n    raise RuntimeError('beta exploded')\n")
+    (bench / "bench_gamma.py").write_text("COLUMNS = ['x']\ndef run(device, quick=False):\n    return [{'x': 7, 'y': 8}]\n")
+    for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
+    monkeypatch.setattr(cli, "find_bench_dir", lambda: bench)
+    rc, out, err = _run(capsys, "bench", "--device", "cpu", "--quick")
+    assert rc == 1
+    assert "== bench_alpha on fake cpu (quick)" in out
+    assert "op|ms|quick|dev\nadd|2.5|True|cpu" in out  # metadata columns left out of the table
+    assert "x\n7" in out  # a module's COLUMNS choose the columns
+    assert "beta exploded" in err and "1 of 3 benchmarks failed" in err
+    rc, out, _ = _run(capsys, "bench", "--device", "cpu", "--only", "gamma")
+    assert rc == 0 and "bench_gamma" in out and "bench_alpha" not in out
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "metafast", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "train" in res.stdout and "bench" in res.stdout
