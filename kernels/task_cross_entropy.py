@@ -14,7 +14,7 @@ import triton.language as tl
 
 # Finite stand-in for -inf as the initial running max: keeps exp(m_old - m_new) free of
 # (-inf) - (-inf) = NaN when a whole chunk of a row is -inf (masked classes) or padding.
-_NEG_BIG = -3.0e38
+_NEG_BIG = tl.constexpr(-3.0e38)
 
 # Largest class chunk one program holds in registers (fp64 tiles cost twice the registers).
 MAX_BLOCK_C = 4096
