@@ -8,6 +8,8 @@ when one chunk covers C the row is read from memory exactly once.
 The launchers only allocate and launch: argument checking, row weights and autograd live in
 ``metafast.ops.task_cross_entropy``.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -176,10 +178,14 @@ def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+def _to_f32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _split_f64(value: float):
-    """value = hi + lo with both parts exactly representable in float32."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    """value ~= hi + lo (to ~48 bits) with both parts exactly representable in float32."""
+    hi = _to_f32(value)
+    return hi, _to_f32(value - hi)
 
 
 def _tiles(R: int, C: int, dtype: torch.dtype, max_block_c=None):

@@ -101,10 +101,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _row_weight(labels: Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> Tensor:
     """[T, N] weight of each row's loss: 1/n_valid(task) for "mean" (n_valid clamped to 1 so an
     all-ignored task gives 0, not 0/0), 1 for "sum"/"none", 0 on ignored rows."""
-    valid = labels != ignore_index
-    w = valid.to(dtype)
+    w = (labels != ignore_index).to(dtype)
     if reduction == "mean":
-        w = w / valid.sum(1, keepdim=True).clamp_min(1).to(dtype)
+        w = w / w.sum(1, keepdim=True).clamp_min(1)
     return w.contiguous()
 
 
