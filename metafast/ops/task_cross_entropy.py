@@ -21,11 +21,13 @@ Semantics
 
 Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
 - ``"torch"``: :func:`task_cross_entropy_reference` (plain autograd). This is the CPU path.
-- ``"triton"`` / ``"cuda"``: the custom ops ``metafast::task_cross_entropy`` and
-  ``metafast::task_cross_entropy_softmax_jvp`` calling the Triton kernels (kernels/) or the CUDA
-  extension (csrc/). One pass over the classes yields the loss and ``dlogits`` (saved); backward is
-  ``dlogits * grad_out``; the backward's own derivative is the fused softmax Jacobian-vector product.
-  ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (used by the tests).
+- ``"triton"`` / ``"cuda"``: the custom ops ``metafast::task_cross_entropy`` (-> loss, dlogits,
+  logsumexp) and ``metafast::task_cross_entropy_softmax_jvp`` calling the Triton kernels (kernels/)
+  or the CUDA extension (``metafast::task_cross_entropy_*_cuda``, csrc/). One launch yields the loss
+  and ``dlogits`` (saved), reading each row once while it fits one chunk of classes (4096) and
+  twice beyond (online softmax, then the gradient). Backward is ``dlogits * grad_out``; its own
+  derivative is the fused softmax Jacobian-vector product, whose derivative (third order) is plain
+  PyTorch. ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` (used by the tests).
 """
 import numbers
 import os
