@@ -339,6 +339,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CommandError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop's own handling (start-up, benchmarks)
+        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-import metafast
 from metafast.train import checkpoint as ckpt
+from metafast.train import sinusoid as job
 from metafast.train.progress import RunningLoss
 from metafast.train.sinusoid import SinusoidConfig, TrainingInterrupted, train_sinusoid
 
@@ -120,8 +120,6 @@ def test_running_loss_round_trip():
 
 
 # ----------------------------------------------------------------------------- exact resume
-needs_maml = pytest.mark.skipif(not hasattr(metafast, "BatchedMAML"), reason="metafast.BatchedMAML not available")
-
 ITERS = 24
 
 
@@ -159,13 +157,10 @@ def _assert_same_run(dir_a, dir_b, metrics_a, metrics_b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    if not hasattr(metafast, "BatchedMAML"):
-        pytest.skip("metafast.BatchedMAML not available")
     out = tmp_path_factory.mktemp("uninterrupted")
     return out, _run(out)
 
 
-@needs_maml
 def test_resume_after_ctrl_c_is_exact(tmp_path, uninterrupted):
     dir_a, metrics_a = uninterrupted
     with pytest.raises(TrainingInterrupted, match="interrupted at iteration 9/24") as info:
@@ -178,7 +173,6 @@ def test_resume_after_ctrl_c_is_exact(tmp_path, uninterrupted):
     assert metrics_b["timing"]["iterations_this_run"] == ITERS - 9
 
 
-@needs_maml
 def test_resume_from_periodic_checkpoint_after_crash_is_exact(tmp_path, uninterrupted):
     dir_a, metrics_a = uninterrupted
     # a crash (not Ctrl-C) at iteration 17 saves nothing: the periodic checkpoint of iteration 15 remains
@@ -189,7 +183,6 @@ def test_resume_from_periodic_checkpoint_after_crash_is_exact(tmp_path, uninterr
     _assert_same_run(dir_a, tmp_path, metrics_a, metrics_b)
 
 
-@needs_maml
 def test_extending_a_finished_run_is_exact(tmp_path, uninterrupted):
     dir_a, metrics_a = uninterrupted
     short = train_sinusoid(SinusoidConfig(iterations=10, device="cpu", checkpoint_every=0), str(tmp_path),
@@ -202,7 +195,6 @@ def test_extending_a_finished_run_is_exact(tmp_path, uninterrupted):
     assert again["mse"] == metrics_a["mse"] and again["timing"]["iterations_this_run"] == 0
 
 
-@needs_maml
 def test_resume_refuses_a_different_setup(tmp_path, uninterrupted):
     dir_a, _ = uninterrupted
     with pytest.raises(ValueError, match="meta_batch: checkpoint has 25, asked for 5"):
@@ -214,3 +206,22 @@ def test_resume_refuses_a_different_setup(tmp_path, uninterrupted):
         _run(dir_a)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         _run(tmp_path, resume=True)
+
+
+def test_interrupt_inside_a_step_saves_nothing(tmp_path, monkeypatch):
+    # A second Ctrl-C can land inside a step, where parameters may be half updated: the periodic
+    # checkpoint must then stay as it is rather than be overwritten with an inconsistent state.
+    calls = {"n": 0}
+    sample = job.SinusoidTasks.sample
+
+    def interrupted_sample(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return sample(self, *a, **k)
+
+    monkeypatch.setattr(job.SinusoidTasks, "sample", interrupted_sample)
+    with pytest.raises(TrainingInterrupted, match="interrupted inside iteration 6") as info:
+        _run(tmp_path, checkpoint_every=5)
+    assert info.value.checkpoint is None
+    assert ckpt.load_checkpoint(str(tmp_path))["iteration"] == 5

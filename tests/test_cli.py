@@ -1,7 +1,6 @@
 """The metafast command: the default train job end to end, Ctrl-C, bad arguments, info, bench."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,8 +16,6 @@ from metafast import cli
 from metafast.train import checkpoint as ckpt
 from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
 
-needs_maml = pytest.mark.skipif(not hasattr(metafast, "BatchedMAML"), reason="metafast.BatchedMAML not available")
-
 
 def _run(capsys, *argv):
     rc = cli.main(list(argv))
@@ -27,7 +24,6 @@ def _run(capsys, *argv):
 
 
 # ----------------------------------------------------------------------------- train
-@needs_maml
 def test_default_job_smoke(tmp_path, capsys):
     out_dir = tmp_path / "run"
     rc, out, err = _run(capsys, "train", "--iterations", "20", "--out", str(out_dir), "--no-progress")
@@ -54,7 +50,6 @@ def test_default_job_smoke(tmp_path, capsys):
     assert "held-out MSE on 600 tasks" in out and "K=10" in out
 
 
-@needs_maml
 def test_training_reduces_heldout_error(tmp_path):
     # On the fixed held-out tasks, 100 meta-steps (a larger meta-lr than the paper's, to be quick)
     # must clearly beat the same run after 1 step; measured: about 3.9 -> 1.9.
@@ -117,7 +112,6 @@ def test_cuda_without_gpu(tmp_path, capsys):
     assert rc == 2 and "device 'cuda'" in err and "torch.cuda.is_available() is False" in err, err
 
 
-@needs_maml
 def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path):
     """A real SIGINT to `python -m metafast train`: checkpoint, resume hint, exit 130; the resumed run
     equals an uninterrupted run of the same length."""
