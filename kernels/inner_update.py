@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-CLIP_EPS = 1e-6
+CLIP_EPS: tl.constexpr = tl.constexpr(1e-6)  # jit code may only read constexpr globals
 BLOCK = 1024         # elements per program along P
 MAX_GRID_Y = 65535   # tasks go on grid axis 1
 MAX_PARTS = 64       # partial sums per task for the clip norm (the consumers reduce them)
@@ -306,16 +306,16 @@ def inner_update_bwd(grad_out: torch.Tensor, grad: torch.Tensor, lr: Optional[to
     grad_out, grad = _rows(grad_out), _rows(grad)
     lr = lr.contiguous() if lr is not None else None
     T, P = grad.shape
-    empty = grad.new_empty(0)
-    d_grad = torch.empty((T, P), dtype=grad.dtype, device=grad.device) if need_grad else empty
-    d_theta = torch.empty((P,), dtype=grad.dtype, device=grad.device) if need_theta else empty
-    d_lr = empty
+    # distinct empty tensors: outputs of a custom op may not alias each other
+    d_grad = grad.new_empty((T, P) if need_grad else (0,))
+    d_theta = grad.new_empty((P,) if need_theta else (0,))
+    d_lr = grad.new_empty(0)
     if not (need_grad or need_theta or need_lr):
         return d_grad, d_theta, d_lr
     if T == 0 or P == 0:
         if need_theta:
             d_theta.zero_()
-        return d_grad, d_theta, (torch.zeros_like(lr) if need_lr else empty)
+        return d_grad, d_theta, (torch.zeros_like(lr) if need_lr else d_lr)
     acc = _acc(grad.dtype)
     lr_arg, lr_mode, lr_hi, lr_lo = _lr_args(lr, lr_scalar)
     clip = max_norm is not None and (need_grad or need_lr)

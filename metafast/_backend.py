@@ -129,6 +129,11 @@ def available() -> Dict[str, Tuple[bool, str]]:
     return out
 
 
+def _cuda_has(symbol: str) -> bool:
+    """Does the loaded extension register metafast::<symbol>?"""
+    return hasattr(torch.ops.metafast, symbol)
+
+
 def _usable(backend: str, op_name: str, device: torch.device) -> Tuple[bool, str]:
     """Can ``backend`` run ``op_name`` on tensors of ``device``?"""
     info = _ops.get(op_name)
@@ -143,7 +148,7 @@ def _usable(backend: str, op_name: str, device: torch.device) -> Tuple[bool, str
         if not ok:
             return False, why
         symbol = info["cuda_symbol"] if info is not None else None
-        if symbol is not None and not hasattr(torch.ops.metafast, symbol):
+        if symbol is not None and not _cuda_has(symbol):
             return False, f"metafast._C was built without metafast::{symbol}"
         return True, why
     # triton
@@ -233,7 +238,7 @@ def describe() -> Dict[str, object]:
     ext_ok, ext_why = _probe("cuda_ext")
     report["metafast._C"] = _ext_path() if ext_ok else f"not built/loadable: {ext_why}"
     dev_ok, dev_why = _probe("cuda_device")
-    report["cuda device"] = torch.cuda.get_device_name(0) if dev_ok else dev_why
+    report["cuda device"] = _device_name() if dev_ok else dev_why
     try:
         report[ENV] = requested()
     except ValueError as e:
@@ -258,6 +263,13 @@ def _describe_choice(op: str, device: str) -> str:
         return resolve(op, device)
     except (ValueError, BackendUnavailableError) as e:
         return f"error: {e}"
+
+
+def _device_name() -> str:
+    try:
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__}: {e})"
 
 
 def _ext_path() -> str:

@@ -417,12 +417,14 @@ def _multi_grad(ctx, grad_outs):
     need_params, need_grad, need_lr = ctx.needs_input_grad[:3]
     need_lr = bool(need_lr) and bool(lrs)
     grad_outs = _zeros_for_none(grad_outs, grads)
-    d_grads = d_lrs = None
+    # list inputs take a list of gradients (None entries where not needed)
+    d_params = list(grad_outs) if need_params else [None] * ctx.n
+    d_grads, d_lrs = [None] * ctx.n, [None] * ctx.n_lr
     if need_grad or need_lr:
         dg, dl = _multi_backward_op(grad_outs, grads, lrs, lr_scalar, max_norm, bool(need_grad), need_lr, backend)
-        d_grads = list(dg) if need_grad else None
-        d_lrs = list(dl) if need_lr else None
-    return (list(grad_outs) if need_params else None), d_grads, d_lrs, None, None, None
+        d_grads = list(dg) if need_grad else d_grads
+        d_lrs = list(dl) if need_lr else d_lrs
+    return d_params, d_grads, d_lrs, None, None, None
 
 
 def _multi_backward_setup(ctx, inputs, output):
@@ -447,11 +449,8 @@ def _multi_backward_grad(ctx, gg_grads, gg_lrs):
     cot = (list(gg_grads) if need_grad and gg_grads is not None else [None] * n)
     cot += (list(gg_lrs) if need_lr and gg_lrs is not None else [None] * n_lr)
     res = _vjp_of(fn, saved, wanted, cot)
-    gos, gs, ls = res[:n], res[n:2 * n], res[2 * n:]
-    pack = lambda xs, like, w: ([x if x is not None else torch.zeros_like(y) for x, y in zip(xs, like)]  # noqa: E731
-                                if w and like else None)
-    return (pack(gos, saved[:n], w_go), pack(gs, saved[n:2 * n], w_g), pack(ls, saved[2 * n:], w_lr),
-            None, None, None, None, None)
+    # list inputs take a list of gradients (None entries where not needed)
+    return res[:n], res[n:2 * n], res[2 * n:], None, None, None, None, None
 
 
 _multi_op.register_autograd(_multi_grad, setup_context=_multi_setup)

@@ -1,0 +1,639 @@
+"""inner_update / inner_update_multi against float64 PyTorch references: the Triton kernels (under
+TRITON_INTERPRET=1 on CPU), the torch path, the custom ops (opcheck), first and second derivatives,
+bad input; the CUDA extension in @gpu tests."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metafast.ops.inner_update import (inner_update, inner_update_multi, inner_update_multi_reference,
+                                       inner_update_reference)
+
+# the module (metafast.ops.inner_update the attribute is the function of that name)
+iu_mod = importlib.import_module("metafast.ops.inner_update")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+needs_interpreter = pytest.mark.skipif(not (INTERPRET and HAVE_TRITON),
+                                       reason="the Triton kernels run on CPU only with TRITON_INTERPRET=1")
+
+# forward tolerances per dtype (outputs are rounded once to the dtype; |values| ~ 1)
+FWD_TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-6, 2e-6), torch.bfloat16: (1.6e-2, 1.6e-2),
+           torch.float16: (2e-3, 2e-3)}
+# gradient tolerances (sums over T, or over T*P for a scalar lr, in float32)
+BWD_TOL = {torch.float64: (1e-11, 1e-11), torch.float32: (3e-5, 3e-5)}
+
+SHAPES = [(3, 1001), (2, 7), (1, 2048)]
+LR_KINDS = ["float", "0d", "vector"]
+CLIPS = [None, 0.5, 1e6]  # off, active (norms ~ sqrt(P) > 0.5), inactive
+
+
+def make_inputs(T, P, dtype, broadcast, lr_kind, device="cpu", requires_grad=False):
+    theta = torch.randn(P if broadcast else (T, P), dtype=torch.float64).to(device, dtype)
+    grad = torch.randn(T, P, dtype=torch.float64).to(device, dtype)
+    if lr_kind == "float":
+        lr = 0.37
+    elif lr_kind == "0d":
+        lr = torch.tensor(0.37, dtype=torch.float64).to(device, dtype)
+    else:
+        lr = (0.1 + torch.rand(P, dtype=torch.float64)).to(device, dtype)
+    if requires_grad:
+        theta.requires_grad_()
+        grad.requires_grad_()
+        if torch.is_tensor(lr):
+            lr.requires_grad_()
+    return theta, grad, lr
+
+
+def as64(x):
+    if torch.is_tensor(x):
+        return x.detach().to(torch.float64).requires_grad_(x.requires_grad)
+    return x
+
+
+def diff_inputs(theta, grad, lr):
+    return [x for x in (theta, grad, lr) if torch.is_tensor(x) and x.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference itself
+# ----------------------------------------------------------------------------------------------
+def test_reference_matches_clip_grad_norm_per_task(assert_close):
+    T, P = 4, 33
+    theta, grad, _ = make_inputs(T, P, torch.float64, True, "float")
+    grad[2] *= 1e-3  # this task is not clipped
+    out = inner_update_reference(theta, grad, 0.1, max_norm=1.5)
+    for t in range(T):
+        p = torch.nn.Parameter(theta.clone())
+        p.grad = grad[t].clone()
+        torch.nn.utils.clip_grad_norm_([p], 1.5)
+        assert_close(out[t], theta - 0.1 * p.grad, 1e-14, 1e-14, f"task {t}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (interpreted) vs the float64 reference
+# ----------------------------------------------------------------------------------------------
+@needs_interpreter
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("max_norm", CLIPS)
+def test_triton_forward(shape, dtype, broadcast, lr_kind, max_norm, assert_close):
+    theta, grad, lr = make_inputs(*shape, dtype, broadcast, lr_kind)
+    out = inner_update(theta, grad, lr, max_norm, backend="triton")
+    assert out.dtype == dtype and out.shape == shape
+    expected = inner_update_reference(as64(theta), as64(grad), as64(lr), max_norm)
+    atol, rtol = FWD_TOL[dtype]
+    assert_close(out, expected, atol, rtol, "fast")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("max_norm", CLIPS[:2])
+def test_triton_backward(shape, dtype, broadcast, lr_kind, max_norm, assert_close):
+    theta, grad, lr = make_inputs(*shape, dtype, broadcast, lr_kind, requires_grad=True)
+    go = torch.randn(shape, dtype=torch.float64)
+    out = inner_update(theta, grad, lr, max_norm, backend="triton")
+    got = torch.autograd.grad(out, diff_inputs(theta, grad, lr), go.to(dtype))
+    ref_in = [as64(x) for x in (theta, grad, lr)]
+    expected = torch.autograd.grad(inner_update_reference(*ref_in, max_norm), diff_inputs(*ref_in), go)
+    atol, rtol = BWD_TOL[dtype]
+    for name, g, e in zip(["theta", "grad", "lr"], got, expected):
+        assert g.dtype == dtype
+        assert_close(g, e, atol, rtol, f"d {name}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("need", ["theta", "grad", "lr"])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_triton_backward_single_input(need, max_norm, assert_close):
+    """Only one input needs a gradient: the fused backward computes only that one."""
+    theta, grad, lr = make_inputs(3, 1001, torch.float64, True, "vector")
+    x = {"theta": theta, "grad": grad, "lr": lr}[need].requires_grad_()
+    go = torch.randn(3, 1001, dtype=torch.float64)
+    got, = torch.autograd.grad(inner_update(theta, grad, lr, max_norm, backend="triton"), x, go)
+    expected, = torch.autograd.grad(inner_update_reference(theta, grad, lr, max_norm), x, go)
+    assert_close(got, expected, 1e-12, 1e-12, f"d {need}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_triton_double_backward(lr_kind, max_norm, broadcast, assert_close):
+    """Second derivatives through the fused backward (what second-order MAML needs), against the
+    reference differentiated twice by autograd."""
+    T, P = 3, 37
+    theta, grad, lr = make_inputs(T, P, torch.float64, broadcast, lr_kind, requires_grad=True)
+    go = torch.randn(T, P, dtype=torch.float64, requires_grad=True)
+
+    def second(fn):
+        xs = diff_inputs(theta, grad, lr)
+        firsts = torch.autograd.grad(fn(theta, grad, lr, max_norm), xs, go, create_graph=True)
+        weights = [torch.randn_like(f) for f in firsts]
+        loss = sum((w * f).sum() for w, f in zip(weights, firsts))
+        return torch.autograd.grad(loss, xs + [go], allow_unused=True, materialize_grads=True)
+
+    torch.manual_seed(1)
+    got = second(lambda *a: inner_update(*a, backend="triton"))
+    torch.manual_seed(1)
+    expected = second(inner_update_reference)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-11, 1e-11, f"second derivative {i}")
+
+
+@needs_interpreter
+def test_triton_clip_zero_gradient_rows(assert_close):
+    """A task whose gradient is all zeros: scale 1, no NaN in the clip derivative."""
+    theta, grad, lr = make_inputs(3, 40, torch.float64, True, "vector", requires_grad=True)
+    with torch.no_grad():
+        grad[1] = 0
+    go = torch.randn(3, 40, dtype=torch.float64)
+    out = inner_update(theta, grad, lr, 0.5, backend="triton")
+    got = torch.autograd.grad(out, [theta, grad, lr], go)
+    expected = torch.autograd.grad(inner_update_reference(theta, grad, lr, 0.5), [theta, grad, lr], go)
+    assert_close(out, inner_update_reference(theta, grad, lr, 0.5), 1e-12, 1e-12, "fast")
+    for name, g, e in zip(["theta", "grad", "lr"], got, expected):
+        assert torch.isfinite(g).all()
+        assert_close(g, e, 1e-12, 1e-12, f"d {name}")
+
+
+@needs_interpreter
+def test_triton_strided_rows(assert_close):
+    """Rows with a stride larger than P (a column slice) are read in place."""
+    big = torch.randn(3, 64, dtype=torch.float64)
+    grad = big[:, 5:50]
+    theta = torch.randn(45, dtype=torch.float64)
+    out = inner_update(theta, grad, 0.2, 0.5, backend="triton")
+    assert_close(out, inner_update_reference(theta, grad.contiguous(), 0.2, 0.5), 1e-12, 1e-12, "fast")
+
+
+# ----------------------------------------------------------------------------------------------
+# gradcheck / gradgradcheck (float64) of the public op: torch path and forced Triton path
+# ----------------------------------------------------------------------------------------------
+PATHS = [None, pytest.param("triton", marks=needs_interpreter)]
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])
+def test_gradcheck_and_gradgradcheck(backend, broadcast, lr_kind, max_norm):
+    theta, grad, lr = make_inputs(2, 5, torch.float64, broadcast, lr_kind, requires_grad=True)
+    inputs = tuple(diff_inputs(theta, grad, lr))
+
+    def fn(*xs):
+        it = iter(xs)
+        th, g = next(it), next(it)
+        lr_ = next(it) if torch.is_tensor(lr) else lr
+        return inner_update(th, g, lr_, max_norm, backend=backend)
+
+    fast = backend is not None  # the interpreter is slow: fast mode checks a random projection
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
+
+
+# ----------------------------------------------------------------------------------------------
+# the custom ops: opcheck (schema, fake tensors, autograd registration, AOT dispatch)
+# ----------------------------------------------------------------------------------------------
+OP_BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("lr_kind", ["float", "vector"])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_inner_update(backend, lr_kind, max_norm, requires_grad):
+    theta, grad, lr = make_inputs(3, 17, torch.float64, True, lr_kind, requires_grad=requires_grad)
+    lr_t, lr_s = (lr, 0.0) if torch.is_tensor(lr) else (None, lr)
+    torch.library.opcheck(iu_mod._inner_update_op, (theta, grad, lr_t, lr_s, max_norm, backend))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_inner_update_backward(backend, max_norm, requires_grad):
+    _, grad, lr = make_inputs(3, 17, torch.float64, True, "0d", requires_grad=requires_grad)
+    go = torch.randn(3, 17, dtype=torch.float64, requires_grad=requires_grad)
+    torch.library.opcheck(iu_mod._inner_update_backward_op, (go, grad, lr, 0.0, max_norm, True, True, True, backend))
+
+
+def test_custom_op_cpu_kernel_matches_reference(assert_close):
+    """The op's CPU kernel ("torch") under the op's own autograd equals the reference's."""
+    theta, grad, lr = make_inputs(3, 11, torch.float64, True, "vector", requires_grad=True)
+    go = torch.randn(3, 11, dtype=torch.float64)
+    out = iu_mod._inner_update_op(theta, grad, lr, 0.0, 0.5, "torch")
+    ref = inner_update_reference(theta, grad, lr, 0.5)
+    assert_close(out, ref, 1e-14, 1e-14, "fast")
+    for g, e in zip(torch.autograd.grad(out, [theta, grad, lr], go), torch.autograd.grad(ref, [theta, grad, lr], go)):
+        assert_close(g, e, 1e-13, 1e-13, "grad")
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch: CPU tensors take the reference directly (plain autograd nodes, no custom op)
+# ----------------------------------------------------------------------------------------------
+def test_cpu_path_is_plain_autograd(monkeypatch):
+    monkeypatch.delenv("METAFAST_BACKEND", raising=False)
+    theta, grad, lr = make_inputs(2, 5, torch.float32, True, "float", requires_grad=True)
+    out = inner_update(theta, grad, lr)
+    assert "CustomOp" not in type(out.grad_fn).__name__ and "Backward" in type(out.grad_fn).__name__
+    assert torch.equal(out, inner_update_reference(theta, grad, lr))
+
+
+def test_half_precision_reference_rounds_once(assert_close):
+    theta, grad, lr = make_inputs(3, 101, torch.bfloat16, False, "vector")
+    out = inner_update(theta, grad, lr, 0.5)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, inner_update_reference(as64(theta), as64(grad), as64(lr), 0.5), *FWD_TOL[torch.bfloat16],
+                 "bf16 fast")
+
+
+# ----------------------------------------------------------------------------------------------
+# inner_update_multi
+# ----------------------------------------------------------------------------------------------
+MULTI_SHAPES = [(5, 3), (7,), (), (2, 3, 4), (0, 3), (1001,)]
+
+
+def make_multi(dtype, lr_kind, requires_grad=False, shapes=MULTI_SHAPES):
+    params = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    grads = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    if lr_kind == "float":
+        lr = 0.3
+    else:  # per parameter: shaped like it, except every other one a 0-d per-tensor lr
+        lr = [(0.1 + torch.rand(s if i % 2 == 0 else (), dtype=torch.float64)).to(dtype)
+              for i, s in enumerate(shapes)]
+    if requires_grad:
+        for x in params + grads + (lr if isinstance(lr, list) else []):
+            x.requires_grad_()
+    return params, grads, lr
+
+
+def multi_inputs(params, grads, lr):
+    return [x for x in params + grads + (lr if isinstance(lr, list) else []) if x.requires_grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lr_kind", ["float", "list"])
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])
+def test_multi_matches_per_tensor_reference(dtype, lr_kind, max_norm, assert_close):
+    params, grads, lr = make_multi(dtype, lr_kind)
+    lrs = lr if isinstance(lr, list) else [lr] * len(params)
+    outs = inner_update_multi(params, grads, lr, max_norm)  # no autograd: the torch._foreach path
+    total = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+    scale = min(1.0, max_norm / (total.item() + 1e-6)) if max_norm is not None else 1.0
+    for i, (o, p, g, l) in enumerate(zip(outs, params, grads, lrs)):
+        expected = inner_update_reference(as64(p).reshape(1, -1), as64(g).reshape(1, -1) * scale,
+                                          as64(l).reshape(-1) if torch.is_tensor(l) and l.dim() else as64(l))
+        assert o.shape == p.shape and o.dtype == dtype
+        assert_close(o.reshape(1, -1), expected, *FWD_TOL[dtype], f"out[{i}]")
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "list"])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_multi_gradients(lr_kind, max_norm, assert_close):
+    params, grads, lr = make_multi(torch.float64, lr_kind, requires_grad=True)
+    xs = multi_inputs(params, grads, lr)
+    gos = [torch.randn_like(p) for p in params]
+    outs = inner_update_multi(params, grads, lr, max_norm)
+    got = torch.autograd.grad(outs, xs, gos)
+    # the reference: flatten everything into one task row
+    flat_p = torch.cat([p.flatten() for p in params])[None]
+    flat_g = torch.cat([g.flatten() for g in grads])[None]
+    flat_l = lr if not isinstance(lr, list) else torch.cat([l.expand(p.shape).flatten() for l, p in zip(lr, params)])
+    ref = inner_update_reference(flat_p, flat_g, flat_l, max_norm)
+    expected = torch.autograd.grad(ref, xs, torch.cat([g.flatten() for g in gos])[None])
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, 1e-12, 1e-12, f"input {i}")
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "list"])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("via_op", [False, True])
+def test_multi_gradcheck_and_gradgradcheck(lr_kind, max_norm, via_op):
+    """Public function (per-tensor reference on CPU) and the custom op with its fused-backward
+    autograd (CPU kernel), differentiated twice."""
+    shapes = [(2, 2), (3,), ()]
+    params, grads, lr = make_multi(torch.float64, lr_kind, requires_grad=True, shapes=shapes)
+    n = len(params)
+    xs = tuple(multi_inputs(params, grads, lr))
+
+    def fn(*flat):
+        ps, gs, ls = list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:])
+        if via_op:
+            return tuple(iu_mod._multi_op(ps, gs, ls, 0.0 if ls else lr, max_norm, "torch"))
+        return tuple(inner_update_multi(ps, gs, ls if ls else lr, max_norm))
+
+    assert torch.autograd.gradcheck(fn, xs)
+    assert torch.autograd.gradgradcheck(fn, xs)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_inner_update_multi(max_norm, requires_grad):
+    params, grads, lr = make_multi(torch.float64, "list", requires_grad=requires_grad, shapes=[(4, 3), (5,), ()])
+    torch.library.opcheck(iu_mod._multi_op, (params, grads, lr, 0.0, max_norm, "torch"))
+    gos = [torch.randn_like(p) for p in params]
+    torch.library.opcheck(iu_mod._multi_backward_op, (gos, grads, lr, 0.0, max_norm, True, True, "torch"))
+
+
+def test_multi_empty_and_half(assert_close):
+    assert inner_update_multi([], [], 0.1) == []
+    params, grads, lr = make_multi(torch.bfloat16, "list")
+    outs = inner_update_multi(params, grads, lr, 0.5)
+    ref = inner_update_multi_reference([as64(p) for p in params], [as64(g) for g in grads],
+                                       [as64(l) for l in lr], 0.5)
+    for i, (o, e) in enumerate(zip(outs, ref)):
+        assert o.dtype == torch.bfloat16
+        assert_close(o, e, *FWD_TOL[torch.bfloat16], f"out[{i}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+def _bad_cases():
+    T, P = 3, 5
+    th, g = torch.randn(P), torch.randn(T, P)
+    return [
+        ((th, torch.randn(P), 0.1), ValueError, "grad must be a 2-D tensor"),
+        ((torch.randn(P + 1), g, 0.1), ValueError, "theta must have shape"),
+        ((torch.randn(T + 1, P), g, 0.1), ValueError, "theta must have shape"),
+        ((th.double(), g, 0.1), TypeError, "theta must have grad's dtype"),
+        ((th.long(), g.long(), 0.1), TypeError, "grad must be float16"),
+        ((th.to("meta"), g, 0.1), ValueError, "theta must be on grad's device"),
+        ((th, g, torch.rand(P + 1)), ValueError, "lr must be a float, a 0-d tensor or a tensor of shape"),
+        ((th, g, torch.rand(T, P)), ValueError, r"lr must be .*shape \[P\]"),
+        ((th, g, torch.rand(P).double()), TypeError, "lr must have grad's dtype"),
+        ((th, g, "0.1"), TypeError, "lr must be a float"),
+        ((th, g, True), TypeError, "lr must be a float"),
+        ((th, "g", 0.1), TypeError, "grad must be a Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_bad_input_raises_naming_the_argument(case):
+    args, exc, match = _bad_cases()[case]
+    with pytest.raises(exc, match=match):
+        inner_update(*args)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan"), True, "1"])
+def test_bad_max_norm(max_norm):
+    with pytest.raises(ValueError, match="max_norm must be None or a float > 0"):
+        inner_update(torch.randn(4), torch.randn(2, 4), 0.1, max_norm)
+    with pytest.raises(ValueError, match="max_norm must be None or a float > 0"):
+        inner_update_multi([torch.randn(4)], [torch.randn(4)], 0.1, max_norm)
+
+
+def test_bad_backend_argument():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        inner_update(torch.randn(4), torch.randn(2, 4), 0.1, backend="fast")
+    with pytest.raises(RuntimeError, match="has no triton implementation"):
+        inner_update_multi([torch.randn(4)], [torch.randn(4)], 0.1, backend="triton")
+
+
+@pytest.mark.parametrize("case", ["count", "shape", "dtype", "lr_count", "lr_shape", "not_list"])
+def test_multi_bad_input(case):
+    p, g = [torch.randn(3), torch.randn(2, 2)], [torch.randn(3), torch.randn(2, 2)]
+    lr = 0.1
+    expect = {"count": (ValueError, "grads must have one tensor per parameter"),
+              "shape": (ValueError, r"grads\[1\] must have the shape of params\[1\]"),
+              "dtype": (TypeError, r"grads\[0\] must have dtype"),
+              "lr_count": (ValueError, "lr must be a float or a list of 2 tensors"),
+              "lr_shape": (ValueError, r"lr\[1\] must be 0-d or of the shape of params\[1\]"),
+              "not_list": (TypeError, "params must be a list of Tensors")}[case]
+    if case == "count":
+        g = g[:1]
+    elif case == "shape":
+        g[1] = torch.randn(4)
+    elif case == "dtype":
+        g[0] = g[0].double()
+    elif case == "lr_count":
+        lr = [torch.tensor(0.1)]
+    elif case == "lr_shape":
+        lr = [torch.tensor(0.1), torch.rand(4)]
+    elif case == "not_list":
+        p = torch.randn(3)
+    with pytest.raises(expect[0], match=expect[1]):
+        inner_update_multi(p, g, lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Triton kernels also compile for a real GPU (sm_90; no device needed). The interpreter alone
+# misses compile-only errors (non-constexpr globals, type rules). A child process, because the
+# interpreter patches triton.language once active.
+# ----------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+import triton.language as tl
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("SKIP", e); sys.exit(0)
+from metafast.kernels import inner_update as k
+
+def compile_(fn, sig, consts):
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    except TypeError as e:  # the compiler API of another Triton version
+        print("SKIP", e); sys.exit(0)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+n = 0
+for dtype, lr_mode, flag in [("fp32", 0, True), ("bf16", 2, False), ("fp64", 1, True), ("fp16", 2, True)]:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    ACC = tl.float64 if dtype == "fp64" else tl.float32
+    sig = {"grad_ptr": "*" + dtype, "gout_ptr": "*" + dtype, "lr_ptr": "*" + dtype, "sumsq_ptr": "*" + acc,
+           "dot_ptr": "*" + acc, "stride_g": "i32", "stride_go": "i32", "P": "i32", "lr_hi": "fp32",
+           "lr_lo": "fp32", **{c: "constexpr" for c in ["NPARTS", "BLOCK", "LR_MODE", "WITH_DOT", "ACC"]}}
+    compile_(k._row_partials_kernel, sig, {"NPARTS": 8, "BLOCK": 1024, "LR_MODE": lr_mode, "WITH_DOT": flag, "ACC": ACC})
+    sig = {"theta_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "lr_ptr": "*" + dtype, "sumsq_ptr": "*" + acc,
+           "out_ptr": "*" + dtype, "stride_th": "i64", "stride_g": "i64", "stride_o": "i64", "P": "i32",
+           "lr_hi": "fp32", "lr_lo": "fp32", "mn_hi": "fp32", "mn_lo": "fp32",
+           **{c: "constexpr" for c in ["NPARTS", "NPARTS_POW2", "BLOCK", "LR_MODE", "CLIP", "ACC"]}}
+    compile_(k._inner_update_fwd_kernel, sig, {"NPARTS": 5, "NPARTS_POW2": 8, "BLOCK": 1024, "LR_MODE": lr_mode,
+                                               "CLIP": flag, "ACC": ACC})
+    sig = {"gout_ptr": "*" + dtype, "grad_ptr": "*" + dtype, "lr_ptr": "*" + dtype, "scale_ptr": "*" + acc,
+           "kk_ptr": "*" + acc, "dgrad_ptr": "*" + dtype, "dtheta_ptr": "*" + dtype, "dlr_ptr": "*" + acc,
+           "stride_go": "i64", "stride_g": "i64", "stride_dg": "i64", "T": "i32", "P": "i32",
+           "lr_hi": "fp32", "lr_lo": "fp32",
+           **{c: "constexpr" for c in ["BLOCK", "LR_MODE", "CLIP", "NEED_DGRAD", "NEED_DTHETA", "NEED_DLR", "ACC"]}}
+    compile_(k._inner_update_bwd_kernel, sig, {"BLOCK": 1024, "LR_MODE": lr_mode, "CLIP": flag, "NEED_DGRAD": True,
+                                               "NEED_DTHETA": flag, "NEED_DLR": True, "ACC": ACC})
+    sig = {"sumsq_ptr": "*" + acc, "dot_ptr": "*" + acc, "scale_ptr": "*" + acc, "kk_ptr": "*" + acc, "T": "i32",
+           "mn_hi": "fp32", "mn_lo": "fp32", **{c: "constexpr" for c in ["NPARTS", "NPARTS_POW2", "BLOCK_T", "ACC"]}}
+    compile_(k._clip_coeffs_kernel, sig, {"NPARTS": 5, "NPARTS_POW2": 8, "BLOCK_T": 16, "ACC": ACC})
+    n += 4
+print("COMPILED", n)
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, f"compiling the Triton kernels for sm_90 failed:\n{out.stderr[-4000:]}"
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(f"Triton compiler API differs: {out.stdout.strip()}")
+    assert "COMPILED 16" in out.stdout, out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the CUDA extension and the compiled Triton kernels against the float64 reference
+# ----------------------------------------------------------------------------------------------
+def _cuda_backends():
+    from metafast import _backend
+
+    out = []
+    for b in ("cuda", "triton"):
+        try:
+            _backend.resolve("inner_update", "cuda", b)
+            out.append(b)
+        except Exception:  # noqa: BLE001 - reported by test_gpu_backends_available
+            pass
+    return out
+
+
+@pytest.mark.gpu
+def test_gpu_backends_available():
+    from metafast import _backend
+
+    assert _backend.available()["cuda"][0], _backend.available()["cuda"][1]
+    assert _backend.resolve("inner_update", "cuda") == "cuda"
+    assert _backend.resolve("inner_update_multi", "cuda") == "cuda"
+
+
+GPU_SHAPES = [(3, 1001), (5, 4096), (2, 1 << 20), (70000, 3)]
+GPU_FWD_TOL = {**FWD_TOL, torch.float32: (1e-5, 1e-5)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("max_norm", CLIPS[:2])
+def test_gpu_forward_backward(backend, shape, dtype, broadcast, lr_kind, max_norm, assert_close):
+    if backend not in _cuda_backends():
+        pytest.fail(f"backend {backend} unavailable on this GPU machine")
+    theta, grad, lr = make_inputs(*shape, dtype, broadcast, lr_kind, device="cuda", requires_grad=True)
+    out = inner_update(theta, grad, lr, max_norm, backend=backend)
+    ref_in = [as64(x) for x in (theta, grad, lr)]
+    ref = inner_update_reference(*ref_in, max_norm)
+    assert_close(out, ref, *GPU_FWD_TOL[dtype], f"{backend} fast")
+    go = torch.randn(shape, dtype=torch.float64, device="cuda")
+    got = torch.autograd.grad(out, diff_inputs(theta, grad, lr), go.to(dtype))
+    expected = torch.autograd.grad(ref, diff_inputs(*ref_in), go)
+    # sums over T (and P for a 0-d lr): scale the tolerance by the number of terms
+    terms = shape[0] * (shape[1] if lr_kind == "0d" else 1)
+    base = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 2e-6, torch.float64: 1e-13}[dtype]
+    for name, g, e in zip(["theta", "grad", "lr"], got, expected):
+        tol = base * max(1.0, terms ** 0.5)
+        assert_close(g, e, tol * max(1.0, e.abs().max().item()), tol, f"{backend} d {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("lr_kind", LR_KINDS)
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_gpu_gradcheck_and_gradgradcheck(backend, lr_kind, max_norm):
+    theta, grad, lr = make_inputs(3, 7, torch.float64, True, lr_kind, device="cuda", requires_grad=True)
+    inputs = tuple(diff_inputs(theta, grad, lr))
+
+    def fn(*xs):
+        lr_ = xs[2] if len(xs) > 2 else lr
+        return inner_update(xs[0], xs[1], lr_, max_norm, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gpu_unaligned_views(offset, assert_close):
+    """Views at an odd element offset take the scalar (unvectorised) path."""
+    base = torch.randn(3 * 1025 + 8, device="cuda")
+    grad = base[offset:offset + 3 * 1024].view(3, 1024)
+    theta = torch.randn(1025, device="cuda")[offset:offset + 1024]
+    out = inner_update(theta, grad, 0.1, 0.5, backend="cuda")
+    assert_close(out, inner_update_reference(as64(theta), as64(grad), 0.1, 0.5), 1e-5, 1e-5, "fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("lr_kind", ["float", "list"])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+@pytest.mark.parametrize("n_tensors", [6, 150])  # 150 > one launch table
+def test_gpu_multi(dtype, lr_kind, max_norm, n_tensors, assert_close):
+    shapes = (MULTI_SHAPES * (n_tensors // len(MULTI_SHAPES) + 1))[:n_tensors]
+    shapes = [s if i % 7 else (70001,) for i, s in enumerate(shapes)]  # a few multi-chunk tensors
+    params, grads, lr = make_multi(dtype, lr_kind, shapes=shapes)
+    params = [p.cuda().requires_grad_() for p in params]
+    grads = [g.cuda().requires_grad_() for g in grads]
+    if isinstance(lr, list):
+        lr = [l.cuda().requires_grad_() for l in lr]
+    outs = inner_update_multi(params, grads, lr, max_norm)
+    p64 = [as64(p) for p in params]
+    g64 = [as64(g) for g in grads]
+    l64 = [as64(l) for l in lr] if isinstance(lr, list) else lr
+    refs = inner_update_multi_reference(p64, g64, l64, max_norm)
+    tol = FWD_TOL[dtype] if dtype != torch.float32 else (1e-5, 1e-5)
+    for i, (o, e) in enumerate(zip(outs, refs)):
+        assert_close(o, e, *tol, f"out[{i}]")
+    gos = [torch.randn_like(e) for e in refs]
+    xs = multi_inputs(params, grads, lr)
+    got = torch.autograd.grad(outs, xs, [g.to(dtype) for g in gos])
+    expected = torch.autograd.grad(refs, multi_inputs(p64, g64, l64), gos)
+    btol = {torch.bfloat16: 5e-2, torch.float32: 1e-4, torch.float64: 1e-11}[dtype]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(g, e, btol * max(1.0, e.abs().max().item()), btol, f"d input {i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lr_kind", ["float", "list"])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_gpu_multi_gradgradcheck(lr_kind, max_norm):
+    shapes = [(2, 3), (5,), ()]
+    params, grads, lr = make_multi(torch.float64, lr_kind, shapes=shapes)
+    params = [p.cuda().requires_grad_() for p in params]
+    grads = [g.cuda().requires_grad_() for g in grads]
+    if isinstance(lr, list):
+        lr = [l.cuda().requires_grad_() for l in lr]
+    n = len(params)
+    xs = tuple(multi_inputs(params, grads, lr))
+
+    def fn(*flat):
+        ls = list(flat[2 * n:])
+        return tuple(inner_update_multi(list(flat[:n]), list(flat[n:2 * n]), ls if ls else lr, max_norm))
+
+    assert torch.autograd.gradcheck(fn, xs)
+    assert torch.autograd.gradgradcheck(fn, xs)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    theta, grad, lr = make_inputs(3, 1001, torch.float32, True, "vector", device="cuda", requires_grad=True)
+    torch.library.opcheck(iu_mod._inner_update_op, (theta, grad, lr, 0.0, 0.5, "cuda"))
+    go = torch.randn(3, 1001, device="cuda")
+    torch.library.opcheck(iu_mod._inner_update_backward_op, (go, grad, lr, 0.0, 0.5, True, True, True, "cuda"))
+    params, grads, lrs = make_multi(torch.float32, "list", shapes=[(4, 3), (5,), ()])
+    params, grads, lrs = [p.cuda() for p in params], [g.cuda() for g in grads], [l.cuda() for l in lrs]
+    torch.library.opcheck(iu_mod._multi_op, (params, grads, lrs, 0.0, 0.5, "cuda"))
+    torch.library.opcheck(iu_mod._multi_backward_op,
+                          ([torch.randn_like(p) for p in params], grads, lrs, 0.0, 0.5, True, True, "cuda"))
