@@ -63,7 +63,8 @@ def _pip_cuda_include_dirs(cuda_home: str):
     import torch
 
     site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
-    found = sorted(os.path.dirname(h) for h in glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")))
+    # cu13 wheels: nvidia/cu13/include holds everything; cu12 wheels: nvidia/<lib>/include each
+    found = sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
     if found:
         _log(f"using CUDA library headers from {', '.join(found)}")
     return found
