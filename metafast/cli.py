@@ -85,7 +85,7 @@ def _default_out_dir() -> str:
 
 
 def _train_sinusoid(args) -> int:
-    from metafast.train.checkpoint import load_checkpoint
+    from metafast.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from metafast.train.sinusoid import SinusoidConfig, TrainingInterrupted, check_resume_config, train_sinusoid
 
     given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
@@ -117,7 +117,7 @@ def _train_sinusoid(args) -> int:
         train_sinusoid(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
-        if e.checkpoint is not None:
+        if e.checkpoint is not None or os.path.exists(os.path.join(e.out_dir, CHECKPOINT_NAME)):
             print(f"resume with: {PROG} train --resume {e.out_dir}", file=sys.stderr)
         return 130
     except ValueError as e:

@@ -284,7 +284,6 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
                 if callback is not None:
                     callback(iteration)
     except KeyboardInterrupt:
-        bar.close()
         if mid_step:  # a second Ctrl-C landed inside a step: the state may be half updated
             msg = (f"interrupted inside iteration {iteration + 1}; not saving a possibly inconsistent state "
                    f"(the last checkpoint, if any, is in {out_dir})")
@@ -292,10 +291,11 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
         path = save()
         msg = f"interrupted at iteration {iteration}/{config.iterations}; checkpoint saved to {path}"
         raise TrainingInterrupted(msg, out_dir, iteration, path) from None
+    finally:
+        bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - t0
-    bar.close()
     save()  # before evaluation, so an interrupted evaluation resumes without retraining
 
     t1 = time.perf_counter()
