@@ -101,7 +101,7 @@ class BatchedMAML(nn.Module):
         if graphed is not None:
             task_losses, support_losses = graphed[0], graphed[1]
             acc = graphed[2] if len(graphed) > 2 else None
-            self._finite(task_losses, "query loss")
+            self._finite(task_losses, "query loss", support_losses)
         else:
             task_losses, acc, support_losses = self._meta_forward(support_x, support_y, query_x, query_y, steps)
         return MetaOutput(task_losses.mean(), task_losses.detach(), acc, support_losses.detach())
@@ -114,7 +114,7 @@ class BatchedMAML(nn.Module):
         out = self._predict(theta, fast, query_x, support_x.shape[0])
         self.loss_fn.check_target(out, query_y, "query_y")
         task_losses = self.loss_fn.value(out, query_y)
-        self._finite(task_losses, "query loss")
+        self._finite(task_losses, "query loss", support_losses)
         acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
         return task_losses, acc, support_losses
 
@@ -126,7 +126,9 @@ class BatchedMAML(nn.Module):
         if self._engine.local_autograd:
             theta.requires_grad_(True)
         with torch.enable_grad():
-            fast, _ = self._inner_loop(theta, support_x, support_y, steps, "eval")
+            fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, "eval")
+        if steps:
+            self._finite(support_losses, "support loss")
         return FastWeights(theta.detach(), None if fast is None else fast.detach(), self._engine.adapt_offset)
 
     def predict(self, weights: FastWeights, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,6 @@ class BatchedMAML(nn.Module):
                 if step == 0:
                     self.loss_fn.check_target(out, sy, "support_y")
                 loss, dout = self.loss_fn.value_and_grad(out, sy, create_graph=second)
-                self._finite(loss, "support loss")
             with nullcontext() if second else torch.no_grad():
                 g = engine.backward(tape, dout, out_layout, rc)
             if not second:
@@ -189,10 +190,14 @@ class BatchedMAML(nn.Module):
         return engine.output(out, layout, T)
 
     # -- validation ------------------------------------------------------------------------------
-    def _finite(self, losses: torch.Tensor, what: str) -> None:
-        if losses.is_cuda and torch.cuda.is_current_stream_capturing():
+    def _finite(self, losses: torch.Tensor, what: str, support_losses: Optional[torch.Tensor] = None) -> None:
+        """One check per meta-step: a NaN in the inner loop propagates to the query loss, and is then
+        blamed on the support loss when that is where it started."""
+        if not self.check_finite or (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # a host sync would break capture; checked on the replayed outputs instead
-        if self.check_finite and not torch.isfinite(losses).all():
+        if not torch.isfinite(losses).all():
+            if support_losses is not None and not torch.isfinite(support_losses).all():
+                losses, what = support_losses, "support loss"
             bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
             raise FloatingPointError(f"{what} is NaN/inf for tasks {bad[:10]}{'...' if len(bad) > 10 else ''}; "
                                      "check the inputs, inner_lr and the model's initialisation")
