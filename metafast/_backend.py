@@ -32,6 +32,7 @@ ENV = "METAFAST_BACKEND"
 _lock = threading.Lock()
 _probes: Dict[str, Tuple[bool, str]] = {}   # "cuda_ext", "triton", "cuda_device" -> (ok, reason)
 _warned: set = set()
+_memo: Dict[tuple, str] = {}                # (op, device type, choice, TRITON_INTERPRET) -> resolved backend
 _ops: Dict[str, Dict[str, object]] = {}     # op -> {"backends": tuple, "cuda_symbol": str | None}
 
 DeviceLike = Union[torch.device, str, None]
@@ -50,6 +51,7 @@ def register_op(name: str, backends: Iterable[str] = BACKENDS, cuda_symbol: Opti
         raise ValueError(f"register_op({name!r}): backends must be a subset of {BACKENDS} including 'torch', "
                          f"got {backends}")
     _ops[name] = {"backends": backends, "cuda_symbol": cuda_symbol}
+    _memo.clear()
 
 
 # ----------------------------------------------------------------------------------- probes
@@ -99,6 +101,7 @@ def reset() -> None:
     with _lock:
         _probes.clear()
         _warned.clear()
+        _memo.clear()
 
 
 def _interpret() -> bool:
@@ -180,6 +183,18 @@ def resolve(op_name: str, device: DeviceLike = None, backend: Optional[str] = No
     warning per process.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
+    # The answer depends only on these (probes are cached); errors and warnings are not memoised.
+    key = (op_name, device.type, backend if backend is None else str(backend), os.environ.get(ENV),
+           os.environ.get("TRITON_INTERPRET"))
+    hit = _memo.get(key)
+    if hit is not None:
+        return hit
+    result = _resolve(op_name, device, backend)
+    _memo[key] = result
+    return result
+
+
+def _resolve(op_name: str, device: torch.device, backend: Optional[str]) -> str:
     if backend is None:
         choice = requested()
         source = f"{ENV}={choice}"
