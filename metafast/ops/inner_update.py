@@ -26,7 +26,6 @@ Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
   and ``"torch"`` (torch._foreach without autograd, else per-tensor reference ops).
 """
 import numbers
-import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -467,7 +466,7 @@ _multi_backward_op.register_autograd(_multi_backward_grad, setup_context=_multi_
 # --------------------------------------------------------------------------------------------
 def _choose(op: str, x: Tensor, backend: Optional[str]) -> str:
     # CPU tensors with no explicit request take the torch path without consulting _backend.
-    if backend is None and x.is_cpu and not os.environ.get(_backend.ENV):
+    if backend is None and x.is_cpu and not _backend.env_value():
         return "torch"
     return _backend.resolve(op, x.device, backend)
 
