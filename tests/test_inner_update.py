@@ -522,7 +522,7 @@ def test_gpu_backends_available():
     assert _backend.resolve("inner_update_multi", "cuda") == "cuda"
 
 
-GPU_SHAPES = [(3, 1001), (5, 4096), (2, 1 << 20), (70000, 3)]
+GPU_SHAPES = [(3, 1001), (2, 1 << 20), (70000, 3)]
 GPU_FWD_TOL = {**FWD_TOL, torch.float32: (1e-5, 1e-5)}
 
 
