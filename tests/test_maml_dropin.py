@@ -603,7 +603,7 @@ def test_bad_input_errors():
 
 def test_cpu_update_is_learn2learn_arithmetic(monkeypatch):
     calls = []
-    monkeypatch.setitem(maml_mod._FUSED, "fn", lambda *a: calls.append(a))
+    monkeypatch.setattr(maml_mod, "inner_update_multi", lambda *a: calls.append(a))
     p, g = torch.randn(7, 3), torch.randn(7, 3)
     (new,) = inner_sgd_step([p], [g], 0.37)
     assert not calls, "the fused op is for CUDA tensors only"
@@ -617,7 +617,7 @@ def test_cuda_update_goes_through_fused_op(monkeypatch):
         calls.append((params, grads, lr))
         return [p - lr * g for p, g in zip(params, grads)]
 
-    monkeypatch.setitem(maml_mod._FUSED, "fn", fake_fused)
+    monkeypatch.setattr(maml_mod, "inner_update_multi", fake_fused)
     monkeypatch.setattr(maml_mod, "_wants_fused", lambda params, lr: isinstance(lr, float))
     model, tasks = mlp(), mlp_tasks(1)
     run_learner(MAML(model, lr=0.3), tasks, steps=2)
@@ -628,16 +628,14 @@ def test_cuda_update_goes_through_fused_op(monkeypatch):
 @pytest.mark.parametrize("algo", ["maml", "meta_sgd"])
 def test_through_the_real_fused_op(monkeypatch, algo):
     """Forced onto ``inner_update_multi`` (its CPU path here), meta-gradients stay exact to second order."""
-    fused = maml_mod._fused_inner_update()
-    if fused is None:
-        pytest.skip("metafast.ops.inner_update.inner_update_multi is not importable")
+    fused = maml_mod.inner_update_multi
     calls = []
 
     def counting(params, grads, lr):
         calls.append(lr)
         return fused(params, grads, lr)
 
-    monkeypatch.setitem(maml_mod._FUSED, "fn", counting)
+    monkeypatch.setattr(maml_mod, "inner_update_multi", counting)
     monkeypatch.setattr(maml_mod, "_wants_fused", lambda params, lr: True)
     model, tasks = cnn(), cnn_tasks(2)
     if algo == "maml":
@@ -705,16 +703,14 @@ def test_on_cuda_matches_float64_cpu_reference(arch, algo, first_order):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_maml_uses_the_fused_update_when_built(monkeypatch):
-    fused = maml_mod._fused_inner_update()
-    if fused is None:
-        pytest.skip("metafast.ops.inner_update.inner_update_multi is not available")
+    fused = maml_mod.inner_update_multi
     calls = []
 
     def counting(params, grads, lr):
         calls.append(len(params))
         return fused(params, grads, lr)
 
-    monkeypatch.setitem(maml_mod._FUSED, "fn", counting)
+    monkeypatch.setattr(maml_mod, "inner_update_multi", counting)
     _cuda_vs_cpu64(lambda: cnn(torch.float32), cnn_tasks(2, torch.float32), lambda m: MAML(m, lr=0.3))
     assert calls == [6, 6, 6, 6]
 

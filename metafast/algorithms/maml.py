@@ -4,43 +4,23 @@
 takes one SGD step on the copy's parameters. Back-propagating a loss computed with the adapted copy
 yields the (second-order unless ``first_order``) meta-gradient on the original parameters.
 """
-import importlib
 import numbers
-import os
-import warnings
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .. import _backend
+from ..ops.inner_update import inner_update_multi
 from .module_utils import clone_module, update_module
 
 __all__ = ["MAML", "maml_update", "inner_sgd_step"]
-
-_FUSED = {}  # "fn" -> inner_update_multi or None once looked up
-
-
-def _fused_inner_update():
-    """``metafast.ops.inner_update.inner_update_multi`` when that op exists, else None (looked up once)."""
-    if "fn" not in _FUSED:
-        fn = None
-        try:
-            fn = importlib.import_module("metafast.ops.inner_update").inner_update_multi
-        except ModuleNotFoundError as e:
-            # The op file itself absent is expected (pure-PyTorch install); anything missing inside it is news.
-            if e.name not in ("metafast.ops.inner_update", "metafast.ops"):
-                warnings.warn(f"metafast: fused inner update unavailable ({e}); using the per-tensor loop")
-        except (ImportError, AttributeError) as e:
-            warnings.warn(f"metafast: fused inner update unavailable ({e}); using the per-tensor loop")
-        _FUSED["fn"] = fn
-    return _FUSED["fn"]
-
 
 def _wants_fused(params: Sequence[torch.Tensor], lr) -> bool:
     """True when the fused multi-tensor op applies: CUDA tensors, and a float lr or one lr tensor per
     parameter of the params' dtype and device. The per-tensor loop stays the CPU path because it is
     learn2learn's exact arithmetic (bit-for-bit identical results)."""
-    if not params or os.environ.get("METAFAST_BACKEND", "auto").lower() == "torch":
+    if not params or _backend.requested() == "torch":
         return False
     if not all(p.is_cuda for p in params):
         return False
@@ -69,7 +49,7 @@ def inner_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         if len(lr) != len(params):
             raise ValueError(f"lr: expected one learning rate per parameter ({len(params)}), got {len(lr)}")
     if _wants_fused(params, lr):
-        fused = _fused_inner_update()
+        fused = inner_update_multi
         if fused is not None:
             return list(fused(params, grads, lr if per_tensor else float(lr)))
     if per_tensor:

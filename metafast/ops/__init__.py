@@ -1,5 +1,3 @@
 """Fused ops: one file per op (torch.library registration, autograd, and the pure-PyTorch reference
-that is also the CPU kernel)."""
-from .inner_update import inner_update, inner_update_multi, inner_update_multi_reference, inner_update_reference
-
-__all__ = ["inner_update", "inner_update_multi", "inner_update_multi_reference", "inner_update_reference"]
+that is also the CPU kernel). Import the functions from their op modules, e.g.
+``from metafast.ops.inner_update import inner_update``."""
