@@ -176,7 +176,7 @@ sys.meta_path.insert(0, Block())
 import torch
 import metafast
 from metafast import _backend
-from metafast.ops import inner_update, inner_update_multi
+from metafast.ops.inner_update import inner_update, inner_update_multi
 avail = _backend.available()
 assert not avail["cuda"][0] and "blocked" in avail["cuda"][1], avail
 assert not avail["triton"][0] and "blocked" in avail["triton"][1], avail
