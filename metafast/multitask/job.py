@@ -1,0 +1,290 @@
+"""The default multi-task job: several related synthetic classification tasks that share structure,
+trained once per loss weighting strategy (equal / uncertainty / gradnorm) from the same initialisation.
+
+Data: x ~ N(0, I_D); a shared latent z = tanh(2 P x) with P [latent, D]; task t labels
+y_t = argmax_c (B_t z)_c with its own B_t [classes, latent]. The training labels of task t are replaced
+by a uniformly random class with probability noise_t (noise rising linearly from 0 to ``max_noise``
+over the tasks), so the tasks are related but differ in how trustworthy their labels are. Test labels
+are the noiseless rule: the accuracy measures what each task actually learnt.
+
+Model: MLP trunk D -> hidden -> hidden (ReLU) shared by all tasks, one nn.Linear(hidden, classes) head
+per task, stacked (the fused heads + cross-entropy op). Adam; the uncertainty and GradNorm weights
+have their own learning rate.
+
+Checkpoints are written atomically every ``checkpoint_every`` iterations, at the end of each strategy
+and on Ctrl-C; resuming restores the model, optimizer, strategy, iteration, finished strategies'
+results and all random states, so a resumed run ends with the same numbers as an uninterrupted one.
+"""
+import dataclasses
+import math
+import os
+import platform
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json
+from ..train.interrupt import DeferredInterrupt
+from ..train.progress import RunningLoss, progress_bar
+from .model import MultiTask
+from .trainer import MultiTaskTrainer, per_task_accuracy
+from .weighting import STRATEGIES, make_weighting
+
+METRICS_NAME = "metrics.json"
+# Fields that define the math of a run: a resumed run must keep them.
+_FIXED_ON_RESUME = ("tasks", "classes", "in_dim", "latent", "hidden", "train_size", "test_size", "max_noise",
+                    "batch_size", "lr", "weighting_lr", "alpha", "strategies", "seed")
+
+
+@dataclasses.dataclass
+class MultiTaskConfig:
+    iterations: int = 1500  # per strategy
+    strategies: tuple = STRATEGIES
+    tasks: int = 6
+    classes: int = 5
+    in_dim: int = 20
+    latent: int = 8
+    hidden: int = 64
+    train_size: int = 2000
+    test_size: int = 4000
+    max_noise: float = 0.6
+    batch_size: int = 128
+    lr: float = 3e-3
+    weighting_lr: float = 0.025
+    alpha: float = 1.5
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500  # 0: only after each strategy and on Ctrl-C
+
+    def validate(self) -> "MultiTaskConfig":
+        for name, minimum in (("iterations", 1), ("tasks", 1), ("classes", 2), ("in_dim", 1), ("latent", 1),
+                              ("hidden", 1), ("train_size", 1), ("test_size", 1), ("batch_size", 1),
+                              ("seed", 0), ("checkpoint_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("lr", "weighting_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not (isinstance(self.max_noise, (int, float)) and 0 <= self.max_noise < 1):
+            raise ValueError(f"max_noise must be in [0, 1), got {self.max_noise!r}")
+        self.strategies = tuple(self.strategies)
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if not self.strategies or bad or len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies must be distinct names from {STRATEGIES}, got {list(self.strategies)}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["strategies"] = list(self.strategies)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MultiTaskConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown multitask config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "strategies" in d:
+            d["strategies"] = tuple(d["strategies"])
+        return cls(**d)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C; ``checkpoint`` is the saved checkpoint (None if none could be saved)."""
+
+    def __init__(self, message: str, out_dir: str, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.out_dir, self.checkpoint = out_dir, checkpoint
+
+
+def task_noise(config: MultiTaskConfig) -> List[float]:
+    if config.tasks == 1:
+        return [0.0]
+    return [config.max_noise * t / (config.tasks - 1) for t in range(config.tasks)]
+
+
+def make_data(config: MultiTaskConfig, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Shared inputs and per-task labels: x_train [n, D], y_train [T, n] (noisy), x_test, y_test (clean)."""
+    g = torch.Generator().manual_seed(config.seed + 7919)
+    T, C, D, L = config.tasks, config.classes, config.in_dim, config.latent
+    P = torch.randn(L, D, generator=g) / math.sqrt(D)
+    B = torch.randn(T, C, L, generator=g)
+
+    def labels(x):
+        z = torch.tanh(2.0 * x @ P.t())
+        return torch.einsum("nl,tcl->tnc", z, B).argmax(-1)
+
+    x_train = torch.randn(config.train_size, D, generator=g)
+    x_test = torch.randn(config.test_size, D, generator=g)
+    y_train = labels(x_train)
+    flip = torch.rand(T, config.train_size, generator=g) < torch.tensor(task_noise(config)).unsqueeze(1)
+    y_train = torch.where(flip, torch.randint(0, C, y_train.shape, generator=g), y_train)
+    return {"x_train": x_train.to(device), "y_train": y_train.to(device),
+            "x_test": x_test.to(device), "y_test": labels(x_test).to(device)}
+
+
+def build_model(config: MultiTaskConfig, device: torch.device) -> MultiTask:
+    torch.manual_seed(config.seed)  # every strategy starts from the same initialisation
+    trunk = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU(),
+                          nn.Linear(config.hidden, config.hidden), nn.ReLU())
+    heads = [nn.Linear(config.hidden, config.classes) for _ in range(config.tasks)]
+    return MultiTask(trunk, heads).to(device)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
+    return torch.device(name)
+
+
+def check_resume_config(saved: MultiTaskConfig, wanted: MultiTaskConfig) -> None:
+    """A resumed run may change iterations, device and checkpoint_every, nothing else."""
+    diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, asked for {getattr(wanted, k)!r}"
+             for k in _FIXED_ON_RESUME if getattr(saved, k) != getattr(wanted, k)]
+    if diffs:
+        raise ValueError("cannot resume with a different setup (" + "; ".join(diffs) + ")")
+
+
+def format_results(results: Dict[str, dict]) -> str:
+    names = list(results)
+    tasks = len(next(iter(results.values()))["accuracy"])
+    lines = ["test accuracy per task (noiseless labels)",
+             "strategy     " + "".join(f"task {t}".rjust(9) for t in range(tasks)) + "     mean"]
+    for name in names:
+        acc = results[name]["accuracy"]
+        lines.append(f"{name:<13}" + "".join(f"{a:9.3f}" for a in acc) + f"{results[name]['mean_accuracy']:9.3f}")
+    return "\n".join(lines)
+
+
+def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print,
+                  callback: Optional[Callable[[str, int], None]] = None) -> dict:
+    """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict.
+    ``callback(strategy, iteration)`` runs after every completed step."""
+    config.validate()
+    device = _resolve_device(config.device)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        if state.get("task") != "multitask":
+            raise ValueError(f"{ckpt_path} is a checkpoint of task {state.get('task')!r}, not 'multitask'")
+        check_resume_config(MultiTaskConfig.from_dict(state["config"]), config)
+        if config.iterations < state["iteration"]:
+            raise ValueError(f"iterations must be >= {state['iteration']} (the checkpoint's iteration), "
+                             f"got {config.iterations}")
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{out_dir} already holds a checkpoint; resume it or pick another output directory")
+    os.makedirs(out_dir, exist_ok=True)
+
+    data = make_data(config, device)
+    n_strat, total_steps = len(config.strategies), config.iterations * len(config.strategies)
+    results: Dict[str, dict] = dict(state["results"]) if state else {}
+    index = state["strategy_index"] if state else 0
+    bar = progress_bar(total_steps, initial=0, desc="multitask", enabled=progress)
+    t0 = time.perf_counter()
+    seconds_before = state.get("train_seconds", 0.0) if state else 0.0
+    try:
+        with DeferredInterrupt() as interrupt:
+            while index < n_strat:
+                name = config.strategies[index]
+                model = build_model(config, device)
+                weighting = make_weighting(name, config.tasks, alpha=config.alpha).to(device)
+                groups = MultiTaskTrainer.parameter_groups(model, weighting, config.lr, config.weighting_lr)
+                optimizer = torch.optim.Adam(groups)
+                trainer = MultiTaskTrainer(model, weighting, optimizer)
+                generator = torch.Generator().manual_seed(config.seed * 1000 + index)
+                running = RunningLoss()
+                iteration = 0
+                if state is not None and state["strategy_index"] == index and state.get("model") is not None:
+                    model.load_state_dict(state["model"])
+                    weighting.load_state_dict(state["weighting"])
+                    optimizer.load_state_dict(state["optimizer"])
+                    generator.set_state(state["rng"]["batches"])
+                    torch.set_rng_state(state["rng"]["torch_cpu"])
+                    running = RunningLoss.from_state(state["running_loss"], device=device)
+                    iteration = state["iteration"]
+                    log(f"resuming {out_dir}: strategy {name!r} at iteration {iteration}/{config.iterations}")
+                bar.n = index * config.iterations + iteration
+                bar.set_description(f"multitask[{name}]")
+                bar.refresh()
+
+                def save(done: bool = False) -> str:
+                    save_checkpoint({
+                        "task": "multitask", "config": config.to_dict(),
+                        "strategy_index": index + 1 if done else index,
+                        "iteration": 0 if done else iteration,
+                        "model": None if done else model.state_dict(),
+                        "weighting": None if done else weighting.state_dict(),
+                        "optimizer": None if done else optimizer.state_dict(),
+                        "rng": {"batches": generator.get_state(), "torch_cpu": torch.get_rng_state()},
+                        "running_loss": running.state(),
+                        "results": results,
+                        "train_seconds": seconds_before + time.perf_counter() - t0,
+                    }, ckpt_path)
+                    return ckpt_path
+
+                mid_step = False
+                try:
+                    while iteration < config.iterations:
+                        if interrupt.requested:
+                            raise KeyboardInterrupt
+                        mid_step = True
+                        idx = torch.randint(0, config.train_size, (config.batch_size,), generator=generator)
+                        idx = idx.to(device)
+                        out = trainer.step(data["x_train"][idx], data["y_train"][:, idx])
+                        running.update(out["loss"])
+                        iteration += 1
+                        mid_step = False
+                        bar.update(1)
+                        if iteration % 50 == 0:
+                            bar.set_postfix(loss=f"{running.value():.4f}", refresh=False)
+                        if config.checkpoint_every and iteration % config.checkpoint_every == 0 \
+                                and iteration < config.iterations:
+                            save()
+                        if callback is not None:
+                            callback(name, iteration)
+                except KeyboardInterrupt:
+                    if mid_step:
+                        raise TrainingInterrupted(f"interrupted inside a step of {name!r}; not saving a possibly "
+                                                  f"inconsistent state (the last checkpoint, if any, is in {out_dir})",
+                                                  out_dir, None) from None
+                    path = save()
+                    raise TrainingInterrupted(f"interrupted at {name!r} iteration {iteration}/{config.iterations}; "
+                                              f"checkpoint saved to {path}", out_dir, path) from None
+                acc = per_task_accuracy(model, data["x_test"], data["y_test"])
+                results[name] = {"accuracy": acc, "mean_accuracy": sum(acc) / len(acc),
+                                 "final_weights": [float(w) for w in weighting.weights()],
+                                 "train_loss": running.value()}
+                save(done=True)
+                state = None
+                index += 1
+    finally:
+        bar.close()
+    train_seconds = seconds_before + time.perf_counter() - t0
+    log(format_results(results))
+    metrics = {
+        "task": "multitask",
+        "results": {name: results[name] for name in config.strategies},
+        "task_label_noise": task_noise(config),
+        "config": config.to_dict(),
+        "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "timing": {"train_seconds_total": train_seconds,
+                   "ms_per_iteration": 1e3 * train_seconds / total_steps},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    write_json(os.path.join(out_dir, METRICS_NAME), metrics)
+    log("wrote " + ", ".join([os.path.join(out_dir, METRICS_NAME), ckpt_path]))
+    return metrics
