@@ -134,14 +134,15 @@ class EpisodeSampler:
         """(image indices [T, ways, shots+queries], class ids [T, ways]) on the CPU."""
         _check_int("num_tasks", num_tasks, 1)
         T, n = num_tasks, self.shots + self.queries
-        # ways distinct classes per task: the first `ways` of a random permutation of all classes
-        classes = torch.rand(T, self.split.num_classes, generator=generator).argsort(dim=1)[:, :self.ways]
-        # n distinct members per chosen class: random keys, padding slots pushed to the end
+        # ways distinct classes per task: the classes with the `ways` largest of i.i.d. uniform keys
+        # (a uniformly random subset, in random order; topk is O(classes), a full argsort is not)
+        classes = torch.rand(T, self.split.num_classes, generator=generator).topk(self.ways, dim=1).indices
+        # n distinct members per chosen class the same way; padding slots get key -1, never picked
         counts = self.counts[classes]  # [T, ways]
         width = self.members.shape[1]
         keys = torch.rand(T, self.ways, width, generator=generator)
-        keys.masked_fill_(torch.arange(width) >= counts.unsqueeze(-1), 2.0)
-        pick = keys.argsort(dim=-1)[..., :n]
+        keys.masked_fill_(torch.arange(width) >= counts.unsqueeze(-1), -1.0)
+        pick = keys.topk(n, dim=-1).indices
         idx = torch.gather(self.members[classes], 2, pick)
         return idx, classes
 
