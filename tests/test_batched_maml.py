@@ -70,8 +70,9 @@ def test_meta_gradient_matches_per_task_autograd(kind, steps, first_order, meta_
     torch.manual_seed(0)
     model, batch, loss = make(kind)
     lr = 0.1 if loss == "mse" else 0.3
+    # exact_reverse=False: this matrix covers autograd through the unrolled loop for every model
     maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd,
-                       anil=anil, loss=loss)
+                       anil=anil, loss=loss, exact_reverse=False)
     if meta_sgd:  # distinct per-element rates, so a mix-up of lrs would show
         with torch.no_grad():
             maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
@@ -84,6 +85,44 @@ def test_meta_gradient_matches_per_task_autograd(kind, steps, first_order, meta_
     assert err <= TOL, f"meta-gradient rel. err {err:.2e}"
     if meta_sgd:  # the learned rates get a real gradient
         assert rel_err(grads[-1], ref_grads[-1]) <= TOL and grads[-1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("steps", [0, 1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_exact_reverse_matches_per_task_autograd(act, loss, steps, first_order, meta_sgd):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 7), act(), nn.Linear(7, 5), act(), nn.Linear(5, 4)).to(DT)
+    g = torch.Generator().manual_seed(3)
+    sx, qx = torch.randn(4, 6, 3, generator=g, dtype=DT), torch.randn(4, 5, 3, generator=g, dtype=DT)
+    if loss == "mse":
+        sy, qy = torch.randn(4, 6, 4, generator=g, dtype=DT), torch.randn(4, 5, 4, generator=g, dtype=DT)
+    else:
+        sy, qy = torch.randint(0, 4, (4, 6), generator=g), torch.randint(0, 4, (4, 5), generator=g)
+    batch = (sx, sy, qx, qy)
+    maml = BatchedMAML(model, inner_lr=[0.3, 0.1, 0.2] if steps == 3 and not meta_sgd else 0.3, inner_steps=steps,
+                       first_order=first_order, meta_sgd=meta_sgd, loss=loss)
+    assert maml.exact_reverse and "exact reverse" in maml.describe()
+    if meta_sgd:
+        with torch.no_grad():
+            maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
+    extra = [maml.lrs] if meta_sgd else []
+    out = maml(*batch)
+    grads = torch.autograd.grad(out.loss * 1.7, list(model.parameters()) + extra)  # grad_output != 1
+    lr = [0.3, 0.1, 0.2] if steps == 3 and not meta_sgd else 0.3
+    lrs = None
+    if meta_sgd:
+        lrs = {s.name: maml.lrs[s.offset:s.offset + s.numel].view(s.shape) for s in maml._flat.slots}
+    ref = torch.stack([per_task_maml(model, *(t[i:i + 1] for t in batch), lr, steps, first_order, loss, lrs=lrs)
+                       for i in range(4)])
+    params = list(model.parameters()) + extra
+    ref_grads = torch.autograd.grad(ref.mean() * 1.7, params, allow_unused=True)  # lrs unused at 0 steps
+    ref_grads = [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref_grads)]
+    assert rel_err(out.task_losses, ref.detach()) <= TOL
+    err = rel_err(flat(grads), flat(ref_grads))
+    assert err <= TOL, f"meta-gradient rel. err {err:.2e}"
 
 
 def test_per_step_lr_and_grad_clip():

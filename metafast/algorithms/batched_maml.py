@@ -11,6 +11,7 @@ from ..functional.executor import BatchedModel
 from ..functional.flat import FlatParams
 from ..functional.layers import RunCtx
 from ..functional.losses import CrossEntropy, make_loss
+from ..functional.meta_step import MetaStep
 from .cuda_graph import GraphedMetaSteps
 from ..ops.inner_update import inner_update
 
@@ -53,12 +54,17 @@ class BatchedMAML(nn.Module):
         cuda_graph: on CUDA, capture the whole meta-step (inner loop, query loss and their backward)
             in a CUDA graph on first use and replay it; a new input shape captures again (up to 8),
             then runs eagerly with one warning. Results equal the eager path.
+        exact_reverse: where every layer has R-operators (MLPs of Linear/ReLU/Tanh/Sigmoid) and the
+            loss is "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is
+            the hand-derived exact reverse (Hessian-vector products by R-operators) instead of
+            autograd through the unrolled inner loop. Same gradients, far fewer autograd nodes; the
+            result supports one backward (no third-order derivatives). False forces autograd.
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
-                 check_finite: bool = True, cuda_graph: bool = False):
+                 check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -86,6 +92,8 @@ class BatchedMAML(nn.Module):
         self.loss_fn = make_loss(loss)
         self._flat = FlatParams(model)
         self._engine = BatchedModel(model, self._flat, head_only=anil)
+        self.exact_reverse = (exact_reverse and self._engine.supports_rop() and clip_grad_norm is None
+                              and hasattr(self.loss_fn, "rgrad"))
         if meta_sgd:
             self.lrs = nn.Parameter(torch.full((self._engine.adapted_numel,), lrs[0], dtype=self._flat.buffer.dtype,
                                                device=self._flat.buffer.device))
@@ -109,11 +117,16 @@ class BatchedMAML(nn.Module):
     def _meta_forward(self, support_x, support_y, query_x, query_y, steps: int):
         """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
         theta = self._flat.theta()
-        mode = "first" if self.first_order else "second"
-        fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
-        out = self._predict(theta, fast, query_x, support_x.shape[0])
-        self.loss_fn.check_target(out, query_y, "query_y")
-        task_losses = self.loss_fn.value(out, query_y)
+        if self.exact_reverse and torch.is_grad_enabled():
+            plan = (self._engine, self.loss_fn, steps, lambda k: self._lr(k, 0), self.first_order)
+            task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
+                                                               query_y, plan)
+        else:
+            mode = "first" if self.first_order else "second"
+            fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
+            out = self._predict(theta, fast, query_x, support_x.shape[0])
+            self.loss_fn.check_target(out, query_y, "query_y")
+            task_losses = self.loss_fn.value(out, query_y)
         self._finite(task_losses, "query loss", support_losses)
         acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
         return task_losses, acc, support_losses
@@ -141,8 +154,10 @@ class BatchedMAML(nn.Module):
         return self._predict(weights.theta, weights.fast, x, x.shape[0])
 
     def describe(self) -> str:
-        """Which layer runs how; '*' marks adapted layers."""
-        return "\n".join(self._engine.describe())
+        """Which layer runs how ('*' marks adapted layers) and how the meta-gradient is computed."""
+        how = ("meta-gradient: exact reverse (R-operator Hessian-vector products, one autograd node)"
+               if self.exact_reverse else "meta-gradient: autograd through the unrolled inner loop")
+        return "\n".join(self._engine.describe() + [how])
 
     # -- engine ----------------------------------------------------------------------------------
     def _lr(self, step: int, a: int):

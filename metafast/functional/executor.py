@@ -125,14 +125,19 @@ class BatchedModel:
                 tape.append((layer, ws, batched, saved, converted))
         return x, layout, tape
 
-    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx) -> torch.Tensor:
-        """d(sum_t loss_t)/d(adapted weights) per task, as one [T, Pa] tensor (flat order)."""
+    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False):
+        """d(sum_t loss_t)/d(adapted weights) per task, as one [T, Pa] tensor (flat order).
+
+        With ``record_gy`` also returns the gradient entering each tape entry (for the R-operators).
+        """
         if out_layout == "g":
             gy = L.to_g(gy, rc.T)
         first = next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
+        gys = [None] * len(tape)
         for k in range(len(tape) - 1, first - 1, -1):
             layer, ws, batched, saved, converted = tape[k]
+            gys[k] = gy
             need_gx = k > first
             gx, grads = layer.backward(ws, batched, saved, gy, need_gx, rc)
             pieces.extend(g.reshape(rc.T, -1) for g in reversed(grads))
@@ -141,7 +146,40 @@ class BatchedModel:
                 if converted is not None:
                     gy = L.to_g(gy, rc.T) if converted == "g" else L.to_tn(gy, rc.T)
         pieces.reverse()
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        g = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return (g, gys) if record_gy else g
+
+    # -- exact second-order reverse (R-operators) ------------------------------------------------
+    def supports_rop(self) -> bool:
+        """Every adapted layer has R-operators and runs in "tn" layout (MLP-style models)."""
+        return self.adapt_from == 0 and all(
+            hasattr(layer, "rforward") and layer.layout in ("tn", "any") for layer in self.layers)
+
+    def hvp(self, tape, gys, out, target, loss, direction, rc: L.RunCtx) -> torch.Tensor:
+        """Per-task Hessian-vector products H_t v_t of each task's support loss at the tape's weights,
+        along ``direction`` [T, Pa]: the R-operator (Pearlmutter) of the recorded inner gradient."""
+        parts = direction.split(self._slot_sizes[self._first_adapted_slot:], dim=1)
+        T = rc.T
+
+        def rws_of(layer):
+            k = self._slot_index[layer.slots[0].offset] - self._first_adapted_slot
+            return [parts[k + i].view(T, *s.shape) for i, s in enumerate(layer.slots)]
+
+        rx, rxs, rws_all = None, [], []
+        for layer, ws, batched, saved, _ in tape:
+            rws = rws_of(layer) if layer.slots else []
+            rxs.append(rx)
+            rws_all.append(rws)
+            rx = None if (rx is None and not rws) else layer.rforward(ws, batched, saved, rx, rws, rc)
+        rgy = loss.rgrad(out, target, rx)
+        first = next(k for k, entry in enumerate(tape) if entry[0].slots)
+        pieces = []
+        for k in range(len(tape) - 1, first - 1, -1):
+            layer, ws, batched, saved, _ = tape[k]
+            rgy, grads = layer.rbackward(ws, batched, saved, gys[k], rgy, rxs[k], rws_all[k], k > first, rc)
+            pieces.extend(g.reshape(T, -1) for g in reversed(grads))
+        pieces.reverse()
+        return torch.cat(pieces, dim=1)
 
     @staticmethod
     def output(x, layout: str, T: int):

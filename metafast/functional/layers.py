@@ -90,6 +90,35 @@ class Linear(Layer):
             gx = (torch.bmm(gy3, ws[0]) if batched else gy3.matmul(ws[0])).view(x_shape)
         return gx, grads
 
+    # R-operators (directional derivatives along per-task weight directions rws) for the exact
+    # second-order reverse of MetaStep: R(y) = R(x) W^T + x R(W)^T + R(b).
+    def rforward(self, ws, batched, saved, rx, rws, rc):
+        x3, x_shape = saved
+        ry = torch.bmm(x3, rws[0].transpose(1, 2))
+        if len(rws) > 1:
+            ry = ry + rws[1].unsqueeze(1)
+        if rx is not None:
+            rx3 = rx.reshape(x3.shape)
+            ry = ry + (torch.bmm(rx3, ws[0].transpose(1, 2)) if batched else rx3.matmul(ws[0].t()))
+        return ry.view(*x_shape[:-1], ry.shape[-1])
+
+    def rbackward(self, ws, batched, saved, gy, rgy, rx, rws, need_gx, rc):
+        # R(dW) = R(gy)^T x + gy^T R(x);  R(db) = sum R(gy);  R(dx) = R(gy) W + gy R(W)
+        x3, x_shape = saved
+        gy3 = gy.reshape(rc.T, -1, gy.shape[-1])
+        rgy3 = rgy.reshape(gy3.shape)
+        rgw = torch.bmm(rgy3.transpose(1, 2), x3)
+        if rx is not None:
+            rgw = rgw + torch.bmm(gy3.transpose(1, 2), rx.reshape(x3.shape))
+        grads = [rgw]
+        if len(ws) > 1:
+            grads.append(rgy3.sum(1))
+        rgx = None
+        if need_gx:
+            rgx = (torch.bmm(rgy3, ws[0]) if batched else rgy3.matmul(ws[0])) + torch.bmm(gy3, rws[0])
+            rgx = rgx.view(x_shape)
+        return rgx, grads
+
 
 class Conv2d(Layer):
     layout = "g"
@@ -203,6 +232,13 @@ class ReLU(Layer):
     def backward(self, ws, batched, y, gy, need_gx, rc):
         return torch.ops.aten.threshold_backward(gy, y, 0.0), []
 
+    # ReLU is piecewise linear: both R-operators apply the same constant mask.
+    def rforward(self, ws, batched, y, rx, rws, rc):
+        return torch.ops.aten.threshold_backward(rx, y, 0.0)
+
+    def rbackward(self, ws, batched, y, gy, rgy, rx, rws, need_gx, rc):
+        return torch.ops.aten.threshold_backward(rgy, y, 0.0), []
+
 
 class Tanh(Layer):
     def forward(self, ws, batched, x, rc):
@@ -212,6 +248,14 @@ class Tanh(Layer):
     def backward(self, ws, batched, y, gy, need_gx, rc):
         return gy * (1 - y * y), []
 
+    def rforward(self, ws, batched, y, rx, rws, rc):
+        return rx * (1 - y * y)
+
+    def rbackward(self, ws, batched, y, gy, rgy, rx, rws, need_gx, rc):
+        # dx = gy (1 - y^2)  =>  R(dx) = R(gy) (1 - y^2) - 2 gy y R(y),  R(y) = R(x) (1 - y^2)
+        d = 1 - y * y
+        return rgy * d - 2 * gy * y * (rx * d), []
+
 
 class Sigmoid(Layer):
     def forward(self, ws, batched, x, rc):
@@ -220,6 +264,14 @@ class Sigmoid(Layer):
 
     def backward(self, ws, batched, y, gy, need_gx, rc):
         return gy * (y * (1 - y)), []
+
+    def rforward(self, ws, batched, y, rx, rws, rc):
+        return rx * (y * (1 - y))
+
+    def rbackward(self, ws, batched, y, gy, rgy, rx, rws, need_gx, rc):
+        # dx = gy s(1-s)  =>  R(dx) = R(gy) s(1-s) + gy (1-2s) R(s),  R(s) = R(x) s(1-s)
+        d = y * (1 - y)
+        return rgy * d + gy * (1 - 2 * y) * (rx * d), []
 
 
 class MaxPool2d(Layer):
@@ -251,6 +303,12 @@ class Flatten(Layer):
 
     def backward(self, ws, batched, shape, gy, need_gx, rc):
         return gy.reshape(shape), []
+
+    def rforward(self, ws, batched, shape, rx, rws, rc):
+        return None if rx is None else rx.reshape(rx.shape[0], rx.shape[1], -1)
+
+    def rbackward(self, ws, batched, shape, gy, rgy, rx, rws, need_gx, rc):
+        return rgy.reshape(shape), []
 
 
 class Stateless(Layer):

@@ -41,6 +41,10 @@ class MSE(TaskLoss):
         m = diff[0].numel()
         return diff.pow(2).flatten(1).mean(1), diff * (2.0 / m)
 
+    def rgrad(self, out, y, rout):
+        """R-operator of the output gradient: R(2 (out - y) / m) = 2 R(out) / m."""
+        return rout * (2.0 / out[0].numel())
+
 
 class CrossEntropy(TaskLoss):
     """Softmax cross-entropy per task: logits [T, N, C], labels [T, N] int64, mean over N."""
@@ -74,6 +78,11 @@ class CrossEntropy(TaskLoss):
         loss = -lsm.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
         onehot = F.one_hot(y, out.shape[-1]).to(out.dtype)
         return loss, (lsm.exp() - onehot) * (1.0 / out.shape[1])
+
+    def rgrad(self, out, y, rout):
+        """R-operator of (softmax(z) - onehot) / N: the softmax Jacobian applied to R(z), over N."""
+        p = torch.softmax(out, -1)
+        return p * (rout - (p * rout).sum(-1, keepdim=True)) * (1.0 / out.shape[1])
 
     @staticmethod
     def accuracy(out, y) -> torch.Tensor:
