@@ -18,7 +18,7 @@ $(VENV)/.deps: requirements.txt | $(BIN)/activate
 
 # learn2learn and higher: oracles for the drop-in tests and baselines for the benchmarks.
 $(VENV)/.oracles: $(VENV)/.deps
-	PY=$(BIN)/python bash tests/install_learn2learn.sh || echo "WARNING: learn2learn could not be installed; its comparison tests will be skipped"
+	PY=$(abspath $(BIN))/python bash tests/install_learn2learn.sh || echo "WARNING: learn2learn could not be installed; its comparison tests will be skipped"
 	touch $@
 
 venv: $(VENV)/.deps $(VENV)/.oracles

@@ -4,6 +4,7 @@
 # so the .pyx files are regenerated with Cython 0.29 first.
 set -euo pipefail
 PY=${PY:-python}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # survives the cd below
 if $PY -c "import learn2learn" 2>/dev/null; then exit 0; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
