@@ -16,4 +16,4 @@ cd "$work" && tar xzf learn2learn-0.2.0.tar.gz && cd learn2learn-0.2.0 && rm -rf
 PYTHONPATH="$work/cython" $PY -m cython -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx \
     learn2learn/data/transforms.pyx
 $PY -m pip install -q --no-deps --no-build-isolation .
-$PY -c "import learn2learn; print('learn2learn', learn2learn.__version__)"
+cd / && $PY -c "import learn2learn; print('learn2learn', learn2learn.__version__)"
