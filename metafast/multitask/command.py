@@ -60,6 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="where to train (default auto)")
     p.add_argument("--checkpoint-every", type=_int_at_least(0), metavar="N",
                    help="save a checkpoint every N steps, 0 = only after each strategy (default 500)")
+    p.add_argument("--threads", type=_int_at_least(1), default=1,
+                   help="CPU threads (default 1: the model is small, and a second intra-op thread mostly adds "
+                        "wake-up stalls)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/multitask-<timestamp>)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,6 +112,9 @@ def main(args) -> int:
         out_dir = out or _default_out_dir()
     try:
         config.validate()
+        import torch
+
+        torch.set_num_threads(getattr(args, "threads", 1))
         run_multitask(config, out_dir, resume=bool(resume), progress=not getattr(args, "no_progress", False))
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)

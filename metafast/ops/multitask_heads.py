@@ -105,11 +105,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def heads_logits(features: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """[H, N, O] logits of every head: one batched GEMM (baddbmm) for [H, N, I] features, one
-    broadcast matmul for shared [N, I] features."""
+    """[H, N, O] logits of every head: one batched GEMM (baddbmm) for [H, N, I] features; for shared
+    [N, I] features one GEMM against all heads' classes at once ([N, H*O], returned as a view)."""
     if features.dim() == 2:
-        out = torch.matmul(features, weight.transpose(1, 2))
-        return out if bias is None else out + bias.unsqueeze(1)
+        H, O, I = weight.shape
+        w = weight.reshape(H * O, I).t()
+        out = features @ w if bias is None else torch.addmm(bias.reshape(H * O), features, w)
+        return out.view(features.shape[0], H, O).permute(1, 0, 2)
     if bias is None:
         return torch.bmm(features, weight.transpose(1, 2))
     return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
@@ -191,14 +193,18 @@ def _mth_backward(ctx, g_loss, _g_dlogits):
         d = dlogits
     G = d * g_loss.to(d.dtype).view(-1, 1, 1)
     gx = gw = gb = None
-    if need_x:
-        if features.dim() == 2:  # shared features: one GEMM over all heads' classes
-            H, O, I = weight.shape
-            gx = G.permute(1, 0, 2).reshape(-1, H * O) @ weight.reshape(H * O, I)
-        else:
+    if features.dim() == 2:  # shared features: one GEMM each over all heads' classes
+        H, O, I = weight.shape
+        Gf = G.permute(1, 0, 2).reshape(-1, H * O)
+        if need_x:
+            gx = Gf @ weight.reshape(H * O, I)
+        if need_w:
+            gw = (Gf.t() @ features).view(H, O, I)
+    else:
+        if need_x:
             gx = torch.bmm(G, weight)
-    if need_w:
-        gw = torch.matmul(G.transpose(1, 2), features)
+        if need_w:
+            gw = torch.bmm(G.transpose(1, 2), features)
     if need_b:
         gb = G.sum(1)
     return gx, gw, gb, None, None, None
