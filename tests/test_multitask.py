@@ -95,6 +95,23 @@ def test_fused_losses_and_gradients_match_the_loop(inputs, assert_close):
         assert_close(fused.head_bias.grad[h], loop.heads[h].bias.grad, name=f"head {h} bias grad", **TOL64)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("per_task", [False, True])
+def test_losses_on_the_triton_backend(per_task, assert_close):
+    model, _, _ = make_model(seed=2)
+    x = [torch.randn(9, 5, dtype=torch.float64) for _ in range(3)] if per_task else torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (3, 9))
+    g = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
+    grads = {}
+    for backend in ("triton", "torch"):
+        model.zero_grad()
+        losses = model.losses(x, y, backend=backend)
+        (losses * g).sum().backward()
+        grads[backend] = (losses.detach(), *(p.grad.clone() for p in model.parameters()))
+    for a, e in zip(grads["triton"], grads["torch"]):
+        assert_close(a, e, name="loss / grad", atol=1e-11, rtol=1e-10)
+
+
 def test_mse_and_callable_losses(assert_close):
     model, trunk, heads = make_model(O=2)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
