@@ -1,5 +1,6 @@
 """ResNet-12 through BatchedMAML (against a per-task autograd loop) and the few-shot vision job:
 `metafast train --dataset ...` on tiny fixtures, best-checkpoint keeping, exact resume, `metafast eval`."""
+import dataclasses
 import json
 import os
 
@@ -55,3 +56,138 @@ def test_resnet12_meta_gradients_match_per_task_loop(first_order, steps):
     names = [n for n, _ in model.named_parameters()]
     for n, a, b in zip(names, grads, ref):
         assert rel_err(a, b) <= 1e-9, f"{n}: rel err {rel_err(a, b):.3g}"
+
+
+# ----------------------------------------------------------------------------- the vision job
+from metafast.data import cifar as cifar_mod  # noqa: E402
+from metafast.train import vision  # noqa: E402
+from metafast.train.checkpoint import load_checkpoint  # noqa: E402
+from test_vision_data import write_cifar100  # noqa: E402
+
+TINY = ["--meta-batch", "4", "--width", "8", "--queries", "2", "--eval-queries", "2", "--device", "cpu",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """A CIFAR-100 fixture (class-dependent patterns, 6 images per class) with its md5 sums trusted."""
+    root = tmp_path_factory.mktemp("cifar")
+    sums = write_cifar100(str(root), train_per_class=4, test_per_class=2)
+    old = cifar_mod.FILES_MD5
+    cifar_mod.FILES_MD5 = sums
+    yield str(root)
+    cifar_mod.FILES_MD5 = old
+
+
+@pytest.fixture
+def one_thread():
+    # 2 threads stall when the CI machine is shared; these models are far too small to need them
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar_root, tmp_path_factory):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run") / "cifarfs"
+    rc = vision.main(["train", "--dataset", "cifarfs", "--root", cifar_root, "--out", str(out), "--iterations", "200",
+                      "--first-order", "--val-every", "100", "--val-episodes", "20", "--eval-episodes", "100"] + TINY)
+    torch.set_num_threads(old)
+    assert rc == 0
+    return out
+
+
+def test_training_learns_above_chance(trained_run):
+    m = json.loads((trained_run / "metrics.json").read_text())
+    # 5-way: chance is 20%; the fixture's classes are easy, a few hundred steps clearly learn them
+    assert m["accuracy"] > 0.5, m["accuracy"]
+    assert m["episodes"] == 100 and len(m["per_episode_accuracy"]) == 100
+    acc = torch.tensor(m["per_episode_accuracy"], dtype=torch.float64)
+    assert abs(m["accuracy"] - acc.mean().item()) < 1e-12
+    assert abs(m["ci95"] - 1.96 * acc.std().item() / 10) < 1e-12 and m["ci95"] > 0
+    assert m["dataset"] == "cifarfs" and m["split"] == "test" and m["ways"] == 5 and m["shots"] == 1
+    assert m["config"]["inner_lr"] == 0.5 and m["config"]["inner_steps"] == 1  # the CIFAR-FS preset
+    curves = json.loads((trained_run / "curves.json").read_text())
+    assert [v["iteration"] for v in curves["val"]] == [100, 200]
+    assert curves["train"][-1]["iteration"] == 200
+    best = load_checkpoint(str(trained_run / "best.pt"))
+    assert best["val"]["accuracy"] == max(v["accuracy"] for v in curves["val"])
+    assert m["best_val"]["iteration"] == best["iteration"] and m["checkpoint_iteration"] == best["iteration"]
+    png = (trained_run / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_eval_command_reproduces_the_final_metrics(trained_run, cifar_root, tmp_path, one_thread, capsys):
+    out = tmp_path / "m.json"
+    rc = vision.main(["eval", str(trained_run), "--episodes", "100", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    m, final = json.loads(out.read_text()), json.loads((trained_run / "metrics.json").read_text())
+    assert m["per_episode_accuracy"] == final["per_episode_accuracy"]
+    assert "accuracy" in capsys.readouterr().out
+    rc = vision.main(["eval", str(trained_run / "best.pt"), "--split", "val", "--episodes", "20", "--device", "cpu",
+                      "--out", str(out)])
+    assert rc == 0
+    val = json.loads(out.read_text())
+    best = load_checkpoint(str(trained_run / "best.pt"))
+    assert val["split"] == "val" and abs(val["accuracy"] - best["val"]["accuracy"]) < 1e-12
+
+
+def test_resume_is_exact(cifar_root, tmp_path, one_thread):
+    common = ["--dataset", "cifarfs", "--root", cifar_root, "--val-every", "2", "--val-episodes", "4",
+              "--eval-episodes", "4", "--checkpoint-every", "0"] + TINY
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert vision.main(["train", "--out", str(straight), "--iterations", "6"] + common) == 0
+    assert vision.main(["train", "--out", str(split), "--iterations", "3"] + common) == 0
+    assert vision.main(["train", "--resume", str(split), "--iterations", "6"] + common) == 0
+    a, b = load_checkpoint(str(straight)), load_checkpoint(str(split))
+    assert a["iteration"] == b["iteration"] == 6
+    for k in a["maml"]:
+        assert torch.equal(a["maml"][k], b["maml"][k]), k
+    assert a["sampler"]["generator"].equal(b["sampler"]["generator"])
+    assert [v["accuracy"] for v in a["history"]["val"]] == [v["accuracy"] for v in b["history"]["val"]
+                                                             if v["iteration"] != 3]
+
+
+def test_command_errors(cifar_root, tmp_path, capsys):
+    rc = vision.main(["train", "--dataset", "miniimagenet", "--root", str(tmp_path), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mini-imagenet-cache-train.pkl" in err and "metafast train: error" in err
+    assert not (tmp_path / "r").exists()  # nothing written before the data is found
+    rc = vision.main(["train", "--dataset", "cifarfs", "--root", cifar_root, "--ways", "70", "--out", str(tmp_path / "w")]
+                     + TINY)
+    assert rc == 2 and "ways" in capsys.readouterr().err
+    rc = vision.main(["train", "--dataset", "cifarfs", "--train-split", "trainval", "--root", cifar_root])
+    assert rc == 2 and "train_split" in capsys.readouterr().err
+    rc = vision.main(["eval", str(tmp_path / "nothing")])
+    assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+    assert vision.main(["train", "--dataset", "imagenet"]) == 2
+
+
+def test_resume_with_a_different_setup_is_refused(cifar_root, tmp_path, one_thread, capsys):
+    common = ["--dataset", "cifarfs", "--root", cifar_root, "--val-every", "0", "--eval-episodes", "2"] + TINY
+    run = tmp_path / "run"
+    assert vision.main(["train", "--out", str(run), "--iterations", "1"] + common) == 0
+    rc = vision.main(["train", "--resume", str(run), "--iterations", "2", "--shots", "2"] + common)
+    assert rc == 2 and "shots" in capsys.readouterr().err
+
+
+def test_presets_follow_the_papers():
+    om = vision.VisionConfig(dataset="omniglot").resolved()
+    assert (om.model, om.width, om.inner_lr, om.inner_steps, om.test_inner_steps, om.meta_batch, om.queries) == \
+        ("conv4", 64, 0.4, 1, 3, 32, 1)
+    om20 = vision.VisionConfig(dataset="omniglot", ways=20, shots=5).resolved()
+    assert (om20.inner_lr, om20.inner_steps, om20.test_inner_steps, om20.meta_batch, om20.queries) == (0.1, 5, 5, 16, 5)
+    mi = vision.VisionConfig(dataset="miniimagenet", shots=5).resolved()
+    assert (mi.width, mi.inner_lr, mi.inner_steps, mi.test_inner_steps, mi.meta_batch, mi.queries) == \
+        (32, 0.01, 5, 10, 4, 15)
+    cf = vision.VisionConfig(dataset="fc100", inner_lr=0.1).resolved()
+    assert (cf.inner_lr, cf.meta_lr, cf.meta_batch) == (0.1, 3e-3, 32)
+    # the paper's networks: Omniglot Conv4 stride 2 on 28x28x1, miniImageNet Conv4 32 ch + pool on 84x84x3
+    assert vision.build_model(om)(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
+    net = vision.build_model(mi)
+    assert net[0].out_channels == 32 and net(torch.zeros(1, 3, 84, 84)).shape == (1, 5)
+    rn = vision.build_model(dataclasses.replace(cf, model="resnet12"))
+    assert isinstance(rn, ResNet12) and rn(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
