@@ -19,6 +19,15 @@ def rel_err(a, b):
 
 
 # ----------------------------------------------------------------------------- ResNet-12
+@pytest.fixture
+def one_thread():
+    # 2 threads stall when the CI machine is shared; these models are far too small to need them
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def test_resnet12_shapes_and_structure():
     m = ResNet12(5, in_channels=3, widths=(3, 4, 5, 6), image_size=33)
     y = m(torch.randn(2, 3, 33, 33))
@@ -36,7 +45,7 @@ def test_resnet12_shapes_and_structure():
 
 
 @pytest.mark.parametrize("first_order,steps", [(False, 2), (True, 1)])
-def test_resnet12_meta_gradients_match_per_task_loop(first_order, steps):
+def test_resnet12_meta_gradients_match_per_task_loop(first_order, steps, one_thread):
     torch.manual_seed(0)
     model = ResNet12(3, in_channels=2, widths=(2, 3, 2, 3), image_size=17).to(DT)  # odd size: 17 -> 8 -> 4 -> 2 -> 1
     g = torch.Generator().manual_seed(4)
@@ -77,15 +86,6 @@ def cifar_root(tmp_path_factory):
     cifar_mod.FILES_MD5 = sums
     yield str(root)
     cifar_mod.FILES_MD5 = old
-
-
-@pytest.fixture
-def one_thread():
-    # 2 threads stall when the CI machine is shared; these models are far too small to need them
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
