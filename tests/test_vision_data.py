@@ -45,14 +45,14 @@ def write_omniglot(root, chars, size=105, drawings=20, seed=0):
                 f.write(png.numpy().tobytes())
 
 
-def write_mini_pickle(root, split, per_class=3, size=84, seed=0):
+def write_mini_pickle(root, split, per_class=3, size=84, seed=0, name=None):
     rng = np.random.default_rng(seed)
     wnids = load_split("miniimagenet", split)
     images, class_dict = [], {}
     for c, w in enumerate(reversed(wnids)):  # stored order differs from the split order on purpose
         class_dict[w] = list(range(len(images), len(images) + per_class))
         images += [class_pattern(c, size, 3, rng) for _ in range(per_class)]
-    path = os.path.join(root, f"mini-imagenet-cache-{split}.pkl")
+    path = os.path.join(root, name or f"mini-imagenet-cache-{split}.pkl")
     with open(path, "wb") as f:
         pickle.dump({"image_data": np.stack(images), "class_dict": class_dict}, f)
     return path
@@ -243,6 +243,11 @@ def test_miniimagenet_pickle(tmp_path, split):
     pats = [class_pattern(c, 84, 3, rng) for c in range(len(wnids)) for _ in range(3)]
     expect = torch.from_numpy(pats[(len(wnids) - 1) * 3]).permute(2, 0, 1)
     assert torch.equal(ds.images[ds.labels == 0][0], expect)
+
+
+def test_miniimagenet_validation_pickle_name(tmp_path):
+    write_mini_pickle(str(tmp_path), "val", per_class=1, name="mini-imagenet-cache-validation.pkl")
+    assert MiniImageNet(str(tmp_path), split="val").num_classes == 16
 
 
 def test_miniimagenet_csv_folder(tmp_path):

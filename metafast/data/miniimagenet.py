@@ -2,7 +2,8 @@
 600 images, 84x84 RGB.
 
 Two on-disk formats are read:
-  1. the common pickles ``root/mini-imagenet-cache-{train,val,test}.pkl``: a dict with
+  1. the common pickles ``root/mini-imagenet-cache-{train,val,test}.pkl`` (the val one may be
+     named ``...-validation.pkl``, as in the learn2learn release): a dict with
      ``image_data`` uint8 [N, 84, 84, 3] and ``class_dict`` {wnid: [row indices]};
   2. Ravi's CSVs + an image folder: ``root/{train,val,test}.csv`` (header ``filename,label``,
      rows like ``n0153282900000005.jpg,n01532829``) and ``root/images/<filename>`` (any size,
@@ -23,7 +24,8 @@ from .splits import DatasetCorruptError, check_split, load_split, missing_error
 
 IMAGE_SIZE = 84
 IMAGES_PER_CLASS = 600
-_LAYOUT = ("  <root>/mini-imagenet-cache-{train,val,test}.pkl        (pickles: image_data + class_dict)\n"
+_LAYOUT = ("  <root>/mini-imagenet-cache-{train,val,test}.pkl        (pickles: image_data + class_dict;\n"
+           "                                                         val may be named ...-validation.pkl)\n"
            "or\n"
            "  <root>/{train,val,test}.csv + <root>/images/*.jpg      (Ravi & Larochelle's CSVs: filename,label)")
 _HOW = ("miniImageNet has no official downloader (torchvision has none either): get the pickles or the "
@@ -32,7 +34,14 @@ _HOW = ("miniImageNet has no official downloader (torchvision has none either): 
 
 
 def pickle_path(root: str, split: str) -> str:
-    return os.path.join(os.path.expanduser(root), f"mini-imagenet-cache-{split}.pkl")
+    """The split's pickle; the common release names the val file ...-validation.pkl, both are accepted."""
+    root = os.path.expanduser(root)
+    path = os.path.join(root, f"mini-imagenet-cache-{split}.pkl")
+    if split == "val" and not os.path.isfile(path):
+        alt = os.path.join(root, "mini-imagenet-cache-validation.pkl")
+        if os.path.isfile(alt):
+            return alt
+    return path
 
 
 def _from_pickle(path: str, wnids: List[str]):
