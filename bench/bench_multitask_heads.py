@@ -64,7 +64,8 @@ def _impls(device: torch.device) -> Dict[str, Callable]:
             _backend.resolve("multitask_heads_cross_entropy", device, backend)
         except (_backend.BackendUnavailableError, RuntimeError):
             continue
-        impls[f"metafast[{backend}]"] = lambda x, w, b, y, be=backend: multitask_heads_cross_entropy(x, w, b, y, backend=be)
+        impls[f"metafast[{backend}]"] = \
+            lambda x, w, b, y, be=backend: multitask_heads_cross_entropy(x, w, b, y, backend=be)
     return impls
 
 

@@ -152,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& features, const at::Ten
   // [H, N, O] logits (a strided view for shared features: one [N, H*O] GEMM, bias as C).
   at::Tensor logits;
   if (features.dim() == 2) {
-    logits = at::addmm(bias.reshape({H * O}), features, weight.reshape({H * O, I}).t()).view({N, H, O}).permute({1, 0, 2});
+    logits = at::addmm(bias.reshape({H * O}), features, weight.reshape({H * O, I}).t());
+    logits = logits.view({N, H, O}).permute({1, 0, 2});
   } else {
     logits = at::baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2));
   }
