@@ -191,3 +191,34 @@ def test_presets_follow_the_papers():
     assert net[0].out_channels == 32 and net(torch.zeros(1, 3, 84, 84)).shape == (1, 5)
     rn = vision.build_model(dataclasses.replace(cf, model="resnet12"))
     assert isinstance(rn, ResNet12) and rn(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_omniglot_job_on_png_fixture(tmp_path, monkeypatch, one_thread):
+    """The Omniglot path end to end (PNG folders -> rotation classes -> Conv4 stride 2 -> eval) with the
+    published character lists swapped for a few characters each, so the fixture stays small."""
+    from metafast.data import omniglot
+    from test_vision_data import write_omniglot
+
+    lists = {s: omniglot.split_characters(s)[:3] for s in ("train", "val", "test")}
+    write_omniglot(str(tmp_path), sum(lists.values(), []), size=28, drawings=20)
+    monkeypatch.setattr(omniglot, "split_characters", lambda split: lists[split])
+    out = tmp_path / "run"
+    rc = vision.main(["train", "--dataset", "omniglot", "--root", str(tmp_path), "--out", str(out), "--iterations", "3",
+                      "--val-every", "3", "--val-episodes", "3", "--eval-episodes", "5", "--eval-queries", "5"] + TINY)
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "omniglot" and m["episodes"] == 5 and m["inner_steps"] == 3  # tested with 3 steps
+    assert m["config"]["inner_lr"] == 0.4 and 0.0 <= m["accuracy"] <= 1.0
+    # 3 characters x 4 rotations = 12 classes per split, decoded once and cached
+    assert (tmp_path / "omniglot-py" / "cache-test-28.pt").is_file()
+
+
+def test_options_fit_the_metafast_train_parser():
+    """add_train_arguments extends the existing `metafast train` parser without clashing."""
+    from metafast import cli
+
+    train = cli.build_parser().subcommands["train"]
+    vision.add_train_arguments(train)
+    args = train.parse_args(["--ways", "20", "--shots", "5", "--root", "d", "--iterations", "7", "--model", "resnet12"])
+    assert (args.ways, args.shots, args.root, args.iterations, args.model) == (20, 5, "d", 7, "resnet12")
+    assert args.meta_batch is None and args.queries is None  # unset: the preset decides
