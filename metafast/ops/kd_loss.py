@@ -23,8 +23,8 @@ Semantics (per row; s = student logits, t = teacher logits, T = temperature, y =
 - Differentiable twice w.r.t. the student (any number of times on the torch path).
 
 Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
-- ``"torch"``: :func:`kd_loss_reference` (log_softmax + kl_div + cross_entropy, plain autograd).
-  This is the CPU path.
+- ``"torch"``: :func:`kd_loss_reference` (log_softmax + cross_entropy, plain autograd; the
+  teacher's side computed once without a graph). This is the CPU path.
 - ``"triton"`` / ``"cuda"``: the custom op ``metafast::kd_loss`` (-> loss, dstudent) calling the
   Triton kernel (kernels/kd_loss.py) or the CUDA extension (``metafast::kd_loss_fwd_cuda``,
   csrc/kd_loss.cu). One launch yields the loss and d(loss)/d(student), reading each row once while
@@ -46,6 +46,7 @@ __all__ = ["kd_loss", "kd_loss_reference", "KDLoss"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NO_IGNORE = -(2**63)  # cross_entropy's ignore_index that no label can hit: -100 is an error here too
 
 _backend.register_op("kd_loss", cuda_symbol="kd_loss_fwd_cuda")
 
@@ -99,10 +100,10 @@ def _check_args(student, teacher, target, temperature, alpha, reduction) -> None
         raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _check_label_range(target: Optional[Tensor], num_classes: int) -> None:
+def _check_label_range(target: Optional[Tensor], num_classes: int, force: bool = False) -> None:
     if target is None:
         return
-    if target.is_cuda:
+    if target.is_cuda and not force:
         if os.environ.get("METAFAST_CHECK_LABELS", "1") == "0":
             return
         if torch.cuda.is_current_stream_capturing():
@@ -134,14 +135,22 @@ def _reference_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
     s = student if student.dtype == acc else student.to(acc)
     t = teacher.detach()
     t = t if t.dtype == acc else t.to(acc)
-    log_p = torch.log_softmax(s / temperature, dim=-1)
-    r = torch.softmax(t / temperature, dim=-1)
-    # kl_div with a probability target uses xlogy(r, r): classes the teacher rules out add 0
-    rows = torch.nn.functional.kl_div(log_p, r, reduction="none").sum(-1)
-    rows = rows * (alpha * temperature * temperature)
+    inv_t = 1.0 / temperature
+    log_p = torch.log_softmax(s * inv_t, dim=-1)
+    c_kl = alpha * temperature * temperature
+    with torch.no_grad():  # the teacher side is a constant: no graph, and its entropy term once
+        log_r = torch.log_softmax(t * inv_t, dim=-1)
+        r = log_r.exp()
+        # sum r log r; classes the teacher rules out (r = 0, log r = -inf) add 0, not NaN
+        neg_entropy = (r * log_r).nan_to_num_(0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+    rows = (neg_entropy - (r * log_p).sum(-1)) * c_kl
     if target is not None:
-        ce = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]), target.reshape(-1),
-                                               reduction="none").view(target.shape)
+        try:
+            ce = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]), target.reshape(-1),
+                                                   reduction="none", ignore_index=_NO_IGNORE).view(target.shape)
+        except (IndexError, RuntimeError):
+            _check_label_range(target, s.shape[-1], force=True)  # names the bad label
+            raise
         rows = rows + (1.0 - alpha) * ce
     return rows
 
@@ -156,10 +165,12 @@ def _reduce(rows: Tensor, reduction: str) -> Tensor:
 
 def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None,
                       temperature: float = 4.0, alpha: float = 0.9, reduction: str = "mean") -> Tensor:
-    """KD loss with log_softmax + kl_div + cross_entropy in plain PyTorch (differentiable any number
+    """KD loss with log_softmax + cross_entropy in plain PyTorch (differentiable any number
     of times w.r.t. the student). Same semantics and dtypes as :func:`kd_loss`."""
     _check_args(student_logits, teacher_logits, target, temperature, alpha, reduction)
-    _check_label_range(target, student_logits.shape[-1])
+    if target is not None and target.is_cuda:
+        _check_label_range(target, student_logits.shape[-1])
+    # CPU: cross_entropy rejects a bad label itself; _reference_rows turns that into a clear error
     rows = _reference_rows(student_logits, teacher_logits, target, float(temperature), float(alpha))
     return _reduce(rows, reduction)
 
