@@ -3,6 +3,7 @@ PNG folders, miniImageNet pickles and CSV + JPEG folders, CIFAR-100 python pickl
 Also: the published split lists, missing/partial/corrupt files, the offline download path."""
 import csv
 import hashlib
+import importlib.util
 import os
 import pickle
 
@@ -15,6 +16,10 @@ from metafast.data.cifar import CIFARFS, FC100
 from metafast.data.miniimagenet import MiniImageNet
 from metafast.data.omniglot import Omniglot, split_characters
 from metafast.data.splits import DatasetCorruptError, DatasetNotFoundError, load_split
+
+# PNG/JPEG encoding and decoding, and the downloaders, come from torchvision (optional)
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="needs torchvision (image decoding, downloaders)")
 
 # ----------------------------------------------------------------------------- fixture writers
 # Each class gets a distinct, learnable pattern: a bright square whose position depends on the class.
@@ -167,6 +172,7 @@ def test_bad_split_names_are_rejected(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Omniglot
+@needs_torchvision
 def test_omniglot_reads_pngs_rotations_and_cache(tmp_path):
     chars = split_characters("val")[:3]
     write_omniglot(str(tmp_path), chars, size=28, drawings=20)
@@ -185,6 +191,7 @@ def test_omniglot_reads_pngs_rotations_and_cache(tmp_path):
     assert again.num_classes == 3 and torch.equal(again.images, ds.images[ds.labels % 4 == 0])
 
 
+@needs_torchvision
 def test_omniglot_resize_matches_reference(tmp_path):
     import torch.nn.functional as F
 
@@ -199,6 +206,7 @@ def test_omniglot_resize_matches_reference(tmp_path):
     assert (ds.images[0, 0].double() - ref).abs().max() <= 0.5 + 1e-9
 
 
+@needs_torchvision
 def test_omniglot_missing_and_partial(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         Omniglot(str(tmp_path), split="test")
@@ -211,6 +219,7 @@ def test_omniglot_missing_and_partial(tmp_path):
         Omniglot(str(tmp_path), characters=chars)
 
 
+@needs_torchvision
 def test_omniglot_corrupt_png(tmp_path):
     chars = split_characters("val")[:1]
     write_omniglot(str(tmp_path), chars, size=28, drawings=20)
@@ -220,6 +229,7 @@ def test_omniglot_corrupt_png(tmp_path):
         Omniglot(str(tmp_path), characters=chars, cache=False)
 
 
+@needs_torchvision
 def test_omniglot_download_offline_error(tmp_path, monkeypatch):
     import torchvision.datasets.utils as tvu
 
@@ -250,6 +260,7 @@ def test_miniimagenet_validation_pickle_name(tmp_path):
     assert MiniImageNet(str(tmp_path), split="val").num_classes == 16
 
 
+@needs_torchvision
 def test_miniimagenet_csv_folder(tmp_path):
     write_mini_csv(str(tmp_path), "val", per_class=2, size=100)
     ds = MiniImageNet(str(tmp_path), split="val")
@@ -262,6 +273,7 @@ def test_miniimagenet_csv_folder(tmp_path):
     assert img[r * s + 3:(r + 1) * s - 3, q * s + 3:(q + 1) * s - 3].mean() > 150 > img.mean()
 
 
+@needs_torchvision
 def test_miniimagenet_missing_truncated_wrong(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="mini-imagenet-cache-train.pkl"):
         MiniImageNet(str(tmp_path), split="train", download=True)
@@ -307,6 +319,7 @@ def test_cifarfs_and_fc100(tmp_path, monkeypatch):
     assert len(seen) == 100
 
 
+@needs_torchvision
 def test_cifar_md5_missing_truncated_offline(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match="cifar-100-python/train"):
         CIFARFS(str(tmp_path))

@@ -1,8 +1,8 @@
 """ResNet-12 through BatchedMAML (against a per-task autograd loop) and the few-shot vision job:
 `metafast train --dataset ...` on tiny fixtures, best-checkpoint keeping, exact resume, `metafast eval`."""
 import dataclasses
+import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -193,6 +193,7 @@ def test_presets_follow_the_papers():
     assert isinstance(rn, ResNet12) and rn(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision (PNG decoding)")
 def test_omniglot_job_on_png_fixture(tmp_path, monkeypatch, one_thread):
     """The Omniglot path end to end (PNG folders -> rotation classes -> Conv4 stride 2 -> eval) with the
     published character lists swapped for a few characters each, so the fixture stays small."""

@@ -80,7 +80,11 @@ def _check_classes(path: str, found: List[str], wnids: List[str]) -> None:
 
 
 def _from_csv(root: str, csv_path: str, wnids: List[str], size: int):
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+    except ImportError as e:
+        raise ImportError(f"miniImageNet: decoding the JPEG folder needs torchvision ({e}); pip install torchvision, "
+                          "or use the pickle files") from None
 
     with open(csv_path, newline="") as f:
         rows = [r for r in csv.reader(f) if r]

@@ -66,7 +66,10 @@ def fetch(root: str) -> None:
 
 def _decode(path: str, size: int) -> torch.Tensor:
     """One drawing as uint8 [size, size], strokes 255 on 0."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+    except ImportError as e:
+        raise ImportError(f"Omniglot: decoding the PNGs needs torchvision ({e}); pip install torchvision") from None
 
     try:
         img = decode_image(read_file(path), mode=ImageReadMode.GRAY)  # [1, 105, 105], strokes dark
