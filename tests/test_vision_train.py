@@ -223,3 +223,27 @@ def test_options_fit_the_metafast_train_parser():
     args = train.parse_args(["--ways", "20", "--shots", "5", "--root", "d", "--iterations", "7", "--model", "resnet12"])
     assert (args.ways, args.shots, args.root, args.iterations, args.model) == (20, 5, "d", 7, "resnet12")
     assert args.meta_batch is None and args.queries is None  # unset: the preset decides
+
+
+def test_ctrl_c_saves_and_resumes_exactly(cifar_root, tmp_path, one_thread):
+    cfg = vision.VisionConfig(dataset="cifarfs", root=cifar_root, meta_batch=3, width=4, queries=1, eval_queries=1,
+                              iterations=4, val_every=2, val_episodes=3, eval_episodes=3, checkpoint_every=0,
+                              device="cpu")
+    quiet = dict(progress=False, log=lambda s: None, plot=False)
+    vision.train_vision(cfg, str(tmp_path / "straight"), **quiet)
+
+    def ctrl_c(iteration):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(vision.TrainingInterrupted) as e:
+        vision.train_vision(cfg, str(tmp_path / "cut"), callback=ctrl_c, **quiet)
+    assert e.value.iteration == 3 and e.value.checkpoint and not (tmp_path / "cut" / "metrics.json").exists()
+    vision.train_vision(cfg, str(tmp_path / "cut"), resume=True, **quiet)
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "cut"))
+    for k in a["maml"]:
+        assert torch.equal(a["maml"][k], b["maml"][k]), k
+    assert a["history"] == b["history"] and a["best"] == b["best"]
+    ma = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert ma["per_episode_accuracy"] == mb["per_episode_accuracy"]
