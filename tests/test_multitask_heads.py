@@ -299,7 +299,9 @@ def test_gpu_matches_reference(backend, H, N, I, O, shared, dtype, assert_close)
     g = torch.rand(H, device="cuda", dtype=torch.float64) + 0.5
     for name, a, e in zip(("d features", "d weight", "d bias"), grads_of(loss, xs, g.to(loss.dtype)),
                           grads_of(ref, xr, g)):
-        assert_close(a, e, name=name, **(dict(atol=5e-2, rtol=5e-2) if half else TOL[dtype]))
+        # gradients scale with 1/N: bf16 tolerance relative to the largest entry
+        tol = dict(atol=3e-2 * e.abs().max().item(), rtol=3e-2) if half else TOL[dtype]
+        assert_close(a, e, name=name, **tol)
 
 
 @pytest.mark.gpu
