@@ -8,8 +8,8 @@ GPU: B=4096 rows, C=32768 classes (also 128K classes unless --quick), float32 an
 every available backend (cuda extension, triton), timed without the host-side label check
 (METAFAST_CHECK_LABELS=0); peak memory is torch.cuda.max_memory_allocated during fwd+bwd minus the
 inputs already allocated. CPU: small shapes, fused = the CPU path (the reference itself), time
-only; one thread by default (``--threads``: worker-thread wake-ups swamp these timings on small VMs),
-each case timed in 5 interleaved rounds and the fastest round's median kept.
+only; one thread by default (``--threads``: worker-thread wake-ups swamp these timings on small VMs)
+and glibc told to keep freed memory (fresh page faults would otherwise dominate), each case timed in 5 interleaved rounds and the fastest round's median kept.
 
     python -m bench.bench_kd_loss --device cuda [--quick] [--out DIR]
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.bench_task_cross_entropy import _keep_freed_memory  # noqa: E402
 from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
 from metafast import _backend  # noqa: E402
 from metafast.ops.kd_loss import kd_loss  # noqa: E402
@@ -75,6 +76,7 @@ def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
 def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
     device = torch.device(device)
     if device.type == "cpu":
+        _keep_freed_memory()  # multi-MB temporaries: page faults of fresh mappings would dominate
         return _run(device, quick, rounds)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
     os.environ["METAFAST_CHECK_LABELS"] = "0"  # time the kernels, not a host sync

@@ -141,8 +141,9 @@ def _reference_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
     with torch.no_grad():  # the teacher side is a constant: no graph, and its entropy term once
         log_r = torch.log_softmax(t * inv_t, dim=-1)
         r = log_r.exp()
-        # sum r log r; classes the teacher rules out (r = 0, log r = -inf) add 0, not NaN
-        neg_entropy = (r * log_r).nan_to_num_(0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+        neg_entropy = (r * log_r).sum(-1)
+        if neg_entropy.isnan().any():  # classes the teacher rules out (r = 0, log r = -inf) add 0
+            neg_entropy = torch.where(r > 0, r * log_r, 0.0).sum(-1)
     rows = (neg_entropy - (r * log_p).sum(-1)) * c_kl
     if target is not None:
         try:
