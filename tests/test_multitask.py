@@ -300,6 +300,14 @@ def test_command_runs_and_rejects_bad_arguments(tmp_path, capsys):
         metrics = json.load(f)
     assert list(metrics["results"]) == ["equal", "gradnorm"] and len(metrics["results"]["equal"]["accuracy"]) == 2
     assert "test accuracy per task" in capsys.readouterr().out
+    # resuming a finished run re-reports it without training
+    args = parser.parse_args(["multitask", "--resume", out, "--no-progress"])
+    assert args.handler(args) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["results"] == metrics["results"]
+    args = parser.parse_args(["multitask", "--resume", out, "--alpha", "0.5"])
+    assert args.handler(args) == 2
+    assert "cannot resume with a different setup" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["multitask", "--strategies", "equal,pcgrad"])
     args = parser.parse_args(["multitask", "--resume", str(tmp_path / "nothing")])
