@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "multitask", help="multi-task training: compare loss weighting strategies (default: synthetic tasks)",
         description="Train a shared trunk with one head per task on several related synthetic classification "
                     "tasks (label noise rising over the tasks), once per loss weighting strategy (equal, "
-                    "uncertainty, gradnorm), and report per-task test accuracy. About a minute on 2 CPU cores.")
+                    "uncertainty, gradnorm), and report per-task test accuracy. Under a minute on 2 CPU cores.")
     p.add_argument("--iterations", type=_int_at_least(1), help="steps per strategy (default 3000)")
     p.add_argument("--strategies", type=_strategies, help="comma-separated (default equal,uncertainty,gradnorm)")
     p.add_argument("--tasks", type=_int_at_least(1), help="number of tasks (default 6)")

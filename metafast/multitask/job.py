@@ -40,7 +40,7 @@ _FIXED_ON_RESUME = ("tasks", "classes", "in_dim", "latent", "hidden", "train_siz
 
 @dataclasses.dataclass
 class MultiTaskConfig:
-    iterations: int = 3000  # per strategy (about 30 s for all three on 2 idle CPU cores)
+    iterations: int = 3000  # per strategy: 16-28 s for all three on 2 CPU cores (1 thread); 6000 gains nothing
     strategies: tuple = STRATEGIES
     tasks: int = 6
     classes: int = 5
