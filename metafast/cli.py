@@ -14,6 +14,8 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
+from metafast.train import vision
+
 PROG = "metafast"
 
 
@@ -73,6 +75,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vision.add_train_arguments(p)  # --root, --ways, --shots, ... for the few-shot image datasets
     p.set_defaults(handler=_cmd_train)
 
 
@@ -125,7 +128,7 @@ def _train_sinusoid(args) -> int:
     return 0
 
 
-_TRAIN_JOBS = {"sinusoid": _train_sinusoid}
+_TRAIN_JOBS = {"sinusoid": _train_sinusoid, **{name: vision.main for name in vision.DATASETS}}
 
 
 def _cmd_train(args) -> int:
@@ -292,7 +295,6 @@ def _cmd_bench(args) -> int:
 
 # ----------------------------------------------------------------------------- not yet available
 _PLANNED = {
-    "eval": "evaluate a trained checkpoint on held-out tasks",
     "distill": "knowledge distillation (teacher -> student)",
     "multitask": "multi-task training",
 }
@@ -307,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Meta-learning for PyTorch on fused GPU kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
+    vision.add_parser(sub)  # eval CHECKPOINT
     for name, help_text in _PLANNED.items():
         p = sub.add_parser(name, help=f"{help_text} (not available in this version)")
         p.set_defaults(handler=_cmd_planned)

@@ -1,4 +1,5 @@
 from .conv4 import Conv4
 from .mlp import MLP
+from .resnet12 import ResNet12
 
-__all__ = ["MLP", "Conv4"]
+__all__ = ["MLP", "Conv4", "ResNet12"]
