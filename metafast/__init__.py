@@ -3,6 +3,9 @@ __version__ = "0.1.0"
 
 from .algorithms import (MAML, BatchedMAML, FastWeights, MetaOutput, MetaSGD, clone_module, detach_module,
                          update_module)
+from .multitask import (EqualWeighting, GradNorm, MultiTask, MultiTaskTrainer, UncertaintyWeighting,
+                        make_weighting, per_task_accuracy)
 
 __all__ = ["BatchedMAML", "FastWeights", "MetaOutput", "MAML", "MetaSGD", "clone_module", "detach_module",
-           "update_module", "__version__"]
+           "update_module", "MultiTask", "MultiTaskTrainer", "EqualWeighting", "UncertaintyWeighting", "GradNorm",
+           "make_weighting", "per_task_accuracy", "__version__"]

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
+from metafast.multitask import command as multitask_command
 from metafast.train import vision
 
 PROG = "metafast"
@@ -296,7 +297,6 @@ def _cmd_bench(args) -> int:
 # ----------------------------------------------------------------------------- not yet available
 _PLANNED = {
     "distill": "knowledge distillation (teacher -> student)",
-    "multitask": "multi-task training",
 }
 
 
@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
     vision.add_parser(sub)  # eval CHECKPOINT
+    multitask_command.add_parser(sub)
     for name, help_text in _PLANNED.items():
         p = sub.add_parser(name, help=f"{help_text} (not available in this version)")
         p.set_defaults(handler=_cmd_planned)

@@ -145,7 +145,7 @@ def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- other commands
-@pytest.mark.parametrize("command", ["distill", "multitask"])
+@pytest.mark.parametrize("command", ["distill"])
 def test_planned_commands_say_not_available(capsys, command):
     rc, out, err = _run(capsys, command, "--anything")
     assert rc == 2 and f"'{command}' is not available in this version" in err and out == ""
