@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import importlib
-import math
 import os
 import platform
 import sys
@@ -16,6 +15,7 @@ from typing import List, Optional
 
 from metafast.multitask import command as multitask_command
 from metafast.train import vision
+from metafast.train.arguments import int_at_least as _int_at_least, positive_float as _positive_float
 
 PROG = "metafast"
 
@@ -25,28 +25,6 @@ class CommandError(Exception):
 
 
 # ----------------------------------------------------------------------------- argument types
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------- train
 # Options that map onto SinusoidConfig fields; None means "not given" (defaults, or the checkpoint's).
 _TRAIN_FIELDS = ("iterations", "meta_batch", "inner_lr", "inner_steps", "meta_lr", "first_order", "meta_sgd",

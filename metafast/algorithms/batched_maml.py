@@ -2,7 +2,7 @@
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -133,7 +133,7 @@ class BatchedMAML(nn.Module):
 
     def adapt(self, support_x, support_y, steps: Optional[int] = None) -> FastWeights:
         """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
-        T = self._check_batch(support_x, support_y)
+        self._check_batch(support_x, support_y)
         steps = self.inner_steps if steps is None else self._check_steps(steps)
         theta = self._flat.theta().detach()
         if self._engine.local_autograd:

@@ -4,7 +4,7 @@
 what the hand-written backward needs (a "tape"), and a backward that returns the per-task gradient
 of all adapted parameters as ONE [T, Pa] tensor in flat-buffer order, ready for the fused inner update.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn

@@ -12,7 +12,7 @@ Weights come either shared ([*shape], ``batched=False``) or per task ([T, *shape
 differentiable ops, so that the outer backward of second-order MAML differentiates through it once
 instead of running autograd's double backward of a create_graph=True pass.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@
 ``value(out, y) -> [T]``; ``value_and_grad(out, y, create_graph) -> ([T], d sum_t loss_t / d out)``.
 The gradient is built from differentiable ops so second-order MAML differentiates through it.
 """
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F

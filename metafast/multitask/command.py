@@ -8,22 +8,11 @@ import dataclasses
 import datetime as _dt
 import os
 import sys
+from ..train.arguments import int_at_least as _int_at_least
 
 PROG = "metafast multitask"
 # Options that map onto MultiTaskConfig fields; None means "not given" (defaults, or the checkpoint's).
 _FIELDS = ("iterations", "strategies", "tasks", "alpha", "seed", "device", "checkpoint_every")
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
 
 
 def _strategies(text: str) -> tuple:

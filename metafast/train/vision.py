@@ -23,6 +23,7 @@ import torch
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
 from .progress import RunningLoss, progress_bar
+from .arguments import int_at_least as _int_at_least, positive_float as _positive_float
 
 DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100")
 MODELS = ("conv4", "resnet12")
@@ -421,28 +422,6 @@ def evaluate_checkpoint(path: str, root: Optional[str] = None, split: str = "tes
 
 
 # ----------------------------------------------------------------------------- command line
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
 # options `metafast train` already has for the sinusoid job (same names, same meaning)
 _COMMON_TRAIN = [
     ("--iterations", dict(type=_int_at_least(1), help="meta-iterations (vision default: the preset's, 60000)")),
