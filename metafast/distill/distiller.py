@@ -98,7 +98,7 @@ class Distiller:
     # ------------------------------------------------------------------------------ training
     def fit(self, x: Tensor, y: Optional[Tensor] = None, steps: int = 1000, batch_size: int = 128,
             out_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
-            progress: bool = True) -> Dict[str, float]:
+            progress: bool = True, desc: str = "distill") -> Dict[str, float]:
         """Train until ``steps`` optimizer steps in total have been taken, on mini-batches of (x, y)
         drawn uniformly with replacement. With ``out_dir`` a checkpoint is written atomically every
         ``checkpoint_every`` steps (0: only at the end) and on Ctrl-C; ``resume=True`` first loads
@@ -129,7 +129,7 @@ class Distiller:
             return ckpt
 
         n = x.shape[0]
-        bar = progress_bar(steps, initial=self.step_count, desc="distill", enabled=progress)
+        bar = progress_bar(steps, initial=self.step_count, desc=desc, enabled=progress)
         at_boundary = False
         try:
             with DeferredInterrupt() as interrupt:

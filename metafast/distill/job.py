@@ -142,7 +142,7 @@ def _phase(name: str, config: DistillConfig, out_dir: str, teacher: Optional[nn.
     resume = os.path.exists(os.path.join(phase_dir, CHECKPOINT_NAME))
     t0 = time.perf_counter()
     result = distiller.fit(x, y, steps=steps, batch_size=config.batch_size, out_dir=phase_dir,
-                           checkpoint_every=config.checkpoint_every, resume=resume, progress=progress)
+                           checkpoint_every=config.checkpoint_every, resume=resume, progress=progress, desc=name)
     result["seconds"] = time.perf_counter() - t0
     model.eval()
     return model, result
