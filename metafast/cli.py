@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
+from metafast.distill import command as distill_command
 from metafast.multitask import command as multitask_command
 from metafast.train import vision
 from metafast.train.arguments import int_at_least as _int_at_least, positive_float as _positive_float
@@ -272,16 +273,6 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- not yet available
-_PLANNED = {
-    "distill": "knowledge distillation (teacher -> student)",
-}
-
-
-def _cmd_planned(args) -> int:
-    raise CommandError(f"'{args.command}' is not available in this version of metafast")
-
-
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Meta-learning for PyTorch on fused GPU kernels.")
@@ -289,9 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     vision.add_parser(sub)  # eval CHECKPOINT
     multitask_command.add_parser(sub)
-    for name, help_text in _PLANNED.items():
-        p = sub.add_parser(name, help=f"{help_text} (not available in this version)")
-        p.set_defaults(handler=_cmd_planned)
+    distill_command.add_parser(sub)
     p = sub.add_parser("bench", help="run the kernel microbenchmarks of a source checkout (bench/)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="default auto")
     p.add_argument("--quick", action="store_true", help="small problem sizes, few repeats")
@@ -299,18 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_bench)
     p = sub.add_parser("info", help="print versions and which backend runs each op")
     p.set_defaults(handler=_cmd_info)
-    parser.subcommands = dict(sub.choices)  # for errors with the subcommand's own usage line
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
-        # parse_known_args: the planned commands accept (and ignore) any arguments, so that they
-        # answer "not available" rather than complain about options they do not know yet.
-        args, extra = parser.parse_known_args(argv)
-        if extra and args.command not in _PLANNED:
-            parser.subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, message already printed)
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:
