@@ -215,12 +215,11 @@ def test_omniglot_job_on_png_fixture(tmp_path, monkeypatch, one_thread):
 
 
 def test_options_fit_the_metafast_train_parser():
-    """add_train_arguments extends the existing `metafast train` parser without clashing."""
+    """add_train_arguments extends the `metafast train` parser without clashing."""
     from metafast import cli
 
-    train = cli.build_parser().subcommands["train"]
-    vision.add_train_arguments(train)
-    args = train.parse_args(["--ways", "20", "--shots", "5", "--root", "d", "--iterations", "7", "--model", "resnet12"])
+    args = cli.build_parser().parse_args(["train", "--dataset", "omniglot", "--ways", "20", "--shots", "5", "--root", "d",
+                                          "--iterations", "7", "--model", "resnet12"])
     assert (args.ways, args.shots, args.root, args.iterations, args.model) == (20, 5, "d", 7, "resnet12")
     assert args.meta_batch is None and args.queries is None  # unset: the preset decides
 

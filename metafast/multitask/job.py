@@ -27,6 +27,7 @@ from torch import nn
 
 from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json
 from ..train.interrupt import DeferredInterrupt
+from ..train.run import TrainingInterrupted, resolve_device
 from ..train.progress import RunningLoss, progress_bar
 from .model import MultiTask
 from .trainer import MultiTaskTrainer, per_task_accuracy
@@ -99,14 +100,6 @@ class MultiTaskConfig:
         return cls(**d)
 
 
-class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C; ``checkpoint`` is the saved checkpoint (None if none could be saved)."""
-
-    def __init__(self, message: str, out_dir: str, checkpoint: Optional[str]):
-        super().__init__(message)
-        self.out_dir, self.checkpoint = out_dir, checkpoint
-
-
 def task_noise(config: MultiTaskConfig) -> List[float]:
     if config.tasks == 1:
         return [0.0]
@@ -141,14 +134,6 @@ def build_model(config: MultiTaskConfig, device: torch.device) -> MultiTask:
     return MultiTask(trunk, heads).to(device)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
-    return torch.device(name)
-
-
 def check_resume_config(saved: MultiTaskConfig, wanted: MultiTaskConfig) -> None:
     """A resumed run may change iterations, device and checkpoint_every, nothing else."""
     diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, asked for {getattr(wanted, k)!r}"
@@ -174,7 +159,7 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
     """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict.
     ``callback(strategy, iteration)`` runs after every completed step."""
     config.validate()
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     state = None
     if resume:

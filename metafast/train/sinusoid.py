@@ -21,6 +21,7 @@ import torch
 from ..data.sinusoid import SinusoidBatch, SinusoidTasks
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
+from .run import TrainingInterrupted, resolve_device
 from .plot import plot_sinusoid_fits
 from .progress import RunningLoss, progress_bar
 
@@ -87,25 +88,6 @@ class SinusoidConfig:
         if unknown:
             raise ValueError(f"unknown sinusoid config keys: {sorted(unknown)}")
         return cls(**d)
-
-
-class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C; ``checkpoint`` is the saved checkpoint (None if none could be saved)."""
-
-    def __init__(self, message: str, out_dir: str, iteration: int, checkpoint: Optional[str]):
-        super().__init__(message)
-        self.out_dir, self.iteration, self.checkpoint = out_dir, iteration, checkpoint
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False "
-                         "(no GPU or a CPU-only torch build); use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
-    return torch.device(name)
 
 
 def check_resume_config(saved: SinusoidConfig, wanted: SinusoidConfig) -> None:
@@ -287,10 +269,10 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
         if mid_step:  # a second Ctrl-C landed inside a step: the state may be half updated
             msg = (f"interrupted inside iteration {iteration + 1}; not saving a possibly inconsistent state "
                    f"(the last checkpoint, if any, is in {out_dir})")
-            raise TrainingInterrupted(msg, out_dir, iteration, None) from None
+            raise TrainingInterrupted(msg, out_dir, None, iteration) from None
         path = save()
         msg = f"interrupted at iteration {iteration}/{config.iterations}; checkpoint saved to {path}"
-        raise TrainingInterrupted(msg, out_dir, iteration, path) from None
+        raise TrainingInterrupted(msg, out_dir, path, iteration) from None
     finally:
         bar.close()
     if device.type == "cuda":
@@ -304,7 +286,7 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
         mse, ci95 = evaluate(maml, batch)
     except KeyboardInterrupt:
         msg = f"interrupted during evaluation; training is complete and saved to {ckpt_path}"
-        raise TrainingInterrupted(msg, out_dir, iteration, ckpt_path) from None
+        raise TrainingInterrupted(msg, out_dir, ckpt_path, iteration) from None
     eval_seconds = time.perf_counter() - t1
     log(format_results(mse, ci95))
     done = iteration - start

@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
+from .run import TrainingInterrupted, resolve_device
 from .progress import RunningLoss, progress_bar
 from .arguments import int_at_least as _int_at_least, positive_float as _positive_float
 
@@ -135,21 +136,7 @@ class VisionConfig:
         return cls(**d)
 
 
-class TrainingInterrupted(Exception):
-    def __init__(self, message: str, out_dir: str, iteration: int, checkpoint: Optional[str]):
-        super().__init__(message)
-        self.out_dir, self.iteration, self.checkpoint = out_dir, iteration, checkpoint
-
-
 # ----------------------------------------------------------------------------- building blocks
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
-    return torch.device(name)
-
-
 def load_data(dataset: str, root: str, split: str, download: bool = False):
     """The ImageSplit of ``dataset``'s ``split`` under ``root``."""
     if dataset == "omniglot":
@@ -351,10 +338,10 @@ def train_vision(config: VisionConfig, out_dir: str, resume: bool = False, progr
         if mid_step:
             raise TrainingInterrupted(f"interrupted inside iteration {iteration + 1}; not saving a possibly "
                                       f"inconsistent state (the last checkpoint, if any, is in {out_dir})",
-                                      out_dir, iteration, None) from None
+                                      out_dir, None, iteration) from None
         path = save()
         raise TrainingInterrupted(f"interrupted at iteration {iteration}/{config.iterations}; checkpoint saved to "
-                                  f"{path}", out_dir, iteration, path) from None
+                                  f"{path}", out_dir, path, iteration) from None
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t0
