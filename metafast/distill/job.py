@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json
+from ..train.checkpoint import CHECKPOINT_NAME, write_json
 from .distiller import Distiller, accuracy
 
 CONFIG_NAME = "config.json"

@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json
+from ..train.checkpoint import CHECKPOINT_NAME, save_checkpoint, write_json
 from ..train.interrupt import DeferredInterrupt
-from ..train.run import TrainingInterrupted, resolve_device
+from ..train.run import TrainingInterrupted, check_fixed, config_from_dict, resolve_device, resume_state
 from ..train.progress import RunningLoss, progress_bar
 from .model import MultiTask
 from .trainer import MultiTaskTrainer, per_task_accuracy
@@ -90,14 +90,10 @@ class MultiTaskConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultiTaskConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown multitask config keys: {sorted(unknown)}")
         d = dict(d)
         if "strategies" in d:
             d["strategies"] = tuple(d["strategies"])
-        return cls(**d)
+        return config_from_dict(cls, d, "multitask")
 
 
 def task_noise(config: MultiTaskConfig) -> List[float]:
@@ -136,10 +132,7 @@ def build_model(config: MultiTaskConfig, device: torch.device) -> MultiTask:
 
 def check_resume_config(saved: MultiTaskConfig, wanted: MultiTaskConfig) -> None:
     """A resumed run may change iterations, device and checkpoint_every, nothing else."""
-    diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, asked for {getattr(wanted, k)!r}"
-             for k in _FIXED_ON_RESUME if getattr(saved, k) != getattr(wanted, k)]
-    if diffs:
-        raise ValueError("cannot resume with a different setup (" + "; ".join(diffs) + ")")
+    check_fixed(saved, wanted, _FIXED_ON_RESUME)
 
 
 def format_results(results: Dict[str, dict]) -> str:
@@ -161,17 +154,7 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
     config.validate()
     device = resolve_device(config.device)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    state = None
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("task") != "multitask":
-            raise ValueError(f"{ckpt_path} is a checkpoint of task {state.get('task')!r}, not 'multitask'")
-        check_resume_config(MultiTaskConfig.from_dict(state["config"]), config)
-        if config.iterations < state["iteration"]:
-            raise ValueError(f"iterations must be >= {state['iteration']} (the checkpoint's iteration), "
-                             f"got {config.iterations}")
-    elif os.path.exists(ckpt_path):
-        raise ValueError(f"{out_dir} already holds a checkpoint; resume it or pick another output directory")
+    state = resume_state(out_dir, resume, "multitask", config, _FIXED_ON_RESUME)
     os.makedirs(out_dir, exist_ok=True)
 
     data = make_data(config, device)

@@ -19,9 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..data.sinusoid import SinusoidBatch, SinusoidTasks
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import CHECKPOINT_NAME, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
-from .run import TrainingInterrupted, resolve_device
+from .run import TrainingInterrupted, check_fixed, config_from_dict, resolve_device, resume_state
 from .plot import plot_sinusoid_fits
 from .progress import RunningLoss, progress_bar
 
@@ -83,19 +83,12 @@ class SinusoidConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SinusoidConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown sinusoid config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "sinusoid")
 
 
 def check_resume_config(saved: SinusoidConfig, wanted: SinusoidConfig) -> None:
     """A resumed run may change iterations, device and checkpoint_every, nothing else."""
-    diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, asked for {getattr(wanted, k)!r}"
-             for k in _FIXED_ON_RESUME if getattr(saved, k) != getattr(wanted, k)]
-    if diffs:
-        raise ValueError("cannot resume with a different setup (" + "; ".join(diffs) + ")")
+    check_fixed(saved, wanted, _FIXED_ON_RESUME)
 
 
 def build(config: SinusoidConfig, device: torch.device):
@@ -196,17 +189,7 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
     config.validate()
     device = resolve_device(config.device)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    state = None
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("task") != "sinusoid":
-            raise ValueError(f"{ckpt_path} is a checkpoint of task {state.get('task')!r}, not 'sinusoid'")
-        check_resume_config(SinusoidConfig.from_dict(state["config"]), config)
-        if config.iterations < state["iteration"]:
-            raise ValueError(f"iterations must be >= {state['iteration']} (the checkpoint's iteration), "
-                             f"got {config.iterations}")
-    elif os.path.exists(ckpt_path):
-        raise ValueError(f"{out_dir} already holds a checkpoint; resume it or pick another output directory")
+    state = resume_state(out_dir, resume, "sinusoid", config, _FIXED_ON_RESUME)
     os.makedirs(out_dir, exist_ok=True)
 
     torch.manual_seed(config.seed)  # model initialisation (and any randomness inside the step)

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
-from .run import TrainingInterrupted, resolve_device
+from .run import TrainingInterrupted, config_from_dict, resolve_device, resume_state
 from .progress import RunningLoss, progress_bar
 from .arguments import int_at_least as _int_at_least, positive_float as _positive_float
 
@@ -129,11 +129,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown vision config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "vision")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -243,20 +239,7 @@ def train_vision(config: VisionConfig, out_dir: str, resume: bool = False, progr
     device = resolve_device(config.device)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     best_path = os.path.join(out_dir, BEST_NAME)
-    state = None
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("task") != "vision":
-            raise ValueError(f"{ckpt_path} is a checkpoint of task {state.get('task')!r}, not a vision job")
-        saved = VisionConfig.from_dict(state["config"])
-        diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, asked for {getattr(config, k)!r}"
-                 for k in _FIXED_ON_RESUME if getattr(saved, k) != getattr(config, k)]
-        if diffs:
-            raise ValueError("cannot resume with a different setup (" + "; ".join(diffs) + ")")
-        if config.iterations < state["iteration"]:
-            raise ValueError(f"iterations must be >= {state['iteration']} (the checkpoint's), got {config.iterations}")
-    elif os.path.exists(ckpt_path):
-        raise ValueError(f"{out_dir} already holds a checkpoint; resume it or pick another output directory")
+    state = resume_state(out_dir, resume, "vision", config, _FIXED_ON_RESUME)
 
     # data first: a missing dataset fails before anything is written
     train_data = load_data(config.dataset, config.root, config.train_split, config.download)
