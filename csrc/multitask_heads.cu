@@ -18,16 +18,16 @@
 #include <tuple>
 
 #include "checks.h"
+#include "online_softmax.cuh"
 
 namespace metafast {
 namespace multitask_heads {
 
 constexpr int kWarpsPerBlock = 8;
 
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float log_(float x) { return logf(x); }
-__device__ __forceinline__ double log_(double x) { return log(x); }
+using softmax::acc_dtype;
+using softmax::exp_;
+using softmax::log_;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t v) {
@@ -116,8 +116,6 @@ void with_vpt(int64_t O, F&& f) {
   else if (O <= 512) f(std::integral_constant<int, 16>{});
   else f(std::integral_constant<int, 0>{});
 }
-
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
                                        const at::Tensor& labels, bool mean) {

@@ -10,21 +10,15 @@ the KL term and the gradient once the normalisers are known.
 The launcher only allocates and launches: argument checks, coefficients and autograd live in
 ``metafast.ops.kd_loss``.
 """
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-# Finite stand-in for -inf as the initial running max: exp(m_old - m_new) never sees
-# (-inf) - (-inf) = NaN when a chunk of a row is all -inf (masked classes) or padding.
-_NEG_BIG = tl.constexpr(-3.0e38)
+from ._online_softmax import NEG_BIG, acc_dtypes, online_softmax_update, row_tiles, split_f64
 
 # Largest class chunk one program holds in registers (two logit tiles plus fp64 cost registers).
 MAX_BLOCK_C = 2048
 MAX_BLOCK_C_FP64 = 1024
-# Elements per program when several short rows share one program.
-_ROW_TILE = 2048
 
 
 # Math (one row: student s, teacher t in R^C, temperature T, label y):
@@ -85,10 +79,10 @@ def _kd_fwd_kernel(
         t = tl.load(t_rows[:, None] + cols[None, :] * stride_tc, mask=mask, other=float("-inf")).to(ACC_DTYPE)
         a = s * inv_t
         b = t * inv_t
-        m_a = tl.maximum(tl.max(a, 1), _NEG_BIG)
+        m_a = tl.maximum(tl.max(a, 1), NEG_BIG)
         e_a = tl.exp(a - m_a[:, None])
         lse_a = m_a + tl.log(tl.sum(e_a, 1))
-        m_b = tl.maximum(tl.max(b, 1), _NEG_BIG)
+        m_b = tl.maximum(tl.max(b, 1), NEG_BIG)
         e_b = tl.exp(b - m_b[:, None])
         lse_b = m_b + tl.log(tl.sum(e_b, 1))
         p = tl.exp(a - lse_a[:, None])
@@ -98,7 +92,7 @@ def _kd_fwd_kernel(
         loss = c_kl * kl
         d = c_kd * (p - r)
         if HAS_TARGET:
-            m_s = tl.maximum(tl.max(s, 1), _NEG_BIG)
+            m_s = tl.maximum(tl.max(s, 1), NEG_BIG)
             lse_s = m_s + tl.log(tl.sum(tl.exp(s - m_s[:, None]), 1))
             loss += c_ce * (lse_s - s_y)
             q = tl.exp(s - lse_s[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
@@ -106,11 +100,11 @@ def _kd_fwd_kernel(
         tl.store(loss_ptr + rows, loss, mask=row_mask)
         tl.store(g_rows[:, None] + cols[None, :], d.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
-        m_a = tl.full([BLOCK_R], _NEG_BIG, ACC_DTYPE)
+        m_a = tl.full([BLOCK_R], NEG_BIG, ACC_DTYPE)
         z_a = tl.zeros([BLOCK_R], ACC_DTYPE)
-        m_b = tl.full([BLOCK_R], _NEG_BIG, ACC_DTYPE)
+        m_b = tl.full([BLOCK_R], NEG_BIG, ACC_DTYPE)
         z_b = tl.zeros([BLOCK_R], ACC_DTYPE)
-        m_s = tl.full([BLOCK_R], _NEG_BIG, ACC_DTYPE)
+        m_s = tl.full([BLOCK_R], NEG_BIG, ACC_DTYPE)
         z_s = tl.zeros([BLOCK_R], ACC_DTYPE)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
@@ -119,16 +113,10 @@ def _kd_fwd_kernel(
             t = tl.load(t_rows[:, None] + cc[None, :] * stride_tc, mask=mask, other=float("-inf")).to(ACC_DTYPE)
             a = s * inv_t
             b = t * inv_t
-            m_new = tl.maximum(m_a, tl.max(a, 1))
-            z_a = z_a * tl.exp(m_a - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
-            m_a = m_new
-            m_new = tl.maximum(m_b, tl.max(b, 1))
-            z_b = z_b * tl.exp(m_b - m_new) + tl.sum(tl.exp(b - m_new[:, None]), 1)
-            m_b = m_new
+            m_a, z_a = online_softmax_update(m_a, z_a, a)
+            m_b, z_b = online_softmax_update(m_b, z_b, b)
             if HAS_TARGET:
-                m_new = tl.maximum(m_s, tl.max(s, 1))
-                z_s = z_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-                m_s = m_new
+                m_s, z_s = online_softmax_update(m_s, z_s, s)
         lse_a = m_a + tl.log(z_a)
         lse_b = m_b + tl.log(z_b)
         lse_s = m_s + tl.log(z_s)
@@ -152,27 +140,10 @@ def _kd_fwd_kernel(
         tl.store(loss_ptr + rows, loss, mask=row_mask)
 
 
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def _to_f32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def _split_f64(value: float):
-    """value ~= hi + lo (to ~48 bits) with both parts exactly representable in float32."""
-    hi = _to_f32(value)
-    return hi, _to_f32(value - hi)
-
-
 def _tiles(R: int, C: int, dtype: torch.dtype, max_block_c=None):
     """(BLOCK_R, BLOCK_C, SINGLE_CHUNK, num_warps) for R rows of C classes."""
     cap = max_block_c or (MAX_BLOCK_C_FP64 if dtype == torch.float64 else MAX_BLOCK_C)
-    block_c = max(4, min(triton.next_power_of_2(C), triton.next_power_of_2(cap)))
-    block_r = max(1, min(_ROW_TILE // block_c, triton.next_power_of_2(R)))
-    num_warps = 8 if block_r * block_c >= 2048 else 4
-    return block_r, block_c, block_c >= C, num_warps
+    return row_tiles(R, C, cap, warps8_at=2048)
 
 
 def kd_loss_fwd(student, teacher, labels, inv_t: float, c_kl: float, c_kd: float, c_ce: float,
@@ -180,7 +151,7 @@ def kd_loss_fwd(student, teacher, labels, inv_t: float, c_kl: float, c_kd: float
     """Launch the fused forward on [T, N, C] logits. Returns (row_loss [T, N] in the accumulation
     dtype, grad [T, N, C] in the student dtype). labels: int64 [T, N] or None (no CE term)."""
     T, N, C = student.shape
-    acc_torch, acc_tl = _acc(student.dtype)
+    acc_torch, acc_tl = acc_dtypes(student.dtype)
     row_loss = torch.empty((T, N), dtype=acc_torch, device=student.device)
     grad = torch.empty((T, N, C), dtype=student.dtype, device=student.device)
     R = T * N
@@ -196,7 +167,7 @@ def kd_loss_fwd(student, teacher, labels, inv_t: float, c_kl: float, c_kd: float
         teacher.stride(0), teacher.stride(1), teacher.stride(2),
         *y_strides,
         R, N, C,
-        *_split_f64(inv_t), *_split_f64(c_kl), *_split_f64(c_kd), *_split_f64(c_ce),
+        *split_f64(inv_t), *split_f64(c_kl), *split_f64(c_kd), *split_f64(c_ce),
         BLOCK_R=block_r, BLOCK_C=block_c, SINGLE_CHUNK=single, HAS_TARGET=has_target,
         ACC_DTYPE=acc_tl, num_warps=num_warps,
     )

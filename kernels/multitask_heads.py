@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._online_softmax import acc_dtypes
+
 # Widest head (classes) whose logits tile stays in registers.
 MAX_BLOCK_O = 1024
 # Elements of the logits tile per program (BLOCK_N * BLOCK_O).
@@ -96,10 +98,6 @@ def _mth_fwd_kernel(
     tl.store(d_ptrs, d.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def tiles(N: int, O: int, dtype: torch.dtype):
     """(BLOCK_N, BLOCK_O, BLOCK_K, num_warps) for heads of O classes over N rows."""
     block_o = max(16, triton.next_power_of_2(O))
@@ -115,7 +113,7 @@ def multitask_heads_fwd(features, weight, bias, labels, mean: bool):
     bias [H, O]; labels [H, N] int64; all on one device, floats of one dtype."""
     H, O, I = weight.shape
     N = labels.shape[1]
-    acc_torch, acc_tl = _acc(weight.dtype)
+    acc_torch, acc_tl = acc_dtypes(weight.dtype)
     if O > MAX_BLOCK_O:
         return _unfused_fwd(features, weight, bias, labels, mean)
     row_loss = torch.empty((H, N), dtype=acc_torch, device=weight.device)
@@ -152,7 +150,7 @@ def _unfused_fwd(features, weight, bias, labels, mean: bool):
         logits = torch.matmul(features, weight.transpose(1, 2)) + bias.unsqueeze(1)
     else:
         logits = torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
-    acc_torch, _ = _acc(weight.dtype)
+    acc_torch, _ = acc_dtypes(weight.dtype)
     row_weight = torch.full((H, N), 1.0 / max(N, 1) if mean else 1.0, dtype=acc_torch, device=weight.device)
     row_loss, dlogits, _ = task_cross_entropy_fwd(logits, labels, row_weight, 0.0, -100)
     return row_loss, dlogits

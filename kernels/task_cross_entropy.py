@@ -8,21 +8,15 @@ when one chunk covers C the row is read from memory exactly once.
 The launchers only allocate and launch: argument checking, row weights and autograd live in
 ``metafast.ops.task_cross_entropy``.
 """
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-# Finite stand-in for -inf as the initial running max: keeps exp(m_old - m_new) free of
-# (-inf) - (-inf) = NaN when a whole chunk of a row is -inf (masked classes) or padding.
-_NEG_BIG = tl.constexpr(-3.0e38)
+from ._online_softmax import NEG_BIG, acc_dtypes, online_softmax_update, row_tiles, split_f64
 
 # Largest class chunk one program holds in registers (fp64 tiles cost twice the registers).
 MAX_BLOCK_C = 4096
 MAX_BLOCK_C_FP64 = 2048
-# Elements per program when several short rows share one program.
-_ROW_TILE = 2048
 
 
 # Math (one row x in R^C, label y, smoothing eps, row weight w):
@@ -73,12 +67,12 @@ def _tce_fwd_kernel(
         mask = row_mask[:, None] & (cols[None, :] < C)
         x = tl.load(x_rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=float("-inf"))
         x = x.to(ACC_DTYPE)
-        m = tl.maximum(tl.max(x, 1), _NEG_BIG)
+        m = tl.maximum(tl.max(x, 1), NEG_BIG)
         e = tl.exp(x - m[:, None])
         s = tl.sum(e, 1)
         sum_x = tl.sum(tl.where(mask, x, 0.0), 1)
     else:
-        m = tl.full([BLOCK_R], _NEG_BIG, ACC_DTYPE)
+        m = tl.full([BLOCK_R], NEG_BIG, ACC_DTYPE)
         s = tl.zeros([BLOCK_R], ACC_DTYPE)
         sum_x = tl.zeros([BLOCK_R], ACC_DTYPE)
         for c0 in range(0, C, BLOCK_C):
@@ -86,9 +80,7 @@ def _tce_fwd_kernel(
             mask = row_mask[:, None] & (cc[None, :] < C)
             x = tl.load(x_rows[:, None] + cc[None, :] * stride_xc, mask=mask, other=float("-inf"))
             x = x.to(ACC_DTYPE)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
-            m = m_new
+            m, s = online_softmax_update(m, s, x)
             if HAS_SMOOTHING:
                 sum_x += tl.sum(tl.where(mask, x, 0.0), 1)
     lse = m + tl.log(s)
@@ -174,27 +166,10 @@ def _tce_softmax_jvp_kernel(
             tl.store(o_rows[:, None] + cc[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def _to_f32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def _split_f64(value: float):
-    """value ~= hi + lo (to ~48 bits) with both parts exactly representable in float32."""
-    hi = _to_f32(value)
-    return hi, _to_f32(value - hi)
-
-
 def _tiles(R: int, C: int, dtype: torch.dtype, max_block_c=None):
     """(BLOCK_R, BLOCK_C, SINGLE_CHUNK, num_warps) for R rows of C classes."""
     cap = max_block_c or (MAX_BLOCK_C_FP64 if dtype == torch.float64 else MAX_BLOCK_C)
-    block_c = max(4, min(triton.next_power_of_2(C), triton.next_power_of_2(cap)))
-    block_r = max(1, min(_ROW_TILE // block_c, triton.next_power_of_2(R)))
-    num_warps = 8 if block_r * block_c >= 4096 else 4
-    return block_r, block_c, block_c >= C, num_warps
+    return row_tiles(R, C, cap, warps8_at=4096)
 
 
 def task_cross_entropy_fwd(logits, labels, row_weight, label_smoothing: float, ignore_index: int,
@@ -206,7 +181,7 @@ def task_cross_entropy_fwd(logits, labels, row_weight, label_smoothing: float, i
     max_block_c caps the class chunk (tests use it to exercise the multi-chunk sweep on small C).
     """
     T, N, C = logits.shape
-    acc_torch, acc_tl = _acc(logits.dtype)
+    acc_torch, acc_tl = acc_dtypes(logits.dtype)
     row_loss = torch.empty((T, N), dtype=acc_torch, device=logits.device)
     lse = torch.empty((T, N), dtype=acc_torch, device=logits.device)
     dlogits = torch.empty((T, N, C), dtype=logits.dtype, device=logits.device)
@@ -219,7 +194,7 @@ def task_cross_entropy_fwd(logits, labels, row_weight, label_smoothing: float, i
         logits.stride(0), logits.stride(1), logits.stride(2),
         labels.stride(0), labels.stride(1),
         R, N, C,
-        ignore_index, *_split_f64(label_smoothing),
+        ignore_index, *split_f64(label_smoothing),
         BLOCK_R=block_r, BLOCK_C=block_c, SINGLE_CHUNK=single,
         HAS_SMOOTHING=label_smoothing > 0, ACC_DTYPE=acc_tl, num_warps=num_warps,
     )
@@ -230,7 +205,7 @@ def task_cross_entropy_softmax_jvp(logits, lse, v, row_scale, max_block_c=None):
     """Launch out = row_scale * p * (v - <p, v>) with p = exp(logits - lse). Returns [T, N, C] in
     the logits dtype. lse and row_scale: contiguous [T, N] in the accumulation dtype."""
     T, N, C = logits.shape
-    _, acc_tl = _acc(logits.dtype)
+    _, acc_tl = acc_dtypes(logits.dtype)
     out = torch.empty((T, N, C), dtype=logits.dtype, device=logits.device)
     R = T * N
     if R == 0:
