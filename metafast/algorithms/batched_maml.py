@@ -118,7 +118,7 @@ class BatchedMAML(nn.Module):
         """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
         theta = self._flat.theta()
         if self.exact_reverse and torch.is_grad_enabled():
-            plan = (self._engine, self.loss_fn, steps, lambda k: self._lr(k, 0), self.first_order)
+            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order)
             task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
                                                                query_y, plan)
         else:
@@ -160,7 +160,7 @@ class BatchedMAML(nn.Module):
         return "\n".join(self._engine.describe() + [how])
 
     # -- engine ----------------------------------------------------------------------------------
-    def _lr(self, step: int, a: int):
+    def _lr(self, step: int):
         if self.lrs is not None:
             return self.lrs
         return self.inner_lrs[step] if len(self.inner_lrs) > 1 else self.inner_lrs[0]
@@ -191,7 +191,7 @@ class BatchedMAML(nn.Module):
             if not second:
                 g = g.detach()
             support_losses = loss
-            lr = self._lr(step, a)
+            lr = self._lr(step)
             if mode == "eval" and torch.is_tensor(lr):
                 lr = lr.detach()
             start = theta[a:] if fast is None else fast
