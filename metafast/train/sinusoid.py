@@ -7,6 +7,16 @@ K=5 and K=10 with 95% confidence intervals, metrics.json, a checkpoint and a PNG
 Resuming from a checkpoint continues the run exactly: the model, the optimizer, the iteration and
 every random state (global torch CPU/CUDA and the task generator) are restored, so the final
 parameters and metrics equal those of an uninterrupted run bit for bit on the same device.
+
+Under torchrun (``torchrun --nproc_per_node W -m metafast train ...``) the job is data parallel:
+``meta_batch`` is per rank (W ranks meta-train on W * meta_batch tasks per step), rank 0's initial
+parameters are broadcast, each rank draws its own tasks and the meta-gradients are averaged
+(metafast.distributed), so every rank takes the same Adam step. Rank 0 alone prints, writes checkpoints
+and metrics and evaluates (on the same 600 held-out tasks as a single process). A rank's tasks at
+iteration i are drawn from a generator seeded by hash(seed, rank, i), so a resume with the same world
+size continues bit for bit like a single process does; resuming with another world size (1 included)
+continues the model, optimizer and iteration exactly, but the global meta-batch becomes
+W' * meta_batch and the task stream is the one of the new world size.
 """
 import dataclasses
 import math
@@ -18,6 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .. import distributed
 from ..data.sinusoid import SinusoidBatch, SinusoidTasks
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
@@ -180,17 +191,31 @@ def _plot(maml, batch: SinusoidBatch, path: str, iteration: int) -> str:
 
 def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, progress: bool = True,
                    callback: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
-                   plot: bool = True) -> dict:
-    """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict.
+                   plot: bool = True) -> Optional[dict]:
+    """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict (None on
+    ranks other than 0 of a distributed run).
 
     ``callback(iteration)`` runs after every completed meta-step. Ctrl-C stops at the next step
-    boundary, saves a checkpoint and raises TrainingInterrupted.
+    boundary, saves a checkpoint and raises TrainingInterrupted. Launched by torchrun with
+    WORLD_SIZE > 1, it joins the process group (and leaves it at the end, also on errors) unless the
+    caller already did.
     """
     config.validate()
     device = resolve_device(config.device)
+    with distributed.session(device.type):
+        return _train(config, out_dir, resume, progress, callback, log, plot, distributed.device_for(device))
+
+
+def _train(config: SinusoidConfig, out_dir: str, resume: bool, progress: bool,
+           callback: Optional[Callable[[int], None]], log: Callable[[str], None], plot: bool,
+           device: torch.device) -> Optional[dict]:
+    main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
+    if not main:
+        progress, log = False, (lambda msg: None)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     state = resume_state(out_dir, resume, "sinusoid", config, _FIXED_ON_RESUME)
-    os.makedirs(out_dir, exist_ok=True)
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
 
     torch.manual_seed(config.seed)  # model initialisation (and any randomness inside the step)
     maml, optimizer = build(config, device)
@@ -205,11 +230,20 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
         start = state["iteration"]
         train_seconds_before = state.get("train_seconds", 0.0)
         _set_rng_state(state["rng"], generator, device)
-        log(f"resuming {out_dir} at iteration {start}/{config.iterations}")
+        if world == 1 and state.get("world_size", 1) > 1:  # that stream was per iteration: start a fresh one
+            generator.manual_seed(distributed.task_seed(config.seed, 0, start))
+        log(f"resuming {out_dir} at iteration {start}/{config.iterations}"
+            + (f" (checkpoint of {state.get('world_size', 1)} processes)" if state.get("world_size", 1) != world else ""))
+    distributed.broadcast_parameters(maml)  # rank 0's parameters: every rank starts identical
+    if world > 1:
+        log(f"distributed: {world} processes ({torch.distributed.get_backend()}), meta-batch {config.meta_batch} "
+            f"per process = {world * config.meta_batch} tasks per step")
 
     iteration = start
 
     def save() -> str:
+        if not main:
+            return ckpt_path
         save_checkpoint({
             "task": "sinusoid",
             "config": config.to_dict(),
@@ -220,6 +254,7 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
             "rng": _rng_state(generator, device),
             "running_loss": running.state(),
             "train_seconds": train_seconds_before + (time.perf_counter() - t0),
+            "world_size": world,
         }, ckpt_path)
         return ckpt_path
 
@@ -232,12 +267,18 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
                 if interrupt.requested:
                     raise KeyboardInterrupt
                 mid_step = True
+                if world > 1:  # each rank its own tasks, recomputable from (seed, rank, iteration)
+                    generator.manual_seed(distributed.task_seed(config.seed, rank, iteration))
                 batch = tasks.sample(config.meta_batch, config.shots, config.queries, generator, device=device)
                 out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
+                loss = out.loss.detach()
+                if world > 1:  # mean meta-gradient (and loss) over all ranks' tasks
+                    loss = loss.clone()
+                    distributed.all_reduce_gradients(maml.parameters(), also=[loss])
                 optimizer.step()
-                running.update(out.loss)
+                running.update(loss)
                 iteration += 1
                 mid_step = False
                 bar.update(1)
@@ -262,6 +303,8 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - t0
     save()  # before evaluation, so an interrupted evaluation resumes without retraining
+    if not main:  # evaluation, metrics and plot are rank 0's
+        return None
 
     t1 = time.perf_counter()
     try:
@@ -283,6 +326,8 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
         "train_loss": running.value(),
         "config": config.to_dict(),
         "device": _device_label(device),
+        "world_size": world,
+        "tasks_per_iteration": world * config.meta_batch,
         "timing": {
             "iterations_this_run": done,
             "train_seconds_this_run": train_seconds,

@@ -1,0 +1,203 @@
+"""Data-parallel meta-training on 2 CPU processes (gloo): the all-reduced meta-gradient equals one
+process's meta-gradient on the concatenated tasks, a dead rank ends the job with a clear error within
+the timeout, and the default job runs under torchrun with rank 0 alone writing.
+
+The workers are this file run as a script (``python tests/test_distributed.py <mode> ...``) with
+torchrun's environment variables; every subprocess has a timeout, so a failure cannot hang CI.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DT = torch.float64
+TOL = 1e-10
+T = 3  # tasks per rank: odd on purpose
+CASES = {  # name -> BatchedMAML options; all second order
+    "maml": dict(inner_lr=0.3, inner_steps=2, meta_sgd=False),
+    "meta_sgd": dict(inner_lr=0.2, inner_steps=1, meta_sgd=True),
+    "maml_autograd": dict(inner_lr=0.3, inner_steps=2, meta_sgd=False, exact_reverse=False),
+}
+
+
+def _build(case):
+    from metafast import BatchedMAML
+    from metafast.models import MLP
+
+    torch.manual_seed(0)
+    maml = BatchedMAML(MLP(1, [7, 5], 1).to(DT), loss="mse", **CASES[case])
+    if maml.lrs is not None:  # distinct per-element rates, so a mix-up of lrs would show
+        with torch.no_grad():
+            maml.lrs.mul_(torch.rand(maml.lrs.shape, generator=torch.Generator().manual_seed(1), dtype=DT) + 0.5)
+    return maml
+
+
+def _tasks(n):
+    from metafast.data.sinusoid import SinusoidTasks
+
+    b = SinusoidTasks().sample(n, 6, 5, torch.Generator().manual_seed(7), dtype=DT)
+    return b.support_x, b.support_y, b.query_x, b.query_y
+
+
+def _grads(maml, batch):
+    out = maml(*batch)
+    out.loss.backward()
+    return {n: p.grad.clone() for n, p in maml.named_parameters()}, out.loss.detach()
+
+
+# ----------------------------------------------------------------------------- worker side
+def _worker(mode, out_dir, timeout):
+    torch.set_num_threads(1)
+    from metafast import distributed
+
+    rank, world = distributed.init("cpu", timeout=float(timeout))
+    try:
+        if mode == "grad":
+            result = {}
+            for case in CASES:
+                maml = _build(case)
+                if rank != 0:  # a different start on rank 1: only the broadcast makes them equal
+                    with torch.no_grad():
+                        for p in maml.parameters():
+                            p.add_(0.5)
+                distributed.broadcast_parameters(maml)
+                batch = [t[rank * T:(rank + 1) * T].contiguous() for t in _tasks(world * T)]
+                out = maml(*batch)
+                out.loss.backward()
+                loss = out.loss.detach().clone()
+                distributed.all_reduce_gradients(maml.parameters(), also=[loss])
+                result[case] = ({n: p.grad.clone() for n, p in maml.named_parameters()}, loss,
+                                {n: p.detach().clone() for n, p in maml.named_parameters()})
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        elif mode in ("die", "hang"):
+            maml = _build("maml")
+            out = maml(*_tasks(T))
+            out.loss.backward()
+            if rank == 1:
+                if mode == "die":
+                    raise RuntimeError("rank 1 fails before the all_reduce")
+                time.sleep(600)  # never reaches the collective; the parent kills it
+            distributed.all_reduce_gradients(maml.parameters())
+        else:
+            raise ValueError(f"mode: unknown {mode!r}")
+    finally:
+        distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------- test side
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", **extra)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def _spawn(mode, out_dir, timeout, world=2):
+    port = str(_free_port())
+    procs = []
+    for r in range(world):
+        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _wait(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"worker did not finish within {timeout} s:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def test_two_ranks_give_the_meta_gradient_of_all_tasks(tmp_path):
+    procs = _spawn("grad", tmp_path, 30)
+    try:
+        for p in procs:
+            rc, _, err = _wait(p, 45)
+            assert rc == 0, err[-3000:]
+    finally:
+        _kill(procs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for case in CASES:
+        ref_grads, ref_loss = _grads(_build(case), _tasks(2 * T))  # one process, all 2T tasks
+        ref_params = {n: p.detach() for n, p in _build(case).named_parameters()}
+        for r, res in enumerate(ranks):
+            grads, loss, params = res[case]
+            assert set(grads) == set(ref_grads)
+            for n in ref_grads:
+                assert torch.equal(params[n], ref_params[n]), f"{case} rank {r}: {n} not broadcast from rank 0"
+                err = _rel_err(grads[n], ref_grads[n])
+                assert err <= TOL, (f"{case} rank {r} {n}: rel. err {err:.3e}; first values "
+                                    f"{grads[n].flatten()[:4].tolist()} vs {ref_grads[n].flatten()[:4].tolist()}")
+            assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item()), (case, loss, ref_loss)
+        for n in ref_grads:  # the meta-optimizer sees the same gradient on every rank
+            assert torch.equal(ranks[0][case][0][n], ranks[1][case][0][n]), (case, n)
+
+
+@pytest.mark.parametrize("mode,timeout", [("die", 20), ("hang", 3)])
+def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path, mode, timeout):
+    procs = _spawn(mode, tmp_path, timeout)
+    t0 = time.perf_counter()
+    try:
+        rc, _, err = _wait(procs[0], timeout + 30)
+        elapsed = time.perf_counter() - t0
+    finally:
+        _kill(procs)
+    assert rc != 0, "rank 0 should fail when rank 1 never joins the all_reduce"
+    assert "DistributedError" in err and "all_reduce failed" in err and "rank 0/2" in err, err[-3000:]
+    assert elapsed < timeout + 25, elapsed
+
+
+def test_torchrun_default_job_rank0_writes(tmp_path):
+    out = tmp_path / "run"
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", port, "-m", "metafast", "train", "--iterations", "20", "--meta-batch", "5",
+           "--device", "cpu", "--out", str(out), "--no-progress", "--checkpoint-every", "10"]
+    res = subprocess.run(cmd, env=_env(METAFAST_DIST_TIMEOUT="30"), capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("held-out MSE") == 1, res.stdout  # only rank 0 evaluates and prints
+    assert "2 processes" in res.stdout and "10 tasks per step" in res.stdout, res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iteration"] == 20 and metrics["world_size"] == 2 and metrics["tasks_per_iteration"] == 10
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.json", "sinusoid_fits.png"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["iteration"] == 20
+
+    # resume in one process (another world size): model/optimizer/iteration continue
+    res = subprocess.run([sys.executable, "-m", "metafast", "train", "--resume", str(out), "--iterations", "23",
+                          "--no-progress"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoint of 2 processes" in res.stdout, res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iteration"] == 23 and metrics["world_size"] == 1 and metrics["timing"]["iterations_this_run"] == 3
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])
