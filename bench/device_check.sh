@@ -32,17 +32,17 @@ $PY -c "import metafast._C, torch; print('extension ops:', sorted(n for n in dir
 $PY -m metafast info || status=1
 
 step "pytest -m gpu"
-timeout 240 $PY -m pytest -m gpu -q -x --timeout 120 -p no:cacheprovider tests 2>&1 | tail -25
+timeout 150 $PY -m pytest -m gpu -q -x --timeout 60 -p no:cacheprovider tests 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "microbenchmarks"
 for b in inner_update task_cross_entropy kd_loss multitask_heads; do
   [ -f "bench/bench_$b.py" ] || continue
-  timeout 120 $PY "bench/bench_$b.py" --device cuda --out bench/results || status=1
+  timeout 60 $PY "bench/bench_$b.py" --device cuda --out bench/results || status=1
 done
 
 step "meta-step: metafast vs torch.func vs per-task loop (eager and CUDA graph)"
-timeout 180 $PY bench/bench_maml_step.py --device cuda --cuda-graph --out bench/results || status=1
+timeout 120 $PY bench/bench_maml_step.py --device cuda --cuda-graph --out bench/results || status=1
 
 if [ -n "$OUT" ]; then
   cp bench/results/*cuda*.json "$OUT"/ 2>/dev/null || true
