@@ -14,7 +14,6 @@ scaling_efficiency = tasks/s(W) / (W * tasks/s(1)) go to distributed_cuda.json (
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import tempfile
 import time
 
 import torch
+import torch.distributed  # noqa: F401  (TCPStore)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
@@ -91,21 +91,17 @@ def _worker(device_name: str, threads: int, steps: int, blocks: int, out: str) -
         distributed.shutdown()
 
 
-def _free_port() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _run(world: int, threads: int, device: str, steps: int, blocks: int) -> dict:
     """Launch ``world`` worker processes of this script and return rank 0's timings."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        port = _free_port()
+        # hosted here, as torchrun's agent does: the ranks' exit order cannot pull it from under the others
+        store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
         procs = []
         for r in range(world):
             env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port, OMP_NUM_THREADS=str(threads))
+                       MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                       OMP_NUM_THREADS=str(threads))
             env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
             procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", device, str(threads),
                                            str(steps), str(blocks), out], env=env))

@@ -42,7 +42,8 @@ def _add_train_parser(sub) -> None:
                     f"{DEFAULT_ITERATIONS} iterations (the paper uses --iterations {PAPER_ITERATIONS}).")
     p.add_argument("--dataset", choices=sorted(_TRAIN_JOBS), default="sinusoid", help="task family (default: sinusoid)")
     p.add_argument("--iterations", type=_int_at_least(1), help=f"meta-iterations (default {DEFAULT_ITERATIONS})")
-    p.add_argument("--meta-batch", type=_int_at_least(1), help="tasks per meta-batch (default 25)")
+    p.add_argument("--meta-batch", type=_int_at_least(1),
+                   help="tasks per meta-batch (default 25); per process under torchrun, so W processes use W times as many")
     p.add_argument("--inner-lr", type=_positive_float, help="inner-loop SGD learning rate (default 0.01)")
     p.add_argument("--inner-steps", type=_int_at_least(1), help="inner-loop steps (default 1)")
     p.add_argument("--meta-lr", type=_positive_float, help="Adam learning rate of the meta-update (default 1e-3)")
@@ -112,6 +113,11 @@ _TRAIN_JOBS = {"sinusoid": _train_sinusoid, **{name: vision.main for name in vis
 
 
 def _cmd_train(args) -> int:
+    from metafast import distributed
+
+    if args.dataset != "sinusoid" and distributed.launched():  # W uncoordinated copies would share --out
+        raise CommandError(f"--dataset {args.dataset}: only the sinusoid job runs data parallel under torchrun "
+                           f"(WORLD_SIZE={distributed.env_world_size()}); launch it as one process")
     return _TRAIN_JOBS[args.dataset](args)
 
 

@@ -52,13 +52,18 @@ def _grads(maml, batch):
 
 
 # ----------------------------------------------------------------------------- worker side
-def _worker(mode, out_dir, timeout):
+def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
     torch.set_num_threads(1)
     from metafast import distributed
 
     rank, world = distributed.init("cpu", timeout=float(timeout))
     try:
-        if mode == "grad":
+        if mode == "job":
+            from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
+
+            config = SinusoidConfig(iterations=int(iterations), meta_batch=5, device="cpu", checkpoint_every=0)
+            train_sinusoid(config, out_dir, resume=resume == "1", progress=False, plot=False)
+        elif mode == "grad":
             result = {}
             for case in CASES:
                 maml = _build(case)
@@ -104,13 +109,24 @@ def _env(**extra):
     return env
 
 
-def _spawn(mode, out_dir, timeout, world=2):
-    port = str(_free_port())
+def _store(world):
+    """The rendezvous store, hosted here as torchrun's agent does: no rank owns it, so the order in
+    which ranks exit cannot pull it from under the others."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+
+
+def _spawn(mode, out_dir, timeout, world=2, *extra):
+    store = _store(world)
     procs = []
     for r in range(world):
-        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout)],
+        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=str(store.port),
+                   TORCHELASTIC_USE_AGENT_STORE="True")
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout), *extra],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        p.store = store  # alive as long as the workers
     return procs
 
 
@@ -133,6 +149,38 @@ def _kill(procs):
 
 def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def test_single_process_helpers_and_errors(monkeypatch):
+    from metafast import distributed
+
+    seeds = {distributed.task_seed(0, r, i) for r in range(3) for i in range(50)}
+    assert len(seeds) == 150 and all(0 <= v < 2 ** 63 for v in seeds)  # every rank and iteration its own stream
+    assert distributed.task_seed(5, 1, 7) == distributed.task_seed(5, 1, 7) != distributed.task_seed(6, 1, 7)
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    g = torch.tensor([1.5, -2.0])
+    distributed.all_reduce_mean_([g])  # no process group: a no-op
+    assert g.tolist() == [1.5, -2.0]
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*torchrun"):
+        distributed.init("cpu")
+    with pytest.raises(ValueError, match="timeout"):
+        distributed.init("cpu", timeout=0)
+    with pytest.raises(ValueError, match="device"):
+        distributed.init("tpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE.*integer"):
+        distributed.launched()
+
+
+def test_only_the_sinusoid_job_runs_under_torchrun(monkeypatch, capsys, tmp_path):
+    from metafast.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--dataset", "omniglot", "--iterations", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "only the sinusoid job runs data parallel" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_two_ranks_give_the_meta_gradient_of_all_tasks(tmp_path):
@@ -174,7 +222,30 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path, mode, timeout):
     assert elapsed < timeout + 25, elapsed
 
 
-def test_torchrun_default_job_rank0_writes(tmp_path):
+def _job(out_dir, iterations, resume=False):
+    procs = _spawn("job", out_dir, 30, 2, str(iterations), "1" if resume else "0")
+    try:
+        for p in procs:
+            rc, _, err = _wait(p, 60)
+            assert rc == 0, err[-3000:]
+    finally:
+        _kill(procs)
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)
+
+
+def _same_state(a, b):
+    for key in ("maml", "optimizer"):
+        x, y = a[key], b[key]
+        if key == "optimizer":
+            x, y = x["state"], y["state"]
+        tx = [t for v in x.values() for t in (v.values() if isinstance(v, dict) else [v]) if torch.is_tensor(t)]
+        ty = [t for v in y.values() for t in (v.values() if isinstance(v, dict) else [v]) if torch.is_tensor(t)]
+        assert len(tx) == len(ty) > 0, key
+        for u, v in zip(tx, ty):
+            assert torch.equal(u, v), f"{key}: first values {u.flatten()[:4].tolist()} vs {v.flatten()[:4].tolist()}"
+
+
+def test_torchrun_default_job_rank0_writes_and_resumes(tmp_path):
     out = tmp_path / "run"
     port = str(_free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -187,8 +258,16 @@ def test_torchrun_default_job_rank0_writes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iteration"] == 20 and metrics["world_size"] == 2 and metrics["tasks_per_iteration"] == 10
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.json", "sinusoid_fits.png"]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["world_size"] == 2 and ckpt["iteration"] == 20
+    straight = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert straight["world_size"] == 2 and straight["iteration"] == 20
+
+    # the same job stopped at 10 and resumed with the same world size ends bit for bit identical
+    _job(tmp_path / "resumed", 10)
+    resumed = _job(tmp_path / "resumed", 20, resume=True)
+    assert resumed["iteration"] == 20
+    _same_state(straight, resumed)
+    again = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert again["mse"] == metrics["mse"] and again["train_loss"] == metrics["train_loss"]
 
     # resume in one process (another world size): model/optimizer/iteration continue
     res = subprocess.run([sys.executable, "-m", "metafast", "train", "--resume", str(out), "--iterations", "23",
@@ -200,4 +279,4 @@ def test_torchrun_default_job_rank0_writes(tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:4])
+    _worker(*sys.argv[1:])
