@@ -1,6 +1,6 @@
 """Data-parallel scaling of the sinusoid meta-step: tasks/s of W processes against one, same run.
 
-One step = sample this rank's 25 tasks + second-order BatchedMAML forward/backward + all_reduce of the
+One step = sample this rank's tasks (25, the paper's meta-batch, and 200) + second-order BatchedMAML forward/backward + all_reduce of the
 meta-gradient (metafast.distributed) + Adam step, exactly what the default job does per iteration
 under torchrun. Each process is timed in blocks of steps; rank 0 reports the median block.
 
@@ -30,12 +30,12 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
 from bench.common import base_row, print_table, write_rows  # noqa: E402
 
 BENCH = "distributed"
-META_BATCH = 25  # per process, the paper's meta-batch
-COLUMNS = ["processes", "threads_per_process", "ms_per_step", "tasks_per_s", "speedup_vs_1x1", "scaling_efficiency",
+META_BATCHES = (25, 200)  # per process: the paper's meta-batch, and one where compute outweighs the all_reduce
+COLUMNS = ["meta_batch_per_process", "processes", "threads_per_process", "ms_per_step", "tasks_per_s", "speedup_vs_1x1", "scaling_efficiency",
            "all_reduce_ms"]
 
 
-def _worker(device_name: str, threads: int, steps: int, blocks: int, out: str) -> None:
+def _worker(device_name: str, threads: int, meta_batch: int, steps: int, blocks: int, out: str) -> None:
     torch.set_num_threads(threads)
     from metafast import distributed
     from metafast.data.sinusoid import SinusoidTasks
@@ -51,7 +51,7 @@ def _worker(device_name: str, threads: int, steps: int, blocks: int, out: str) -
 
         def step(i):
             gen.manual_seed(distributed.task_seed(0, rank, i))
-            b = tasks.sample(META_BATCH, 10, 10, gen, device=device)
+            b = tasks.sample(meta_batch, 10, 10, gen, device=device)
             out = maml(b.support_x, b.support_y, b.query_x, b.query_y)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -91,7 +91,7 @@ def _worker(device_name: str, threads: int, steps: int, blocks: int, out: str) -
         distributed.shutdown()
 
 
-def _run(world: int, threads: int, device: str, steps: int, blocks: int) -> dict:
+def _run(world: int, threads: int, meta_batch: int, device: str, steps: int, blocks: int) -> dict:
     """Launch ``world`` worker processes of this script and return rank 0's timings."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
@@ -103,7 +103,7 @@ def _run(world: int, threads: int, device: str, steps: int, blocks: int) -> dict
                        MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
                        OMP_NUM_THREADS=str(threads))
             env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", device, str(threads),
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", device, str(threads), str(meta_batch),
                                            str(steps), str(blocks), out], env=env))
         try:
             codes = [p.wait(timeout=600) for p in procs]
@@ -121,13 +121,14 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "--worker":
-        _worker(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5])
+        _worker(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]), argv[6])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--world", type=int, default=None, help="largest process count (cpu default 2, cuda: all GPUs)")
     ap.add_argument("--steps", type=int, default=100, help="meta-steps per timed block")
     ap.add_argument("--blocks", type=int, default=5, help="timed blocks (median reported)")
+    ap.add_argument("--meta-batch", type=int, nargs="+", default=list(META_BATCHES), help="tasks per process")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -144,23 +145,24 @@ def main(argv=None) -> int:
         cores = os.cpu_count() or 1
         configs = [(1, 1), (1, min(top, cores))] + [(w, 1) for w in range(2, top + 1)]
     load_before = os.getloadavg()[0]
-    results = {}
-    for world, threads in configs:
-        if (world, threads) not in results:
-            results[(world, threads)] = _run(world, threads, args.device, args.steps, args.blocks)
-    base = results[(1, 1)]["ms_per_step"]
-    base_tps = META_BATCH / base * 1e3
     rows = []
-    for (world, threads), r in results.items():
-        tps = world * META_BATCH / r["ms_per_step"] * 1e3
-        row = base_row(BENCH, device)
-        row["device"] = row["device"].replace(f"{torch.get_num_threads()} threads", f"{threads} threads")
-        row.update({"processes": world, "threads_per_process": threads, "meta_batch_per_process": META_BATCH,
-                    "ms_per_step": r["ms_per_step"], "tasks_per_s": tps, "speedup_vs_1x1": tps / base_tps,
-                    "scaling_efficiency": tps / (world * base_tps), "all_reduce_ms": r["all_reduce_ms"],
-                    "params": r["params"], "steps_per_block": args.steps, "blocks": args.blocks,
-                    "backend": "nccl" if args.device == "cuda" else "gloo"})
-        rows.append(row)
+    for meta_batch in args.meta_batch:
+        steps = max(5, args.steps * META_BATCHES[0] // meta_batch)  # about the same time per block
+        results = {}
+        for world, threads in configs:
+            if (world, threads) not in results:
+                results[(world, threads)] = _run(world, threads, meta_batch, args.device, steps, args.blocks)
+        base_tps = meta_batch / results[(1, 1)]["ms_per_step"] * 1e3
+        for (world, threads), r in results.items():
+            tps = world * meta_batch / r["ms_per_step"] * 1e3
+            row = base_row(BENCH, device)
+            row["device"] = row["device"].replace(f"{torch.get_num_threads()} threads", f"{threads} threads")
+            row.update({"meta_batch_per_process": meta_batch, "processes": world, "threads_per_process": threads,
+                        "ms_per_step": r["ms_per_step"], "tasks_per_s": tps, "speedup_vs_1x1": tps / base_tps,
+                        "scaling_efficiency": tps / (world * base_tps), "all_reduce_ms": r["all_reduce_ms"],
+                        "params": r["params"], "steps_per_block": steps, "blocks": args.blocks,
+                        "backend": "nccl" if args.device == "cuda" else "gloo"})
+            rows.append(row)
     load_after = os.getloadavg()[0]
     for row in rows:
         row.update({"load_avg_1min_before": load_before, "load_avg_1min_after": load_after})
