@@ -62,7 +62,13 @@ def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
             from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
 
             config = SinusoidConfig(iterations=int(iterations), meta_batch=5, device="cpu", checkpoint_every=0)
-            train_sinusoid(config, out_dir, resume=resume == "1", progress=False, plot=False)
+            started = os.path.join(os.path.dirname(out_dir), f"rank{rank}.training")
+
+            def callback(i):  # tells the parent that this rank is inside the training loop
+                if i == 5:
+                    open(started, "w").close()
+
+            train_sinusoid(config, out_dir, resume=resume == "1", progress=False, plot=False, callback=callback)
         elif mode == "grad":
             result = {}
             for case in CASES:
@@ -220,6 +226,26 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path, mode, timeout):
     assert rc != 0, "rank 0 should fail when rank 1 never joins the all_reduce"
     assert "DistributedError" in err and "all_reduce failed" in err and "rank 0/2" in err, err[-3000:]
     assert elapsed < timeout + 25, elapsed
+
+
+def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(tmp_path):
+    import signal
+
+    procs = _spawn("job", tmp_path / "run", 20, 2, "1000000", "0")
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "rank1.training").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGINT)
+        results = [_wait(p, 40) for p in procs]
+    finally:
+        _kill(procs)
+    for rc, _, err in results:
+        assert rc != 0 and "TrainingInterrupted" in err and "DistributedError" not in err, err[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert 0 < ckpt["iteration"] < 1000000
+    assert f"interrupted at iteration {ckpt['iteration']}/" in results[0][2], results[0][2][-2000:]
+    assert f"interrupted at iteration {ckpt['iteration']}/" in results[1][2], results[1][2][-2000:]
 
 
 def _job(out_dir, iterations, resume=False):

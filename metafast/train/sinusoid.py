@@ -14,7 +14,8 @@ parameters are broadcast, each rank draws its own tasks and the meta-gradients a
 (metafast.distributed), so every rank takes the same Adam step. Rank 0 alone prints, writes checkpoints
 and metrics and evaluates (on the same 600 held-out tasks as a single process). A rank's tasks at
 iteration i are drawn from a generator seeded by hash(seed, rank, i), so a resume with the same world
-size continues bit for bit like a single process does; resuming with another world size (1 included)
+size continues bit for bit like a single process does (Ctrl-C on any rank stops all ranks after the
+same step, and rank 0 saves); resuming with another world size (1 included)
 continues the model, optimizer and iteration exactly, but the global meta-batch becomes
 W' * meta_batch and the task stream is the one of the new world size.
 """
@@ -264,7 +265,7 @@ def _train(config: SinusoidConfig, out_dir: str, resume: bool, progress: bool,
     try:
         with DeferredInterrupt() as interrupt:
             while iteration < config.iterations:
-                if interrupt.requested:
+                if interrupt.requested and world == 1:  # several ranks decide together, below
                     raise KeyboardInterrupt
                 mid_step = True
                 if world > 1:  # each rank its own tasks, recomputable from (seed, rank, iteration)
@@ -274,9 +275,12 @@ def _train(config: SinusoidConfig, out_dir: str, resume: bool, progress: bool,
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 loss = out.loss.detach()
+                stop = None
                 if world > 1:  # mean meta-gradient (and loss) over all ranks' tasks
+                    # Ctrl-C on any rank travels in the same all_reduce, so all stop after the same step
                     loss = loss.clone()
-                    distributed.all_reduce_gradients(maml.parameters(), also=[loss])
+                    stop = torch.full((1,), float(interrupt.requested), dtype=loss.dtype, device=loss.device)
+                    distributed.all_reduce_gradients(maml.parameters(), also=[loss, stop])
                 optimizer.step()
                 running.update(loss)
                 iteration += 1
@@ -289,6 +293,8 @@ def _train(config: SinusoidConfig, out_dir: str, resume: bool, progress: bool,
                     save()
                 if callback is not None:
                     callback(iteration)
+                if stop is not None and stop.item() > 0:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         if mid_step:  # a second Ctrl-C landed inside a step: the state may be half updated
             msg = (f"interrupted inside iteration {iteration + 1}; not saving a possibly inconsistent state "
