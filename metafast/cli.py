@@ -106,6 +106,12 @@ def _train_sinusoid(args) -> int:
         return 130
     except ValueError as e:
         raise CommandError(str(e)) from None
+    except RuntimeError as e:
+        from metafast.distributed import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        raise CommandError(str(e)) from None
     return 0
 
 

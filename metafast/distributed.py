@@ -13,7 +13,9 @@ per (dtype, device), one all_reduce each, is the whole communication of a step.
 
 Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Every collective
 has a timeout (``METAFAST_DIST_TIMEOUT`` seconds, default 120), so a dead or hung rank ends the job with
-a ``DistributedError`` on the others instead of a hang.
+a ``DistributedError`` on the others instead of a hang (gloo raises it in Python; on NCCL the
+watchdog aborts a timed-out collective and ends the process with its own error, and torchrun then
+stops the remaining ranks).
 """
 import datetime
 import hashlib
