@@ -7,9 +7,11 @@ torchrun's environment variables; every subprocess has a timeout, so a failure c
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -55,8 +57,19 @@ def _grads(maml, batch):
 def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
     torch.set_num_threads(1)
     from metafast import distributed
+    import metafast.train.sinusoid  # noqa: F401  (imports done before the clock of a short timeout starts)
 
-    rank, world = distributed.init("cpu", timeout=float(timeout))
+    # Start together: the process group's timeout also bounds its set-up, and a loaded CI machine may
+    # start one interpreter seconds after the other.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    sync = os.environ["SYNC_DIR"]
+    open(os.path.join(sync, f"ready{rank}"), "w").close()
+    deadline = time.time() + 60
+    while not all(os.path.exists(os.path.join(sync, f"ready{r}")) for r in range(world)):
+        if time.time() > deadline:
+            raise RuntimeError("the other workers did not start within 60 s")
+        time.sleep(0.05)
+    distributed.init("cpu", timeout=float(timeout))
     try:
         if mode == "job":
             from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
@@ -125,14 +138,15 @@ def _store(world):
 
 def _spawn(mode, out_dir, timeout, world=2, *extra):
     store = _store(world)
+    sync = tempfile.mkdtemp(prefix="metafast-dist-")
     procs = []
     for r in range(world):
         env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=str(store.port),
-                   TORCHELASTIC_USE_AGENT_STORE="True")
+                   TORCHELASTIC_USE_AGENT_STORE="True", SYNC_DIR=sync)
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout), *extra],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
-        p.store = store  # alive as long as the workers
+        p.store, p.sync = store, sync  # alive as long as the workers
     return procs
 
 
@@ -151,6 +165,7 @@ def _kill(procs):
         if p.poll() is None:
             p.kill()
             p.communicate()
+        shutil.rmtree(p.sync, ignore_errors=True)
 
 
 def _rel_err(a, b):
