@@ -3,14 +3,13 @@ TRITON_INTERPRET=1 on CPU), the torch path, the custom ops (opcheck), first and 
 bad input; the CUDA extension in @gpu tests."""
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from metafast.ops.inner_update import (inner_update, inner_update_multi, inner_update_multi_reference,
                                        inner_update_reference)
+from triton_compile import assert_compiles_for_sm90
 
 # the module (metafast.ops.inner_update the attribute is the function of that name)
 iu_mod = importlib.import_module("metafast.ops.inner_update")
@@ -436,22 +435,7 @@ def test_multi_bad_input(case):
 # interpreter patches triton.language once active.
 # ----------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import sys
-import triton
-import triton.language as tl
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP", e); sys.exit(0)
 from metafast.kernels import inner_update as k
-
-def compile_(fn, sig, consts):
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    except TypeError as e:  # the compiler API of another Triton version
-        print("SKIP", e); sys.exit(0)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 n = 0
 for dtype, lr_mode, flag in [("fp32", 0, True), ("bf16", 2, False), ("fp64", 1, True), ("fp16", 2, True)]:
@@ -483,14 +467,7 @@ print("COMPILED", n)
 
 
 def test_triton_kernels_compile_for_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, f"compiling the Triton kernels for sm_90 failed:\n{out.stderr[-4000:]}"
-    if out.stdout.startswith("SKIP"):
-        pytest.skip(f"Triton compiler API differs: {out.stdout.strip()}")
-    assert "COMPILED 16" in out.stdout, out.stdout
+    assert_compiles_for_sm90(_COMPILE_SCRIPT, 16)
 
 
 # ----------------------------------------------------------------------------------------------

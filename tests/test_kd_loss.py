@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from metafast import _backend
 from metafast.ops.kd_loss import KDLoss, kd_loss, kd_loss_reference
+from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
@@ -349,14 +350,6 @@ def test_empty_batch():
 # interpreter, once active, patches triton.language.
 # ----------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import sys
-import triton
-import triton.language as tl
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP", e); sys.exit(0)
 from metafast.kernels import kd_loss as k
 
 n = 0
@@ -372,28 +365,14 @@ for dtype, single, has_target in [("fp32", False, True), ("bf16", True, False)]:
            **{s: "fp32" for s in ["inv_t_hi", "inv_t_lo", "c_kl_hi", "c_kl_lo", "c_kd_hi", "c_kd_lo",
                                   "c_ce_hi", "c_ce_lo"]},
            **{name: "constexpr" for name in consts}}
-    try:
-        src = ASTSource(fn=k._kd_fwd_kernel, signature=sig, constexprs=consts)
-    except TypeError as e:  # the compiler API of another Triton version
-        print("SKIP", e); sys.exit(0)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compile_(k._kd_fwd_kernel, sig, consts)
     n += 1
 print("COMPILED", n)
 """
 
 
 def test_triton_kernel_compiles_for_sm90():
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, f"compiling the Triton kernel for sm_90 failed:\n{out.stderr[-4000:]}"
-    if out.stdout.startswith("SKIP"):
-        pytest.skip(f"Triton compiler API differs: {out.stdout.strip()}")
-    assert "COMPILED 2" in out.stdout, out.stdout
+    assert_compiles_for_sm90(_COMPILE_SCRIPT, 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from metafast import _backend
 from metafast.ops.multitask_heads import multitask_heads_cross_entropy, multitask_heads_cross_entropy_reference
+from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
@@ -224,14 +225,6 @@ def test_cpu_default_is_the_reference(monkeypatch, assert_close):
 # once active, patches triton.language.
 # --------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import sys
-import triton
-import triton.language as tl
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP", e); sys.exit(0)
 from metafast.kernels import multitask_heads as k
 
 n = 0
@@ -244,27 +237,14 @@ for dtype, block_o in [("fp32", 16), ("bf16", 128), ("fp16", 1024), ("fp64", 16)
            **{s: "i64" for s in ["stride_xh", "stride_xn", "stride_xi", "stride_wh", "stride_wo", "stride_wi",
                                  "stride_bh", "stride_bo", "stride_yh", "stride_yn"]},
            "N": "i32", "I": "i32", "O": "i32", **{c: "constexpr" for c in consts}}
-    try:
-        src = ASTSource(fn=k._mth_fwd_kernel, signature=sig, constexprs=consts)
-    except TypeError as e:  # the compiler API of another Triton version
-        print("SKIP", e); sys.exit(0)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compile_(k._mth_fwd_kernel, sig, consts)
     n += 1
 print("COMPILED", n)
 """
 
 
 def test_triton_kernel_compiles_for_sm90():
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, f"compiling the Triton kernel for sm_90 failed:\n{out.stderr[-4000:]}"
-    if out.stdout.startswith("SKIP"):
-        pytest.skip(f"Triton compiler API differs: {out.stdout.strip()}")
-    assert "COMPILED 4" in out.stdout, out.stdout
+    assert_compiles_for_sm90(_COMPILE_SCRIPT, 4)
 
 
 # --------------------------------------------------------------------------------------------

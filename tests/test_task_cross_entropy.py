@@ -13,6 +13,7 @@ from metafast.ops.task_cross_entropy import (
     task_cross_entropy_reference_with_grad,
     task_cross_entropy_with_grad,
 )
+from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
@@ -384,22 +385,7 @@ def test_empty_batch():
 # process because the interpreter, once active, patches triton.language.
 # ----------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import sys
-import triton
-import triton.language as tl
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP", e); sys.exit(0)
 from metafast.kernels import task_cross_entropy as k
-
-def compile_(fn, sig, consts):
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    except TypeError as e:  # the compiler API of another Triton version
-        print("SKIP", e); sys.exit(0)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 n = 0
 for dtype, single, smoothing in [("fp32", True, True), ("fp32", False, False), ("bf16", True, False),
@@ -425,17 +411,7 @@ print("COMPILED", n)
 
 
 def test_triton_kernels_compile_for_sm90():
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, f"compiling the Triton kernels for sm_90 failed:\n{out.stderr[-4000:]}"
-    if out.stdout.startswith("SKIP"):
-        pytest.skip(f"Triton compiler API differs: {out.stdout.strip()}")
-    assert "COMPILED 8" in out.stdout, out.stdout
+    assert_compiles_for_sm90(_COMPILE_SCRIPT, 8)
 
 
 # ----------------------------------------------------------------------------------------------
