@@ -4,7 +4,6 @@
 """
 import argparse
 import dataclasses
-import datetime as _dt
 import importlib
 import os
 import platform
@@ -17,6 +16,7 @@ from metafast.distill import command as distill_command
 from metafast.multitask import command as multitask_command
 from metafast.train import vision
 from metafast.train.arguments import int_at_least as _int_at_least, positive_float as _positive_float
+from metafast.train.run import new_run_dir
 
 PROG = "metafast"
 
@@ -60,14 +60,6 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(handler=_cmd_train)
 
 
-def _default_out_dir() -> str:
-    base = os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out, n = base, 1
-    while os.path.exists(out):
-        out, n = f"{base}-{n}", n + 1
-    return out
-
-
 def _train_sinusoid(args) -> int:
     from metafast.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from metafast.train.sinusoid import SinusoidConfig, TrainingInterrupted, check_resume_config, train_sinusoid
@@ -95,7 +87,7 @@ def _train_sinusoid(args) -> int:
         out_dir = args.resume
     else:
         config = SinusoidConfig(**given)
-        out_dir = args.out or _default_out_dir()
+        out_dir = args.out or new_run_dir()
     try:
         config.validate()
         train_sinusoid(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)

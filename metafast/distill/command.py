@@ -2,9 +2,9 @@
 seconds). Prints and writes to ``--out``/metrics.json the held-out accuracy of the teacher, of a
 student trained from scratch on the labels, and of the same student distilled from the teacher."""
 import argparse
-import datetime as _dt
 import os
 import sys
+from ..train.run import new_run_dir
 
 PROG = "metafast distill"
 
@@ -40,14 +40,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _default_out_dir() -> str:
-    base = os.path.join("runs", "distill-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out, n = base, 1
-    while os.path.exists(out):
-        out, n = f"{base}-{n}", n + 1
-    return out
-
-
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -74,7 +66,7 @@ def main(args) -> int:
         out_dir = args.resume
     else:
         config = DistillConfig(**given)
-        out_dir = args.out or _default_out_dir()
+        out_dir = args.out or new_run_dir("distill-")
     try:
         config.validate()
         metrics = run_distill_job(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)

@@ -5,10 +5,10 @@
 """
 import argparse
 import dataclasses
-import datetime as _dt
 import os
 import sys
 from ..train.arguments import int_at_least as _int_at_least
+from ..train.run import new_run_dir
 
 PROG = "metafast multitask"
 # Options that map onto MultiTaskConfig fields; None means "not given" (defaults, or the checkpoint's).
@@ -59,14 +59,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _default_out_dir() -> str:
-    base = os.path.join("runs", "multitask-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out, n = base, 1
-    while os.path.exists(out):
-        out, n = f"{base}-{n}", n + 1
-    return out
-
-
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -98,7 +90,7 @@ def main(args) -> int:
         out_dir = resume
     else:
         config = MultiTaskConfig(**given)
-        out_dir = out or _default_out_dir()
+        out_dir = out or new_run_dir("multitask-")
     try:
         config.validate()
         import torch

@@ -61,3 +61,14 @@ def resume_state(out_dir: str, resume: bool, task: str, config, fixed: Sequence[
         raise ValueError(f"iterations must be >= {state['iteration']} (the checkpoint's iteration), "
                          f"got {config.iterations}")
     return state
+
+
+def new_run_dir(prefix: str = "") -> str:
+    """``runs/<prefix><timestamp>``, suffixed -1, -2, ... when that directory already exists."""
+    import datetime as _dt
+
+    base = os.path.join("runs", prefix + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out, n = base, 1
+    while os.path.exists(out):
+        out, n = f"{base}-{n}", n + 1
+    return out

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .interrupt import DeferredInterrupt
-from .run import TrainingInterrupted, config_from_dict, resolve_device, resume_state
+from .run import TrainingInterrupted, config_from_dict, new_run_dir, resolve_device, resume_state
 from .progress import RunningLoss, progress_bar
 from .arguments import int_at_least as _int_at_least, positive_float as _positive_float
 
@@ -464,16 +464,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_out_dir() -> str:
-    import datetime as _dt
-
-    base = os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out, n = base, 1
-    while os.path.exists(out):
-        out, n = f"{base}-{n}", n + 1
-    return out
-
-
 def _train_cmd(args) -> int:
     given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     if args.resume:
@@ -488,7 +478,7 @@ def _train_cmd(args) -> int:
             raise ValueError(f"--resume {args.resume}: the run is on {saved.dataset!r}, not {args.dataset!r}")
         config, out_dir = dataclasses.replace(saved, **given), args.resume
     else:
-        config, out_dir = VisionConfig(dataset=args.dataset, **given), args.out or _default_out_dir()
+        config, out_dir = VisionConfig(dataset=args.dataset, **given), args.out or new_run_dir()
     try:
         train_vision(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
     except TrainingInterrupted as e:
