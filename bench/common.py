@@ -24,6 +24,8 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
+    if os.environ.get("METAFAST_COMMIT"):  # a copy of the tree without .git (a remote GPU machine)
+        return os.environ["METAFAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
