@@ -253,6 +253,10 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads
     old_threads = torch.get_num_threads()
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
+    # Every method runs in true fp32: cuDNN's default TF32 convolutions change meta-gradients by ~10%
+    # through batch norm's second-order terms, so the correctness check would compare rounding.
+    old_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         use_metafast, graph, notes = metafast_status(cuda_graph, device)
         for n in notes:
@@ -267,6 +271,7 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads
         return rows
     finally:
         torch.set_num_threads(old_threads)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
 def report(rows: List[Dict[str, object]]) -> bool:
