@@ -46,6 +46,7 @@ class Workload:
     target_vs_torch_func: float  # the speed-up metafast must reach
     repeats: int  # timed runs (>= 7) after warm-up, per round
     make_batch: Callable[[int, torch.Generator], Tuple[torch.Tensor, ...]]
+    time_loop: bool = True  # False: the per-task loop only checks gradients (too slow to time)
 
 
 def _sinusoid_batch(T: int, g: torch.Generator, K: int = 10, Q: int = 10):
@@ -82,15 +83,16 @@ class Metafast(MetaStep):
 
     name = "metafast"
 
-    def __init__(self, model, inner_lr, steps, loss, cuda_graph: bool = False):
+    def __init__(self, model, inner_lr, steps, loss, cuda_graph: bool = False, name: Optional[str] = None,
+                 **maml_kwargs):
         super().__init__(model, inner_lr, steps, loss)
         import metafast
 
-        kwargs = {"cuda_graph": True} if cuda_graph else {}
-        self.maml = metafast.BatchedMAML(self.model, inner_lr=inner_lr, inner_steps=steps, first_order=False,
-                                         meta_sgd=False, anil=False, loss=loss, **kwargs)
         if cuda_graph:
-            self.name = "metafast+cuda-graph"
+            maml_kwargs["cuda_graph"] = True
+        self.maml = metafast.BatchedMAML(self.model, inner_lr=inner_lr, inner_steps=steps, first_order=False,
+                                         meta_sgd=False, anil=False, loss=loss, **maml_kwargs)
+        self.name = name or ("metafast+cuda-graph" if cuda_graph else "metafast")
 
     @property
     def params(self):
@@ -154,7 +156,9 @@ def _to(batch, device, dtype=None):
 
 
 def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Sequence[type],
-                   use_metafast: bool, cuda_graph: bool, seed: int = 0) -> List[Dict[str, object]]:
+                   use_metafast: bool, cuda_graph: bool, seed: int = 0,
+                   variants: Sequence[Tuple[str, Dict[str, object]]] = ()) -> List[Dict[str, object]]:
+    """Rows for one workload; ``variants`` adds BatchedMAML configurations as (name, keyword args)."""
     T = wl.quick_tasks if quick else wl.tasks
     torch.manual_seed(seed)
     model = wl.make_model().to(device)
@@ -167,6 +171,7 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
         methods.append(Metafast(model, wl.inner_lr, wl.steps, wl.loss))
         if cuda_graph:
             methods.append(Metafast(model, wl.inner_lr, wl.steps, wl.loss, cuda_graph=True))
+        methods += [Metafast(model, wl.inner_lr, wl.steps, wl.loss, name=n, **kw) for n, kw in variants]
 
     # Correctness first: every method's meta-gradient against the per-task loop's, from the same weights.
     loop = next(m for m in methods if isinstance(m, PerTaskLoop))
@@ -199,6 +204,8 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
     steps = {}
     for m in methods:
         if m.name in notes and notes[m.name].startswith("failed"):
+            continue
+        if isinstance(m, PerTaskLoop) and not wl.time_loop:
             continue
         opt = torch.optim.Adam(m.params, lr=1e-3)
 

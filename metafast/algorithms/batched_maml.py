@@ -12,6 +12,7 @@ from ..functional.flat import FlatParams
 from ..functional.layers import RunCtx
 from ..functional.losses import CrossEntropy, make_loss
 from ..functional.meta_step import MetaStep
+from . import fused_path
 from .cuda_graph import GraphedMetaSteps
 from ..ops.inner_update import inner_update
 
@@ -59,12 +60,17 @@ class BatchedMAML(nn.Module):
             the hand-derived exact reverse (Hessian-vector products by R-operators) instead of
             autograd through the unrolled inner loop. Same gradients, far fewer autograd nodes; the
             result supports one backward (no third-order derivatives). False forces autograd.
+        fused: run the whole meta-step (inner loop, query loss, exact reverse) of a small Linear/ReLU
+            MLP as one fused kernel per task batch (metafast.ops.fused_inner_loop). None (default):
+            whenever the model and settings qualify (``describe()`` says whether and why); True:
+            require it (ValueError naming the reason otherwise); False: never.
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
-                 check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True):
+                 check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True,
+                 fused: Optional[bool] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -94,6 +100,12 @@ class BatchedMAML(nn.Module):
         self._engine = BatchedModel(model, self._flat, head_only=anil)
         self.exact_reverse = (exact_reverse and self._engine.supports_rop() and clip_grad_norm is None
                               and hasattr(self.loss_fn, "rgrad"))
+        if fused not in (None, True, False):
+            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+        self.fused = fused
+        self._fused_plans = {}
+        if fused:
+            self._fused_dims(self._flat.buffer.device)  # raises with the reason when it cannot
         if meta_sgd:
             self.lrs = nn.Parameter(torch.full((self._engine.adapted_numel,), lrs[0], dtype=self._flat.buffer.dtype,
                                                device=self._flat.buffer.device))
@@ -117,7 +129,11 @@ class BatchedMAML(nn.Module):
     def _meta_forward(self, support_x, support_y, query_x, query_y, steps: int):
         """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
         theta = self._flat.theta()
-        if self.exact_reverse and torch.is_grad_enabled():
+        dims = self._fused_dims(theta.device) if steps else None
+        if dims is not None:
+            r = self._fused_call(theta, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
+            task_losses, support_losses, out = r.query_loss, r.support_loss, r.query_out
+        elif self.exact_reverse and torch.is_grad_enabled():
             plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order)
             task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
                                                                query_y, plan)
@@ -136,6 +152,12 @@ class BatchedMAML(nn.Module):
         self._check_batch(support_x, support_y)
         steps = self.inner_steps if steps is None else self._check_steps(steps)
         theta = self._flat.theta().detach()
+        dims = self._fused_dims(theta.device) if steps else None
+        if dims is not None:
+            with torch.no_grad():
+                r = self._fused_call(theta, support_x, support_y, support_x, support_y, dims, steps, True)
+            self._finite(r.support_loss, "support loss")
+            return FastWeights(theta, r.fast, 0)
         if self._engine.local_autograd:
             theta.requires_grad_(True)
         with torch.enable_grad():
@@ -157,7 +179,44 @@ class BatchedMAML(nn.Module):
         """Which layer runs how ('*' marks adapted layers) and how the meta-gradient is computed."""
         how = ("meta-gradient: exact reverse (R-operator Hessian-vector products, one autograd node)"
                if self.exact_reverse else "meta-gradient: autograd through the unrolled inner loop")
-        return "\n".join(self._engine.describe() + [how])
+        device = self._flat.ensure_bound().device
+        if self.fused is False:
+            path = "meta-step: batched layers (fused=False)"
+        else:
+            dims, why = self._fused_plan(device)
+            path = f"meta-step: {why}" if dims is not None else f"meta-step: batched layers; not fused because {why}"
+        return "\n".join(self._engine.describe() + [how, path])
+
+    # -- fused path ------------------------------------------------------------------------------
+    def _fused_plan(self, device: torch.device):
+        key = (device.type, self._flat.ensure_bound().dtype)
+        if key not in self._fused_plans:
+            self._fused_plans[key] = fused_path.plan(self.module, self.loss_fn, self.anil, self.clip_grad_norm,
+                                                     key[1], device)
+        return self._fused_plans[key]
+
+    def _fused_dims(self, device: torch.device):
+        """The MLP dims when this meta-step runs fused on ``device``, else None."""
+        if self.fused is False:
+            return None
+        dims, why = self._fused_plan(device)
+        if dims is None and self.fused:
+            raise ValueError(f"fused=True: the fused inner loop cannot run this configuration: {why}")
+        return dims
+
+    def _fused_call(self, theta, sx, sy, qx, qy, dims, steps: int, first_order: bool):
+        from ..ops.fused_inner_loop import fused_inner_loop
+
+        for x, y, name in ((sx, sy, "support_y"), (qx, qy, "query_y")):
+            # the same target checks as the batched path, against the output shape alone
+            self.loss_fn.check_target(torch.empty(*x.shape[:2], dims[-1], device="meta"), y, name)
+            if (self.loss_fn.classification and y.is_cuda and y.numel()
+                    and not torch.cuda.is_current_stream_capturing()):
+                if bool(((y < 0) | (y >= dims[-1])).any()):  # the kernels index logits by label
+                    raise ValueError(f"{name}: labels must lie in [0, {dims[-1]}) for {dims[-1]} classes")
+        lr = self.lrs if self.lrs is not None else (self.inner_lrs if len(self.inner_lrs) > 1 else self.inner_lrs[0])
+        loss = "cross_entropy" if self.loss_fn.classification else "mse"
+        return fused_inner_loop(theta, lr, sx, sy, qx, qy, dims, steps, loss, first_order=first_order)
 
     # -- engine ----------------------------------------------------------------------------------
     def _lr(self, step: int):

@@ -1,0 +1,151 @@
+"""The fused inner loop (whole MAML meta-step of a small MLP in one kernel) against torch.func, a
+per-task autograd loop and metafast's unfused batched path, in the same run.
+
+Workloads (the MAML paper's sinusoid regressor and an ANIL-style classifier head):
+- sinusoid: MLP 1-40-40-1, 25 tasks, 1 step (target >= 20x torch.func, >= 50x the loop on GPU)
+- sinusoid_1000x5: the same with 1,000 tasks and 5 steps (target >= 10x torch.func; the loop only
+  checks gradients)
+- anil_head: a 64->5 linear head on fixed features, 32 tasks 5-way 5-shot, 10 steps (>= 10x)
+Every meta-gradient is checked against the per-task loop before timing (bench_maml_step's harness);
+rows also carry the achieved FLOP/s (analytic count of the meta-step's matmuls) and, on GPU, the
+fp32 matmul peak measured in the same run.
+
+    python bench/bench_fused_inner_loop.py [--device cpu|cuda] [--workload NAME|all] [--quick]
+"""
+import argparse
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.baselines import available  # noqa: E402
+from bench.bench_maml_step import Workload, _sinusoid_batch, bench_workload, metafast_status, report  # noqa: E402
+from bench.common import RESULTS_DIR, time_ms, write_rows  # noqa: E402
+from metafast.models import MLP  # noqa: E402
+
+BENCH = "fused_inner_loop"
+
+
+def _head_batch(T: int, g: torch.Generator, ways: int = 5, shots: int = 5, queries: int = 15, features: int = 64):
+    """Episodes of fixed 64-d features (what a frozen body hands an ANIL head)."""
+    def split(n):
+        x = torch.randn(T, ways * n, features, generator=g)
+        y = torch.stack([torch.randperm(ways, generator=g).repeat_interleave(n) for _ in range(T)])
+        return x, y
+
+    sx, sy = split(shots)
+    qx, qy = split(queries)
+    return sx, sy, qx, qy
+
+
+WORKLOADS: Dict[str, Workload] = {
+    "sinusoid": Workload("sinusoid", lambda: MLP(1, [40, 40], 1), "mse", 0.01, 1, 25, 5, 20.0, 21,
+                         _sinusoid_batch),
+    "sinusoid_1000x5": Workload("sinusoid_1000x5", lambda: MLP(1, [40, 40], 1), "mse", 0.01, 5, 1000, 16, 10.0,
+                                11, _sinusoid_batch, time_loop=False),
+    "anil_head": Workload("anil_head", lambda: MLP(64, [], 5), "cross_entropy", 0.1, 10, 32, 4, 10.0, 11,
+                          _head_batch),
+}
+
+
+def meta_step_flops(dims: Sequence[int], n_support: int, n_query: int, steps: int, tasks: int,
+                    second_order: bool = True) -> float:
+    """Matmul FLOPs of one meta-step: per inner step forward + backward (3 passes of 2*d_in*d_out per
+    row) on the support set, the reverse's Hessian-vector product (R-forward 2 passes, R-backward 4),
+    and forward + backward on the query set."""
+    per_row = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+    inner = 3 * n_support * per_row * steps
+    reverse = 6 * n_support * per_row * steps if second_order else 0
+    return float(tasks * (inner + reverse + 3 * n_query * per_row))
+
+
+def fp32_peak_tflops(device: torch.device) -> Optional[float]:
+    """Measured fp32 (TF32 off) matmul throughput on this GPU: the ceiling the FLOP/s column is read against."""
+    if device.type != "cuda":
+        return None
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        n = 8192
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        ms = time_ms(lambda: a @ b, device)
+        return 2 * n ** 3 / (ms * 1e-3) / 1e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
+        threads: Optional[int] = 1) -> List[Dict[str, object]]:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
+    names = list(WORKLOADS) if workloads is None else list(workloads)
+    for n in names:
+        if n not in WORKLOADS:
+            raise ValueError(f"workloads: expected names from {sorted(WORKLOADS)}, got {n!r}")
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    old_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        use_metafast, graph, notes = metafast_status(device.type == "cuda", device)
+        for n in notes:
+            print(f"note: {n}")
+        peak = fp32_peak_tflops(device)
+        if peak is not None:
+            print(f"fp32 matmul peak measured here: {peak:.1f} TFLOP/s")
+        classes = [c for c in available() if c.name in ("torch.func", "per-task loop")]
+        rows = []
+        for n in names:
+            wl = WORKLOADS[n]
+            variants = [("metafast (unfused)", {"fused": False})]
+            wrows = bench_workload(wl, device, quick, classes, use_metafast, graph, variants=variants)
+            model = wl.make_model()
+            dims = [m.in_features for m in model if isinstance(m, torch.nn.Linear)] + [model[-1].out_features]
+            sx, _, qx, _ = wl.make_batch(1, torch.Generator().manual_seed(0))
+            flops = meta_step_flops(dims, sx.shape[1], qx.shape[1], wl.steps, wrows[0]["tasks"])
+            for r in wrows:
+                r["bench"] = BENCH
+                r["model_gflop"] = flops / 1e9
+                r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+                r["fp32_peak_tflops"] = peak
+                r["fraction_of_peak"] = None if peak is None else r["tflops"] / peak
+            rows += wrows
+        return rows
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    ap.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
+    ap.add_argument("--quick", action="store_true", help="few tasks and repeats: a smoke run, not a measurement")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU only)")
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads: expected >= 1, got {args.threads}")
+    workloads = None if args.workload == "all" else [args.workload]
+    rows = run(args.device, quick=args.quick, workloads=workloads, threads=args.threads)
+    ok = report(rows)
+    print()
+    for r in rows:
+        if math.isfinite(r["tflops"]):
+            peak = "" if r["fraction_of_peak"] is None else f" ({100 * r['fraction_of_peak']:.2f}% of fp32 peak)"
+            print(f"{r['workload']:>16} {r['method']:>22}: {1e3 * r['tflops']:9.2f} GFLOP/s{peak}")
+    name = f"{BENCH}_{args.device}" + ("" if workloads is None else f"_{args.workload}") + ("_quick" if args.quick else "")
+    print(f"\nrows written to {write_rows(name, rows, args.out)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
