@@ -4,9 +4,9 @@ The fused op (metafast/ops/fused_inner_loop.py) runs the inner loop, the query l
 second-order reverse of a small Linear/ReLU MLP per task in one kernel. A model qualifies when it is
 exactly such a chain, every parameter is adapted (not ANIL: the op gives no gradient for the body's
 features), the loss is the built-in MSE or cross-entropy, there is no inner gradient clipping, and a
-backend of the op runs on the model's device: the CUDA extension or Triton on a GPU, the C++ CPU
-kernel on CPU (on CPU without it, the batched path with its exact reverse is as fast as a PyTorch
-version of the op, so it stays).
+kernel of the op runs on the model's device: the CUDA extension or Triton on a GPU, the C++ CPU
+kernel on CPU (or Triton's interpreter when METAFAST_BACKEND=triton asks for it). With only the
+PyTorch version of the op, the batched path with its exact reverse is as fast, so it stays.
 """
 from typing import List, Optional, Tuple
 
@@ -61,6 +61,6 @@ def plan(model: nn.Module, loss_fn, anil: bool, clip_grad_norm, dtype: torch.dty
         backend = _backend.resolve("fused_inner_loop", device)
     except (ValueError, RuntimeError) as e:  # METAFAST_BACKEND names a backend that cannot run it
         return None, str(e)
-    if device.type == "cpu" and backend != "cuda":
-        return None, "no C++ CPU kernel (metafast._C) is built here"
+    if backend == "torch":  # a PyTorch version of the op is no faster than the batched path
+        return None, "no fused kernel runs here (no metafast._C C++/CUDA kernel, no Triton on a GPU)"
     return dims, f"fused inner loop ({backend} backend) for MLP {'-'.join(map(str, dims))}"

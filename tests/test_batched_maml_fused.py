@@ -1,0 +1,131 @@
+"""BatchedMAML's fused path (the whole meta-step of a Linear/ReLU MLP in one op) against its batched
+path, in float64: same losses, meta-gradients, Meta-SGD rates and adapted weights."""
+import pytest
+import torch
+from torch import nn
+
+from metafast import BatchedMAML
+from metafast.algorithms import fused_path
+from metafast.models import MLP
+
+
+def _plan():
+    """fused_path's verdict for a small float64 MLP on CPU under the current backend settings."""
+    from metafast.functional.losses import make_loss
+
+    return fused_path.plan(MLP(3, [5], 2).double(), make_loss("mse"), False, None, torch.float64, torch.device("cpu"))
+
+
+@pytest.fixture(params=["cxx", "triton"])
+def fused_backend(request, monkeypatch):
+    """Run the fused path with the C++ CPU kernel, or with Triton's interpreter."""
+    from metafast import _backend
+
+    if request.param == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv(_backend.ENV, "triton")
+    else:
+        monkeypatch.delenv(_backend.ENV, raising=False)
+    _backend.reset()
+    dims, why = _plan()
+    if dims is None:
+        pytest.skip(f"no fused {request.param} kernel here: {why}")
+    yield request.param
+    _backend.reset()
+
+
+def _batch(T, n, d_in, d_out, classification, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(T, n, d_in, generator=g, dtype=torch.float64)
+    qx = torch.randn(T, n + 1, d_in, generator=g, dtype=torch.float64)
+    if classification:
+        sy = torch.randint(0, d_out, (T, n), generator=g)
+        qy = torch.randint(0, d_out, (T, n + 1), generator=g)
+    else:
+        sy = torch.randn(T, n, d_out, generator=g, dtype=torch.float64)
+        qy = torch.randn(T, n + 1, d_out, generator=g, dtype=torch.float64)
+    return sx, sy, qx, qy
+
+
+def _run(maml, batch):
+    maml.zero_grad(set_to_none=True)
+    out = maml(*batch)
+    out.loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in maml.parameters()])
+    return out, grads
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+CASES = [  # (hidden, loss, steps, first_order, meta_sgd, per-step lrs)
+    ([40, 40], "mse", 1, False, False, False),
+    ([17, 9], "cross_entropy", 3, False, False, True),
+    ([8], "mse", 2, True, False, False),
+    ([6, 5, 4], "cross_entropy", 2, False, True, False),
+    ([], "cross_entropy", 5, False, False, False),
+]
+
+
+@pytest.mark.parametrize("hidden,loss,steps,first_order,meta_sgd,per_step", CASES)
+def test_fused_equals_batched_path(fused_backend, hidden, loss, steps, first_order, meta_sgd, per_step):
+    torch.manual_seed(0)
+    cls = loss == "cross_entropy"
+    d_in, d_out = 3, (4 if cls else 2)
+    model = MLP(d_in, hidden, d_out).double()
+    lr = [0.1 * (k + 1) for k in range(steps)] if per_step else 0.3
+    kw = dict(inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd, loss=loss)
+    fused = BatchedMAML(model, fused=True, **kw)
+    batched = BatchedMAML(model, fused=False, **kw)
+    assert "fused inner loop" in fused.describe() and "fused=False" in batched.describe()
+    batch = _batch(6, 5, d_in, d_out, cls)
+    out_f, g_f = _run(fused, batch)
+    out_b, g_b = _run(batched, batch)
+    assert _rel(out_f.task_losses, out_b.task_losses) < 1e-12
+    assert _rel(out_f.support_losses, out_b.support_losses) < 1e-12
+    if cls:
+        assert torch.equal(out_f.task_accuracies, out_b.task_accuracies)
+    assert g_f.shape == g_b.shape and _rel(g_f, g_b) < 1e-10, _rel(g_f, g_b)
+    # adapted weights and predictions
+    sx, sy, qx, _ = batch
+    w_f, w_b = fused.adapt(sx, sy), batched.adapt(sx, sy)
+    assert _rel(fused.predict(w_f, qx), batched.predict(w_b, qx)) < 1e-12
+
+
+def test_ineligible_configurations_say_why():
+    bn = MLP(3, [5], 2, batch_norm=True)
+    assert "not fused because the model is not a chain" in BatchedMAML(bn, 0.1).describe()
+    with pytest.raises(ValueError, match="fused=True.*not a chain of Linear"):
+        BatchedMAML(bn, 0.1, fused=True)
+    with pytest.raises(ValueError, match="fused=True.*anil"):
+        BatchedMAML(MLP(3, [5], 2), 0.1, anil=True, fused=True)
+    with pytest.raises(ValueError, match="fused=True.*clip_grad_norm"):
+        BatchedMAML(MLP(3, [5], 2), 0.1, clip_grad_norm=1.0, fused=True)
+    with pytest.raises(ValueError, match="fused=True.*custom"):
+        BatchedMAML(MLP(3, [5], 2), 0.1, loss=lambda out, y: (out - y).abs().flatten(1).mean(1), fused=True)
+    with pytest.raises(ValueError, match="fused: expected None, True or False"):
+        BatchedMAML(MLP(3, [5], 2), 0.1, fused="yes")
+    wide = nn.Sequential(nn.Linear(3, 300), nn.ReLU(), nn.Linear(300, 2))
+    assert "not fused" in BatchedMAML(wide, 0.1).describe()
+
+
+def test_mlp_dims():
+    assert fused_path.mlp_dims(MLP(1, [40, 40], 1)) == [1, 40, 40, 1]
+    assert fused_path.mlp_dims(MLP(64, [], 5)) == [64, 5]
+    assert fused_path.mlp_dims(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))) is None
+    assert fused_path.mlp_dims(nn.Sequential(nn.Linear(2, 3), nn.ReLU())) is None
+    assert fused_path.mlp_dims(nn.Sequential(nn.Linear(2, 3, bias=False))) is None
+    assert fused_path.mlp_dims(nn.Linear(2, 3)) is None
+
+
+def test_fused_target_errors_name_the_argument(fused_backend):
+    model = MLP(3, [5], 4).double()
+    maml = BatchedMAML(model, 0.1, loss="cross_entropy", fused=True)
+    sx, sy, qx, qy = _batch(2, 3, 3, 4, True)
+    bad = qy.clone()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match="query_y: labels must lie in"):
+        maml(sx, sy, qx, bad)
+    with pytest.raises(TypeError, match="support_y: cross_entropy needs int64"):
+        maml(sx, sy.double(), qx, qy)
