@@ -144,6 +144,25 @@ def task_seed(seed: int, rank_: Optional[int] = None, iteration: Optional[int] =
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def shard_bounds(n: int, rank_: Optional[int] = None, world: Optional[int] = None) -> Tuple[int, int]:
+    """Rows [start, stop) of a batch of ``n`` rows that ``rank_`` (default: this rank) takes: contiguous,
+    balanced shards (sizes differ by at most one), together covering every row once."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if n < w:
+        raise ValueError(f"a batch of {n} rows cannot be split across {w} processes (each needs at least one row)")
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def shard_scale(local: int, n: int) -> float:
+    """Factor for the mean loss over a rank's ``local`` of ``n`` rows such that ``all_reduce_gradients``
+    (a mean over ranks) yields the gradient of the mean over all ``n`` rows, also for unequal shards:
+    sum_r (local_r / n) g_r = mean_r (W local_r / n) g_r."""
+    return world_size() * local / n
+
+
 def _groups(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.dtype, torch.device], List[int]]:
     groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
     for i, t in enumerate(tensors):

@@ -76,6 +76,8 @@ def main(args) -> int:
         return 130
     except ValueError as e:
         return _error(str(e))
+    if metrics is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     print(format_results(metrics))
     print(f"metrics written to {os.path.join(out_dir, METRICS_NAME)}")
     return 0

@@ -4,6 +4,13 @@ The teacher runs in eval mode under ``torch.no_grad`` (its parameters are frozen
 gradients). The student is trained on mini-batches drawn with the distiller's own generator, so a
 run resumed from a checkpoint continues exactly: student, optimizer, step count, running loss and
 every random state (global torch CPU/CUDA and the batch sampler) are restored.
+
+Under torchrun (a process group from metafast.distributed) every rank draws the same batch indices
+(same sampler seed) and computes the loss on its own contiguous shard of the rows; the gradients are
+averaged so that each rank takes the optimizer step one process would take on the whole batch. The
+batch stream does not depend on the world size, so a run resumes with any number of processes. Rank 0
+alone writes checkpoints; Ctrl-C on any rank travels in the gradient all_reduce, so every rank stops
+after the same step.
 """
 import os
 from typing import Dict, Optional
@@ -11,6 +18,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..ops.kd_loss import _check_args, kd_loss
 from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ..train.interrupt import DeferredInterrupt
@@ -85,15 +93,33 @@ class Distiller:
         return kd_loss(self.student(x), t, y, self.temperature, self.alpha, backend=self.backend)
 
     def step(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        """One optimizer step of the student on (x, y); returns the detached loss."""
+        """One optimizer step of the student on (x, y); returns the detached loss. In a process group
+        (x, y) is the whole batch, the same on every rank: each rank computes its shard of the rows,
+        and the loss returned is the mean over all rows."""
+        return self._step(x, y, False)[0]
+
+    def _step(self, x: Tensor, y: Optional[Tensor], stop: bool):
+        """-> (loss, stop): ``stop`` is True when any rank asked to stop (Ctrl-C) during this step."""
         self.student.train()
-        loss = self.loss(x, y)
+        world = distributed.world_size()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if world == 1:
+            loss = self.loss(x, y)
+            loss.backward()
+            flag = False
+        else:
+            n = x.shape[0]
+            lo, hi = distributed.shard_bounds(n)
+            loss = self.loss(x[lo:hi], None if y is None else y[lo:hi]) * distributed.shard_scale(hi - lo, n)
+            loss.backward()
+            loss = loss.detach().clone()
+            flag_t = torch.full((1,), float(stop), dtype=loss.dtype, device=loss.device)
+            distributed.all_reduce_gradients(self.student.parameters(), also=[loss, flag_t])
+            flag = bool(flag_t.item() > 0)
         self.optimizer.step()
         self.step_count += 1
         self.running.update(loss)
-        return loss.detach()
+        return loss.detach(), flag
 
     # ------------------------------------------------------------------------------ training
     def fit(self, x: Tensor, y: Optional[Tensor] = None, steps: int = 1000, batch_size: int = 128,
@@ -112,6 +138,12 @@ class Distiller:
         for name, v, lo in (("steps", steps, 0), ("batch_size", batch_size, 1), ("checkpoint_every", checkpoint_every, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        world = distributed.world_size()
+        if world > 1 and min(batch_size, x.shape[0]) < world:
+            raise ValueError(f"batch_size: a batch of {min(batch_size, x.shape[0])} rows cannot be split across "
+                             f"{world} processes")
+        main = distributed.is_main()
+        progress = progress and main
         ckpt = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir else None
         if resume:
             if ckpt is None:
@@ -125,8 +157,13 @@ class Distiller:
         def save() -> Optional[str]:
             if ckpt is None:
                 return None
-            save_checkpoint(self.state_dict(), ckpt)
+            if main:  # every rank holds the same state; one writer
+                save_checkpoint(self.state_dict(), ckpt)
             return ckpt
+
+        if world > 1:  # every rank starts from rank 0's student (and teacher)
+            distributed.broadcast_parameters(self.student)
+            distributed.broadcast_parameters(self.teacher)
 
         n = x.shape[0]
         bar = progress_bar(steps, initial=self.step_count, desc=desc, enabled=progress)
@@ -134,16 +171,24 @@ class Distiller:
         try:
             with DeferredInterrupt() as interrupt:
                 while self.step_count < steps:
-                    if interrupt.requested:
+                    if interrupt.requested and world == 1:  # several ranks decide together, below
                         at_boundary = True
                         raise KeyboardInterrupt
                     idx = torch.randint(0, n, (min(batch_size, n),), generator=self.generator).to(x.device)
-                    self.step(x[idx], None if y is None else y[idx])
+                    xb, yb = x[idx], None if y is None else y[idx]
+                    if world == 1:
+                        self.step(xb, yb)
+                        stop = False
+                    else:
+                        _, stop = self._step(xb, yb, interrupt.requested)
                     bar.update(1)
                     if self.step_count % 50 == 0:
                         bar.set_postfix(loss=f"{self.running.value():.4f}", refresh=False)
                     if checkpoint_every and self.step_count % checkpoint_every == 0:
                         save()
+                    if stop:
+                        at_boundary = True
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             # Only between steps is the state consistent; a second Ctrl-C inside a step keeps the
             # last checkpoint (if any) instead.

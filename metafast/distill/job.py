@@ -15,6 +15,12 @@ a pure function of the seed.
 Phases (teacher, scratch, distilled) each checkpoint into their own sub-directory; ``resume``
 finishes the phase that was interrupted and skips the finished ones, so the final metrics equal
 those of an uninterrupted run.
+
+Under torchrun every phase is data parallel (see metafast.distill.distiller): ``batch_size`` is the
+global batch, split across the ranks, so a run of W processes computes what one process computes
+(up to the rounding of the gradient sum) and resumes with any W. Rank 0 alone prints, evaluates and
+writes config, checkpoints and metrics; the output directory must be visible to every rank (resume
+reads it on all of them).
 """
 import dataclasses
 import json
@@ -25,6 +31,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..train.checkpoint import CHECKPOINT_NAME, write_json
 from .distiller import Distiller, accuracy
 
@@ -140,6 +147,7 @@ def _phase(name: str, config: DistillConfig, out_dir: str, teacher: Optional[nn.
                           seed=config.seed * 1000 + PHASES.index(name))
     phase_dir = os.path.join(out_dir, name)
     resume = os.path.exists(os.path.join(phase_dir, CHECKPOINT_NAME))
+    distributed.barrier()  # every rank has looked before rank 0 can write this phase's first checkpoint
     t0 = time.perf_counter()
     result = distiller.fit(x, y, steps=steps, batch_size=config.batch_size, out_dir=phase_dir,
                            checkpoint_every=config.checkpoint_every, resume=resume, progress=progress, desc=name)
@@ -148,10 +156,18 @@ def _phase(name: str, config: DistillConfig, out_dir: str, teacher: Optional[nn.
     return model, result
 
 
-def run_distill_job(config: DistillConfig, out_dir: str, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or finish) the job in ``out_dir``; returns the metrics written to metrics.json.
-    Raises DistillInterrupted on Ctrl-C (after checkpointing)."""
+def run_distill_job(config: DistillConfig, out_dir: str, resume: bool = False, progress: bool = True) -> Optional[dict]:
+    """Run (or finish) the job in ``out_dir``; returns the metrics written to metrics.json (None on
+    ranks other than 0 of a distributed run). Raises DistillInterrupted on Ctrl-C (after
+    checkpointing). Launched by torchrun with WORLD_SIZE > 1 it joins the process group (gloo: the
+    job runs on the CPU) and leaves it at the end, unless the caller already did."""
     config.validate()
+    with distributed.session("cpu"):
+        return _run_job(config, out_dir, resume, progress)
+
+
+def _run_job(config: DistillConfig, out_dir: str, resume: bool, progress: bool) -> Optional[dict]:
+    main, world = distributed.is_main(), distributed.world_size()
     cfg_path = os.path.join(out_dir, CONFIG_NAME)
     if resume:
         if not os.path.isfile(cfg_path):
@@ -165,17 +181,21 @@ def run_distill_job(config: DistillConfig, out_dir: str, resume: bool = False, p
     else:
         if os.path.exists(cfg_path):
             raise ValueError(f"{out_dir} already holds a run; resume it or pick another output directory")
-        write_json(cfg_path, config.to_dict())
+        distributed.barrier()  # every rank has checked before rank 0 writes
+        if main:
+            write_json(cfg_path, config.to_dict())
+    if world > 1 and main:
+        print(f"distributed: {world} processes (gloo), batch {config.batch_size} split across them")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small MLPs: more threads only add overhead, and stall on a busy machine
     try:
-        return _run(config, out_dir, progress)
+        return _run(config, out_dir, progress and main)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: DistillConfig, out_dir: str, progress: bool) -> dict:
+def _run(config: DistillConfig, out_dir: str, progress: bool) -> Optional[dict]:
     x_train, y_train, x_transfer, x_test, y_test = make_dataset(config)
     teacher, r_teacher = _phase("teacher", config, out_dir, None, x_train, y_train, progress)
     scratch, r_scratch = _phase("scratch", config, out_dir, None, x_train, y_train, progress)
@@ -184,6 +204,8 @@ def _run(config: DistillConfig, out_dir: str, progress: bool) -> dict:
     else:
         x_kd, y_kd = x_train, y_train
     distilled, r_distilled = _phase("distilled", config, out_dir, teacher, x_kd, y_kd, progress)
+    if not distributed.is_main():  # evaluation and metrics are rank 0's
+        return None
 
     metrics = {
         "teacher_accuracy": accuracy(teacher, x_test, y_test),

@@ -14,6 +14,14 @@ have their own learning rate.
 Checkpoints are written atomically every ``checkpoint_every`` iterations, at the end of each strategy
 and on Ctrl-C; resuming restores the model, optimizer, strategy, iteration, finished strategies'
 results and all random states, so a resumed run ends with the same numbers as an uninterrupted one.
+
+Under torchrun (``torchrun --nproc_per_node W -m metafast multitask ...``) the job is data parallel:
+``batch_size`` is the global batch; every rank draws the same row indices and trains on its own shard
+of them (MultiTaskTrainer.step), gradients and GradNorm's statistics are averaged, so every rank takes
+the step one process takes on the whole batch and keeps the same weighting state. Rank 0 alone
+prints and writes checkpoints and metrics (the output directory must be visible to every rank);
+Ctrl-C on any rank stops all ranks after the same step. The batch stream does not depend on the
+world size, so a run resumes with any number of processes.
 """
 import dataclasses
 import math
@@ -25,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from ..train.checkpoint import CHECKPOINT_NAME, save_checkpoint, write_json
 from ..train.interrupt import DeferredInterrupt
 from ..train.run import TrainingInterrupted, check_fixed, config_from_dict, resolve_device, resume_state
@@ -149,13 +158,30 @@ def format_results(results: Dict[str, dict]) -> str:
 def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, progress: bool = True,
                   log: Callable[[str], None] = print,
                   callback: Optional[Callable[[str, int], None]] = None) -> dict:
-    """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict.
-    ``callback(strategy, iteration)`` runs after every completed step."""
+    """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict (None on ranks
+    other than 0 of a distributed run). ``callback(strategy, iteration)`` runs after every completed
+    step. Launched by torchrun with WORLD_SIZE > 1, it joins the process group (and leaves it at the
+    end, also on errors) unless the caller already did."""
     config.validate()
     device = resolve_device(config.device)
+    with distributed.session(device.type):
+        return _run(config, out_dir, resume, progress, log, callback, distributed.device_for(device))
+
+
+def _run(config: MultiTaskConfig, out_dir: str, resume: bool, progress: bool, log: Callable[[str], None],
+         callback: Optional[Callable[[str, int], None]], device: torch.device) -> Optional[dict]:
+    main, world = distributed.is_main(), distributed.world_size()
+    if not main:
+        progress, log = False, (lambda msg: None)
+    if world > 1 and config.batch_size < world:
+        raise ValueError(f"batch_size {config.batch_size} cannot be split across {world} processes")
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     state = resume_state(out_dir, resume, "multitask", config, _FIXED_ON_RESUME)
-    os.makedirs(out_dir, exist_ok=True)
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    if world > 1:
+        log(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch {config.batch_size} "
+            f"split across them")
 
     data = make_data(config, device)
     n_strat, total_steps = len(config.strategies), config.iterations * len(config.strategies)
@@ -185,11 +211,15 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
                     running = RunningLoss.from_state(state["running_loss"], device=device)
                     iteration = state["iteration"]
                     log(f"resuming {out_dir}: strategy {name!r} at iteration {iteration}/{config.iterations}")
+                distributed.broadcast_parameters(model)  # rank 0's state: every rank starts identical
+                distributed.broadcast_parameters(weighting)
                 bar.n = index * config.iterations + iteration
                 bar.set_description(f"multitask[{name}]")
                 bar.refresh()
 
                 def save(done: bool = False) -> str:
+                    if not main:  # every rank holds the same state; one writer
+                        return ckpt_path
                     save_checkpoint({
                         "task": "multitask", "config": config.to_dict(),
                         "strategy_index": index + 1 if done else index,
@@ -207,12 +237,16 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
                 mid_step = False
                 try:
                     while iteration < config.iterations:
-                        if interrupt.requested:
+                        if interrupt.requested and world == 1:  # several ranks decide together, below
                             raise KeyboardInterrupt
                         mid_step = True
                         idx = torch.randint(0, config.train_size, (config.batch_size,), generator=generator)
                         idx = idx.to(device)
-                        out = trainer.step(data["x_train"][idx], data["y_train"][:, idx])
+                        stop = None
+                        if world > 1:  # Ctrl-C on any rank travels in the step's all_reduce
+                            stop = torch.full((1,), float(interrupt.requested), device=device)
+                        out = trainer.step(data["x_train"][idx], data["y_train"][:, idx],
+                                           also=() if stop is None else (stop,))
                         running.update(out["loss"])
                         iteration += 1
                         mid_step = False
@@ -224,6 +258,8 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
                             save()
                         if callback is not None:
                             callback(name, iteration)
+                        if stop is not None and stop.item() > 0:
+                            raise KeyboardInterrupt
                 except KeyboardInterrupt:
                     if mid_step:
                         raise TrainingInterrupted(f"interrupted inside a step of {name!r}; not saving a possibly "
@@ -242,6 +278,8 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
     finally:
         bar.close()
     train_seconds = seconds_before + time.perf_counter() - t0
+    if not main:  # metrics are rank 0's
+        return None
     log(format_results(results))
     metrics = {
         "task": "multitask",
@@ -250,6 +288,7 @@ def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, p
         "config": config.to_dict(),
         "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
+        "world_size": world,
         "timing": {"train_seconds_total": train_seconds,
                    "ms_per_iteration": 1e3 * train_seconds / total_steps},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},

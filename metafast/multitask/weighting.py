@@ -15,11 +15,19 @@ model's) with one entry point used by the trainer::
   G_i = ||d(w_i L_i)/dW|| at the last shared layer W, r_i = (L_i/L_i(0)) / mean_j(L_j/L_j(0)) and the
   target mean(G) r_i^alpha held constant. After each optimizer step the weights are renormalised to
   sum to the number of tasks.
+
+In a process group each rank passes its shard's (scaled) losses; equal and uncertainty weighting are
+linear in them, so averaging gradients over the ranks is exact. GradNorm is not: its task gradient
+norms and loss ratios are computed from the per-task shared-layer gradients and losses averaged over
+the ranks (one all_reduce), so every rank derives the same weight update and keeps identical weights
+and initial losses.
 """
 from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from .. import distributed
 
 STRATEGIES = ("equal", "uncertainty", "gradnorm")
 TASK_KINDS = ("classification", "regression")
@@ -107,14 +115,22 @@ class GradNorm(LossWeighting):
         return (self.task_weights.detach().to(losses.dtype) * losses).sum()
 
     def grad_norms(self, losses: Tensor, shared_params: Sequence[Tensor]) -> Tensor:
-        """||d L_i / d W|| for each task (W: the shared parameters, concatenated), [T]."""
-        norms = []
+        """||d L_i / d W|| for each task (W: the shared parameters, concatenated), [T]; in a process
+        group, of the gradients averaged over the ranks."""
+        return self._norms_and_losses(losses, shared_params)[0]
+
+    def _norms_and_losses(self, losses: Tensor, shared_params: Sequence[Tensor]):
+        """(norms [T], detached losses [T]), both averaged over the ranks in one all_reduce."""
+        params = list(shared_params)
+        flat = []
         for i in range(self.num_tasks):
-            grads = torch.autograd.grad(losses[i], list(shared_params), retain_graph=True, allow_unused=True)
-            sq = sum((g.detach().double().pow(2).sum() for g in grads if g is not None),
-                     torch.zeros((), dtype=torch.float64, device=losses.device))
-            norms.append(sq.sqrt())
-        return torch.stack(norms).to(self.task_weights.dtype)
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+            flat.append(torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
+                                   for g, p in zip(grads, params)]).double())
+        per_task = torch.stack(flat)
+        mean_losses = losses.detach().clone()
+        distributed.all_reduce_mean_([per_task, mean_losses])
+        return per_task.pow(2).sum(1).sqrt().to(self.task_weights.dtype), mean_losses
 
     def weight_grad(self, losses: Tensor, norms: Tensor) -> Tensor:
         """d L_grad / d w with G_i = w_i ||dL_i/dW|| and the target held constant."""
@@ -135,7 +151,8 @@ class GradNorm(LossWeighting):
         if not params:
             raise ValueError("GradNorm.backward: shared_params must name the last shared layer's parameters "
                              "(e.g. MultiTask.last_shared_parameters())")
-        grad = self.weight_grad(losses, self.grad_norms(losses, params))
+        norms, mean_losses = self._norms_and_losses(losses, params)
+        grad = self.weight_grad(mean_losses, norms)
         self.task_weights.grad = grad if self.task_weights.grad is None else self.task_weights.grad + grad
         total = self.combine(losses)
         total.backward()
