@@ -2,7 +2,8 @@
 loop (learn2learn's recipe; learn2learn itself when importable) and higher, in the same run.
 
 A meta-step is: inner loop on the support set (differentiated through) + query loss + backward to
-the meta-parameters + Adam step; every method gets the same inputs and the same initial weights, and
+the meta-parameters + Adam step (PyTorch's fused Adam where available, the same for every method);
+every method gets the same inputs and the same initial weights, and
 the meta-gradients are compared against the per-task loop before anything is timed.
 
     python bench/bench_maml_step.py [--device cpu|cuda] [--workload sinusoid|omniglot|all]
@@ -146,6 +147,15 @@ def _worst_params(g: torch.Tensor, ref: torch.Tensor, model: torch.nn.Module, k:
     return ", ".join(f"{name} {e:.1e}" for e, name in out[:k])
 
 
+def _adam(params) -> torch.optim.Optimizer:
+    """Every method's meta-optimizer: Adam with PyTorch's fused kernel where it has one (a third of the
+    default for-loop Adam's time on the sinusoid MLP's 6 tensors on CPU: 0.12 vs 0.37 ms)."""
+    try:
+        return torch.optim.Adam(params, lr=1e-3, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or no fused kernel for this device
+        return torch.optim.Adam(params, lr=1e-3)
+
+
 def _load() -> Optional[float]:
     """1-minute load average: other processes on the machine skew CPU timings, so it goes in the rows."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -207,7 +217,7 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
             continue
         if isinstance(m, PerTaskLoop) and not wl.time_loop:
             continue
-        opt = torch.optim.Adam(m.params, lr=1e-3)
+        opt = _adam(m.params)
 
         def step(m=m, opt=opt):
             opt.zero_grad(set_to_none=True)

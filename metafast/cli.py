@@ -10,7 +10,7 @@ import platform
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from metafast.distill import command as distill_command
 from metafast.multitask import command as multitask_command
@@ -193,7 +193,34 @@ def _cmd_info(args) -> int:
         return 1
     print("backends:")
     print("\n".join(_format_value(report, 1)))
+    print("meta-step path of BatchedMAML for stock models (float32):")
+    print("\n".join(_format_value(_meta_step_paths(), 1)))
     return 0
+
+
+def _meta_step_paths() -> Dict[str, Dict[str, str]]:
+    """Whether BatchedMAML runs each stock model's meta-step fused, per device, and why."""
+    import torch
+
+    from .algorithms import fused_path
+    from .functional.losses import make_loss
+    from .models import MLP, Conv4
+
+    models = {
+        "sinusoid MLP 1-40-40-1 (mse)": (lambda: MLP(1, [40, 40], 1), "mse"),
+        "Omniglot MLP 784-256-128-64-64-5": (lambda: MLP(784, [256, 128, 64, 64], 5), "cross_entropy"),
+        "classifier head 64->5": (lambda: MLP(64, [], 5), "cross_entropy"),
+        "Conv4 (Omniglot)": (lambda: Conv4.omniglot(5), "cross_entropy"),
+    }
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out: Dict[str, Dict[str, str]] = {}
+    for name, (make, loss) in models.items():
+        model = make()
+        out[name] = {}
+        for dev in devices:
+            dims, why = fused_path.plan(model, make_loss(loss), False, None, torch.float32, torch.device(dev))
+            out[name][dev] = why if dims is not None else f"batched layers ({why})"
+    return out
 
 
 # ----------------------------------------------------------------------------- bench
