@@ -1,0 +1,544 @@
+// The whole MAML inner loop of an MLP for one task, and the exact reverse of it, written once for both
+// the CPU and the CUDA launchers.
+//
+// Model: L linear layers (1 <= L <= 4), dims d_0..d_L (each <= 256), ReLU after all but the last.
+// theta [P] in nn.Sequential order: for each layer W_l [d_l, d_{l-1}] row-major, then b_l [d_l].
+//
+// Forward, per task:   W_0 = theta;  W_{k+1} = W_k - lr_k * grad L_s(W_k)   (k < K);  L_q(W_K).
+// Backward, per task:  Wbar_K = gq * grad L_q(W_K);  for k = K-1..0:
+//                        lrbar -= Wbar_{k+1} * g_k                       (Meta-SGD)
+//                        Wbar_k = Wbar_{k+1} - H_s(W_k) (lr_k * Wbar_{k+1}) (unless first order)
+// H_s v is Pearlmutter's R-operator of the support forward + backward (no Hessian is formed).
+//
+// Every routine is a template over the scalar type and an execution policy `Ex` with members
+// tid, nthreads and sync(): the work of a stage is split by strided loops over output elements,
+// and stages are separated by ex.sync(). The CUDA launcher runs one block per task (sync() =
+// __syncthreads()); the CPU launcher runs the same code with tid = 0, nthreads = 1. So the CPU tests
+// exercise the code that runs on the GPU, barriers aside.
+//
+// On the CPU a "work item" covers Ex::kVec consecutive outputs of a row, and the innermost loops run
+// over contiguous memory with a compile-time trip count, which the compiler vectorizes; on the GPU
+// kVec = 1 (one output per thread, accumulated in a register). Dot products over a contiguous row
+// keep kLanes partial sums, so they vectorize without reassociation flags.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define MF_HD __host__ __device__ inline
+#else
+#define MF_HD inline
+#endif
+
+namespace metafast {
+namespace fused_inner_loop {
+
+constexpr int kMaxLayers = 4;
+constexpr int kMaxDim = 256;
+// Workspace buffers start on multiples of this many elements (aligned vector loads on the CPU).
+constexpr int kAlign = 16;
+
+enum LossKind : int { kMSE = 0, kCE = 1 };
+
+// Sizes and offsets of one problem, computed on the host and passed by value to every task.
+struct Plan {
+  int L;                        // number of linear layers
+  int d[kMaxLayers + 1];        // dims d_0..d_L
+  int64_t woff[kMaxLayers];     // offset of W_l (l = 1..L stored at [l - 1]) in theta
+  int64_t boff[kMaxLayers];     // offset of b_l in theta
+  int64_t P;                    // number of parameters
+  int Ns, Nq;                   // support / query rows
+  int K;                        // inner steps
+  int loss_kind;                // LossKind
+  bool lr_per_param;            // lr is [P] (Meta-SGD) rather than [K]
+  // Per-task workspace, element offsets (of scalar_t). [P] buffers:
+  int64_t w, g, wq, wbar, hv;
+  // Activations, per layer l = 1..L at [l - 1]: a = post-ReLU output (the logits for l = L),
+  // dz = d loss / d pre-activation, ra / rdz = their R-versions (support only), for the support
+  // rows (s*) and the query rows (q*).
+  int64_t sa[kMaxLayers], sdz[kMaxLayers], sra[kMaxLayers], srdz[kMaxLayers];
+  int64_t qa[kMaxLayers], qdz[kMaxLayers];
+  int64_t prob;                 // CE: softmax of the support logits [Ns, d_L]
+  int64_t size;                 // total elements per task
+};
+
+inline int64_t align_up(int64_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// Lays out the per-task workspace. Returns false when dims are out of range.
+inline Plan make_plan(const int64_t* dims, int ndims, int Ns, int Nq, int K, int loss_kind, bool lr_per_param) {
+  Plan p{};
+  p.L = ndims - 1;
+  for (int l = 0; l < ndims; ++l) p.d[l] = static_cast<int>(dims[l]);
+  int64_t off = 0;
+  for (int l = 1; l <= p.L; ++l) {
+    p.woff[l - 1] = off;
+    off += static_cast<int64_t>(p.d[l]) * p.d[l - 1];
+    p.boff[l - 1] = off;
+    off += p.d[l];
+  }
+  p.P = off;
+  p.Ns = Ns;
+  p.Nq = Nq;
+  p.K = K;
+  p.loss_kind = loss_kind;
+  p.lr_per_param = lr_per_param;
+  int64_t at = 0;
+  auto take = [&at](int64_t n) {
+    const int64_t o = at;
+    at += align_up(n);
+    return o;
+  };
+  p.w = take(p.P);
+  p.g = take(p.P);
+  p.wq = take(p.P);
+  p.wbar = take(p.P);
+  p.hv = take(p.P);
+  for (int l = 1; l <= p.L; ++l) {
+    const int64_t ns = static_cast<int64_t>(Ns) * p.d[l], nq = static_cast<int64_t>(Nq) * p.d[l];
+    p.sa[l - 1] = take(ns);
+    p.sdz[l - 1] = take(ns);
+    p.sra[l - 1] = take(ns);
+    p.srdz[l - 1] = take(ns);
+    p.qa[l - 1] = take(nq);
+    p.qdz[l - 1] = take(nq);
+  }
+  p.prob = take(loss_kind == kCE ? static_cast<int64_t>(Ns) * p.d[p.L] : 0);
+  p.size = at;
+  return p;
+}
+
+#ifdef __CUDACC__
+#define MF_EXP(x) ::exp(x)  // CUDA's float / double overloads
+#define MF_LOG(x) ::log(x)
+#else
+#define MF_EXP(x) std::exp(x)
+#define MF_LOG(x) std::log(x)
+#endif
+
+template <typename T>
+MF_HD T mf_max(T a, T b) { return a > b ? a : b; }
+
+// sum_i x[i] * y[i] with kLanes independent partial sums (vectorizable on the CPU as written).
+template <int kLanes, typename T>
+MF_HD T dot(const T* __restrict__ x, const T* __restrict__ y, int n) {
+  T s[kLanes];
+#pragma unroll
+  for (int v = 0; v < kLanes; ++v) s[v] = T(0);
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma unroll
+    for (int v = 0; v < kLanes; ++v) s[v] += x[i + v] * y[i + v];
+  }
+  T r = T(0);
+  for (; i < n; ++i) r += x[i] * y[i];
+#pragma unroll
+  for (int v = 0; v < kLanes; ++v) r += s[v];
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked row kernels. A work item is (row r, columns c0 .. c0 + nv), nv <= Ex::kVec; the caller
+// dispatches full chunks to the compile-time width so the inner loop has a fixed trip count.
+
+// out[c] = mask(c) * sum_j (a1[j] * B1[j, c] + a2[j] * B2[j, c]), B row stride ldb, j < J.
+// Used for dH = dZ W (and its R-version dZ RW + RdZ W), and dW = dZ^T H (rows of dZ^T are strided:
+// a1 has stride sa).
+template <int NV, typename T>
+MF_HD void combine_rows(T* __restrict__ out, const T* __restrict__ mask, int nv, int J,
+                        const T* __restrict__ a1, int sa1, const T* __restrict__ B1, int ldb1,
+                        const T* __restrict__ a2, int sa2, const T* __restrict__ B2, int ldb2) {
+  constexpr int W = NV > 0 ? NV : 1;
+  T acc[W];
+  const int n = NV > 0 ? NV : nv;
+  if (NV > 0) {
+#pragma unroll
+    for (int v = 0; v < W; ++v) acc[v] = T(0);
+    for (int j = 0; j < J; ++j) {
+      const T s1 = a1[j * sa1];
+      const T* __restrict__ b1 = B1 + static_cast<int64_t>(j) * ldb1;
+#pragma unroll
+      for (int v = 0; v < W; ++v) acc[v] += s1 * b1[v];
+    }
+    if (a2 != nullptr) {
+      for (int j = 0; j < J; ++j) {
+        const T s2 = a2[j * sa2];
+        const T* __restrict__ b2 = B2 + static_cast<int64_t>(j) * ldb2;
+#pragma unroll
+        for (int v = 0; v < W; ++v) acc[v] += s2 * b2[v];
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < W; ++v) out[v] = (mask == nullptr || mask[v] > T(0)) ? acc[v] : T(0);
+  } else {
+    // Tail chunk (CPU only): accumulate in the output row itself.
+    for (int v = 0; v < n; ++v) out[v] = T(0);
+    for (int j = 0; j < J; ++j) {
+      const T s1 = a1[j * sa1];
+      const T* __restrict__ b1 = B1 + static_cast<int64_t>(j) * ldb1;
+      for (int v = 0; v < n; ++v) out[v] += s1 * b1[v];
+    }
+    if (a2 != nullptr) {
+      for (int j = 0; j < J; ++j) {
+        const T s2 = a2[j * sa2];
+        const T* __restrict__ b2 = B2 + static_cast<int64_t>(j) * ldb2;
+        for (int v = 0; v < n; ++v) out[v] += s2 * b2[v];
+      }
+    }
+    if (mask != nullptr)
+      for (int v = 0; v < n; ++v) out[v] = mask[v] > T(0) ? out[v] : T(0);
+  }
+}
+
+// OUT[r, c] = mask[r, c] * sum_j (A1[r, j] B1[j, c] + A2[r, j] B2[j, c]) for r < R, c < C, where
+// A is read as A[r * sar + j * saj] and B[j, c] = B[j * C + c]. A2 / B2 / mask may be null.
+template <typename Ex, typename T>
+MF_HD void combine(const Ex& ex, T* __restrict__ out, const T* __restrict__ mask, int R, int C, int J,
+                   const T* A1, int sar1, int saj1, const T* B1,
+                   const T* A2, int sar2, int saj2, const T* B2) {
+  constexpr int V = Ex::template vec<T>();
+  const int nch = (C + V - 1) / V;
+  for (int w = ex.tid; w < R * nch; w += ex.nthreads) {
+    const int r = w / nch, c0 = (w - r * nch) * V;
+    const int nv = C - c0 < V ? C - c0 : V;
+    const int64_t o = static_cast<int64_t>(r) * C + c0;
+    const T* m = mask == nullptr ? nullptr : mask + o;
+    const T* a2 = A2 == nullptr ? nullptr : A2 + static_cast<int64_t>(r) * sar2;
+    if (nv == V)
+      combine_rows<V>(out + o, m, nv, J, A1 + static_cast<int64_t>(r) * sar1, saj1, B1 + c0, C, a2, saj2,
+                      B2 == nullptr ? nullptr : B2 + c0, C);
+    else
+      combine_rows<0>(out + o, m, nv, J, A1 + static_cast<int64_t>(r) * sar1, saj1, B1 + c0, C, a2, saj2,
+                      B2 == nullptr ? nullptr : B2 + c0, C);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer stages.
+
+// Z[n, j] = bias[j] + H[n, :] . W[j, :] (+ H2[n, :] . W2[j, :]); then ReLU when relu.
+// (The R-forward: H = h_{l-1}, W = RW_l, bias = Rb_l, H2 = R h_{l-1}, W2 = W_l, mask = relu'(z).)
+template <typename Ex, typename T>
+MF_HD void linear_fwd(const Ex& ex, T* __restrict__ Z, int N, int din, int dout, const T* H, const T* W,
+                      const T* bias, const T* H2, const T* W2, const T* mask, bool relu) {
+  constexpr int kLanes = Ex::kLanes;
+  for (int w = ex.tid; w < N * dout; w += ex.nthreads) {
+    const int n = w / dout, j = w - n * dout;
+    T z = bias[j] + dot<kLanes>(H + static_cast<int64_t>(n) * din, W + static_cast<int64_t>(j) * din, din);
+    if (H2 != nullptr)
+      z += dot<kLanes>(H2 + static_cast<int64_t>(n) * din, W2 + static_cast<int64_t>(j) * din, din);
+    if (relu) z = z > T(0) ? z : T(0);
+    if (mask != nullptr) z = mask[w] > T(0) ? z : T(0);
+    Z[w] = z;
+  }
+}
+
+// db[j] = sum_n dZ[n, j] (+ sum_n dZ2[n, j])
+template <typename Ex, typename T>
+MF_HD void col_sums(const Ex& ex, T* __restrict__ db, const T* dZ, int N, int dout) {
+  for (int j = ex.tid; j < dout; j += ex.nthreads) {
+    T s = T(0);
+    for (int n = 0; n < N; ++n) s += dZ[static_cast<int64_t>(n) * dout + j];
+    db[j] = s;
+  }
+}
+
+// The forward of the MLP on X [N, d_0] at weights W: fills a[l] (post-ReLU, the logits for l = L).
+template <typename Ex, typename T>
+MF_HD void mlp_forward(const Ex& ex, const Plan& p, const T* W, const T* X, int N, T* ws, const int64_t* aoff) {
+  const T* h = X;
+  for (int l = 1; l <= p.L; ++l) {
+    T* a = ws + aoff[l - 1];
+    linear_fwd(ex, a, N, p.d[l - 1], p.d[l], h, W + p.woff[l - 1], W + p.boff[l - 1], (const T*)nullptr,
+               (const T*)nullptr, (const T*)nullptr, l < p.L);
+    ex.sync();
+    h = a;
+  }
+}
+
+// Given dz[L] filled by the loss, the backward: dz[l] for l < L, and the gradient G [P] when need_g.
+template <typename Ex, typename T>
+MF_HD void mlp_backward(const Ex& ex, const Plan& p, const T* W, const T* X, int N, T* ws, const int64_t* aoff,
+                        const int64_t* dzoff, T* G, bool need_g) {
+  for (int l = p.L; l >= 1; --l) {
+    const int din = p.d[l - 1], dout = p.d[l];
+    const T* h = l == 1 ? X : ws + aoff[l - 2];
+    const T* dz = ws + dzoff[l - 1];
+    if (need_g) {
+      // dW[j, i] = sum_n dz[n, j] h[n, i]: rows j of dz^T (stride 1 over j, dout over n)
+      combine(ex, G + p.woff[l - 1], (const T*)nullptr, dout, din, N, dz, 1, dout, h,
+              (const T*)nullptr, 0, 0, (const T*)nullptr);
+      col_sums(ex, G + p.boff[l - 1], dz, N, dout);
+    }
+    if (l > 1) {
+      // dz_{l-1}[n, i] = relu'(h[n, i]) * sum_j dz[n, j] W[j, i]
+      combine(ex, ws + dzoff[l - 2], h, N, din, dout, dz, dout, 1, W + p.woff[l - 1],
+              (const T*)nullptr, 0, 0, (const T*)nullptr);
+    }
+    ex.sync();
+  }
+}
+
+// Loss of logits Z [N, C] against y and, when dz != null, dz = scale * d loss / d Z (and the softmax
+// into prob for CE when prob != null). Returns the task loss (mean over N*C for MSE, over N for CE).
+template <typename Ex, typename T>
+MF_HD T loss_and_grad(const Ex& ex, int kind, const T* Z, const void* y, int N, int C, T* dz, T* prob, T scale) {
+  T part = T(0);
+  if (kind == kMSE) {
+    const T* yy = static_cast<const T*>(y);
+    const T inv = T(1) / (static_cast<T>(N) * static_cast<T>(C));
+    const T gs = T(2) * inv * scale;
+    for (int w = ex.tid; w < N * C; w += ex.nthreads) {
+      const T diff = Z[w] - yy[w];
+      part += diff * diff;
+      if (dz != nullptr) dz[w] = gs * diff;
+    }
+    part *= inv;
+  } else {
+    const int64_t* yy = static_cast<const int64_t*>(y);
+    const T invn = T(1) / static_cast<T>(N);
+    for (int n = ex.tid; n < N; n += ex.nthreads) {
+      const T* z = Z + static_cast<int64_t>(n) * C;
+      T m = z[0];
+      for (int c = 1; c < C; ++c) m = mf_max(m, z[c]);
+      T s = T(0);
+      for (int c = 0; c < C; ++c) s += MF_EXP(z[c] - m);
+      const int label = static_cast<int>(yy[n]);
+      part += m + MF_LOG(s) - z[label];
+      if (dz != nullptr) {
+        const T invs = T(1) / s;
+        T* d = dz + static_cast<int64_t>(n) * C;
+        T* pr = prob == nullptr ? nullptr : prob + static_cast<int64_t>(n) * C;
+        for (int c = 0; c < C; ++c) {
+          const T pc = MF_EXP(z[c] - m) * invs;
+          if (pr != nullptr) pr[c] = pc;
+          d[c] = scale * invn * (pc - (c == label ? T(1) : T(0)));
+        }
+      }
+    }
+    part *= invn;
+  }
+  const T total = ex.sum(part);
+  ex.sync();
+  return total;
+}
+
+// HV = H_s(W) V: R-forward and R-backward of the support pass whose tape (sa, sdz, prob) is in ws.
+template <typename Ex, typename T>
+MF_HD void hvp(const Ex& ex, const Plan& p, const T* W, const T* V, const T* X, T* ws, T* HV) {
+  const int N = p.Ns;
+  // R-forward: R z_l = RW_l h_{l-1} + Rb_l + W_l R h_{l-1};  R h_l = relu'(z_l) R z_l.
+  for (int l = 1; l <= p.L; ++l) {
+    const int din = p.d[l - 1], dout = p.d[l];
+    const T* h = l == 1 ? X : ws + p.sa[l - 2];
+    const T* rh = l == 1 ? nullptr : ws + p.sra[l - 2];
+    linear_fwd(ex, ws + p.sra[l - 1], N, din, dout, h, V + p.woff[l - 1], V + p.boff[l - 1], rh, W + p.woff[l - 1],
+               l < p.L ? ws + p.sa[l - 1] : (const T*)nullptr, false);
+    ex.sync();
+  }
+  // Loss: R dz_L = 2 R z_L / (N C) (MSE) or p * (R z - <p, R z>) / N (CE).
+  {
+    const int C = p.d[p.L];
+    const T* rz = ws + p.sra[p.L - 1];
+    T* rdz = ws + p.srdz[p.L - 1];
+    if (p.loss_kind == kMSE) {
+      const T s = T(2) / (static_cast<T>(N) * static_cast<T>(C));
+      for (int w = ex.tid; w < N * C; w += ex.nthreads) rdz[w] = s * rz[w];
+    } else {
+      const T* prob = ws + p.prob;
+      const T invn = T(1) / static_cast<T>(N);
+      for (int n = ex.tid; n < N; n += ex.nthreads) {
+        const int64_t o = static_cast<int64_t>(n) * C;
+        const T pr = dot<Ex::kLanes>(prob + o, rz + o, C);
+        for (int c = 0; c < C; ++c) rdz[o + c] = invn * prob[o + c] * (rz[o + c] - pr);
+      }
+    }
+    ex.sync();
+  }
+  // R-backward: R dW_l = R dz_l^T h_{l-1} + dz_l^T R h_{l-1};  R db_l = sum_n R dz_l;
+  // R dz_{l-1} = relu'(z_{l-1}) (R dz_l W_l + dz_l RW_l).
+  for (int l = p.L; l >= 1; --l) {
+    const int din = p.d[l - 1], dout = p.d[l];
+    const T* h = l == 1 ? X : ws + p.sa[l - 2];
+    const T* rh = l == 1 ? nullptr : ws + p.sra[l - 2];
+    const T* dz = ws + p.sdz[l - 1];
+    const T* rdz = ws + p.srdz[l - 1];
+    combine(ex, HV + p.woff[l - 1], (const T*)nullptr, dout, din, N, rdz, 1, dout, h, rh == nullptr ? nullptr : dz,
+            1, dout, rh);
+    col_sums(ex, HV + p.boff[l - 1], rdz, N, dout);
+    if (l > 1)
+      combine(ex, ws + p.srdz[l - 2], h, N, din, dout, rdz, dout, 1, W + p.woff[l - 1], dz, dout, 1,
+              V + p.woff[l - 1]);
+    ex.sync();
+  }
+}
+
+// One support forward + loss + backward at W = ws[p.w]; gradient into ws[p.g] when need_g.
+template <typename Ex, typename T>
+MF_HD T support_pass(const Ex& ex, const Plan& p, const T* sx, const void* sy, T* ws, bool need_g, bool need_prob) {
+  const T* W = ws + p.w;
+  mlp_forward(ex, p, W, sx, p.Ns, ws, p.sa);
+  const T loss = loss_and_grad(ex, p.loss_kind, ws + p.sa[p.L - 1], sy, p.Ns, p.d[p.L], ws + p.sdz[p.L - 1],
+                               need_prob ? ws + p.prob : (T*)nullptr, T(1));
+  mlp_backward(ex, p, W, sx, p.Ns, ws, p.sa, p.sdz, ws + p.g, need_g);
+  return loss;
+}
+
+template <typename Ex, typename T>
+MF_HD void copy(const Ex& ex, T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  for (int64_t i = ex.tid; i < n; i += ex.nthreads) dst[i] = src[i];
+}
+
+// dst = W - lr * G  (lr per parameter, or the scalar lr_k)
+template <typename Ex, typename T>
+MF_HD void sgd_step(const Ex& ex, const Plan& p, T* dst, const T* W, const T* G, const T* lr, int k) {
+  if (p.lr_per_param) {
+    for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) dst[i] = W[i] - lr[i] * G[i];
+  } else {
+    const T a = lr[k];
+    for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) dst[i] = W[i] - a * G[i];
+  }
+}
+
+// Per-task inputs and outputs of the forward (t-th slices; outputs may be null when not wanted).
+template <typename T>
+struct FwdTask {
+  const T* theta;   // [P]
+  const T* lr;      // [K] or [P]
+  const T* sx;      // [Ns, d0]
+  const void* sy;   // [Ns, dL] T or [Ns] int64
+  const T* qx;
+  const void* qy;
+  T* query_loss;    // scalar
+  T* support_loss;  // scalar
+  T* fast;          // [P]
+  T* query_out;     // [Nq, dL]
+  T* saved;         // [K, P]: W_0..W_{K-1}, or null
+};
+
+template <typename Ex, typename T>
+MF_HD void forward_task(const Ex& ex, const Plan& p, const FwdTask<T>& a, T* ws) {
+  T* W = ws + p.w;
+  copy(ex, W, a.theta, p.P);
+  ex.sync();
+  T sl = T(0);
+  for (int k = 0; k < p.K; ++k) {
+    if (a.saved != nullptr) copy(ex, a.saved + static_cast<int64_t>(k) * p.P, (const T*)W, p.P);
+    sl = support_pass(ex, p, a.sx, a.sy, ws, true, false);
+    sgd_step(ex, p, W, W, ws + p.g, a.lr, k);  // elementwise: in place is safe
+    ex.sync();
+  }
+  mlp_forward(ex, p, (const T*)W, a.qx, p.Nq, ws, p.qa);
+  const int C = p.d[p.L];
+  const T ql = loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, C, (T*)nullptr, (T*)nullptr, T(1));
+  if (a.fast != nullptr) copy(ex, a.fast, (const T*)W, p.P);
+  if (a.query_out != nullptr) copy(ex, a.query_out, (const T*)(ws + p.qa[p.L - 1]), static_cast<int64_t>(p.Nq) * C);
+  if (ex.tid == 0) {
+    *a.query_loss = ql;
+    *a.support_loss = sl;
+  }
+}
+
+template <typename T>
+struct BwdTask {
+  T gq;             // grad_query_loss[t]
+  const T* lr;
+  const T* sx;
+  const void* sy;
+  const T* qx;
+  const void* qy;
+  const T* saved;   // [K, P]
+  T* grad_theta;    // [P] (this task's Wbar_0)
+  T* grad_lr;       // [P] (this task's share) or null
+};
+
+template <typename Ex, typename T>
+MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool first_order, T* ws) {
+  T* W = ws + p.w;
+  T* G = ws + p.g;
+  T* Wq = ws + p.wq;
+  T* Wbar = ws + p.wbar;
+  T* HV = ws + p.hv;
+  const int K = p.K;
+  const bool ce_prob = p.loss_kind == kCE && !first_order;
+  // The last inner step again (W_K is not saved), then the query gradient at W_K.
+  copy(ex, W, a.saved + static_cast<int64_t>(K - 1) * p.P, p.P);
+  ex.sync();
+  support_pass(ex, p, a.sx, a.sy, ws, true, ce_prob);
+  sgd_step(ex, p, Wq, (const T*)W, (const T*)G, a.lr, K - 1);
+  ex.sync();
+  mlp_forward(ex, p, (const T*)Wq, a.qx, p.Nq, ws, p.qa);
+  loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, p.d[p.L], ws + p.qdz[p.L - 1], (T*)nullptr, a.gq);
+  mlp_backward(ex, p, (const T*)Wq, a.qx, p.Nq, ws, p.qa, p.qdz, Wbar, true);
+  for (int k = K - 1; k >= 0; --k) {
+    const bool need_tape = !first_order || p.lr_per_param;
+    if (k < K - 1 && need_tape) {
+      copy(ex, W, a.saved + static_cast<int64_t>(k) * p.P, p.P);
+      ex.sync();
+      support_pass(ex, p, a.sx, a.sy, ws, p.lr_per_param, ce_prob);
+    }
+    if (p.lr_per_param) {
+      // each thread touches only its own indices here and below, so no barrier between them
+      if (k == K - 1)
+        for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) a.grad_lr[i] = -Wbar[i] * G[i];
+      else
+        for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) a.grad_lr[i] -= Wbar[i] * G[i];
+    }
+    if (!first_order) {
+      T* V = Wq;  // free after the query pass
+      if (p.lr_per_param) {
+        for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) V[i] = a.lr[i] * Wbar[i];
+      } else {
+        const T s = a.lr[k];
+        for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) V[i] = s * Wbar[i];
+      }
+      ex.sync();
+      hvp(ex, p, (const T*)W, (const T*)V, a.sx, ws, HV);
+      for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) Wbar[i] -= HV[i];
+      ex.sync();
+    }
+  }
+  copy(ex, a.grad_theta, (const T*)Wbar, p.P);
+}
+
+// The CPU execution policy: one thread does all the work of a task.
+struct CpuExec {
+  static constexpr int tid = 0;
+  static constexpr int nthreads = 1;
+  static constexpr int kLanes = 8;
+  template <typename T>
+  static constexpr int vec() { return 64 / static_cast<int>(sizeof(T)); }  // 16 floats / 8 doubles
+  void sync() const {}
+  template <typename T>
+  T sum(T v) const { return v; }
+};
+
+}  // namespace fused_inner_loop
+}  // namespace metafast
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (host). The op functions in fused_inner_loop_cpu.cpp check the arguments, allocate the
+// outputs and call these for the tensors' device. Tensors are contiguous, of one floating dtype
+// (labels int64); saved is [T, K, P].
+#include <ATen/core/Tensor.h>
+
+namespace metafast {
+namespace fused_inner_loop {
+
+void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx,
+                 const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& query_loss,
+                 const at::Tensor& support_loss, const at::Tensor& fast, const at::Tensor& query_out,
+                 const at::Tensor& saved);
+void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
+                  const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& saved,
+                  const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order);
+void forward_cuda(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx,
+                  const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& query_loss,
+                  const at::Tensor& support_loss, const at::Tensor& fast, const at::Tensor& query_out,
+                  const at::Tensor& saved);
+void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
+                   const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& saved,
+                   const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order);
+
+}  // namespace fused_inner_loop
+}  // namespace metafast

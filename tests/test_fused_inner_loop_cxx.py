@@ -1,0 +1,294 @@
+"""The C++/CUDA fused MLP inner loop (metafast::fused_inner_loop_cxx and its backward) against a naive
+per-task autograd inner loop in float64 (rel. err <= 1e-10), and the CUDA kernel against the CPU.
+
+The CPU launcher runs the very per-task code that the CUDA kernel runs (one thread instead of a
+block), so these CPU tests check the GPU algorithm too; the @gpu tests check the launch itself.
+"""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+try:
+    import metafast._C  # noqa: F401  (registers the ops)
+except ImportError:
+    pass
+
+if not hasattr(torch.ops.metafast, "fused_inner_loop_cxx"):
+    pytest.skip("metafast._C without fused_inner_loop_cxx (built without the C++/CUDA extension)",
+                allow_module_level=True)
+
+from maml_reference import per_task_maml  # noqa: E402
+from metafast.models import MLP  # noqa: E402
+
+DT = torch.float64
+TOL = 1e-10
+MSE, CE = 0, 1
+
+# (dims, loss_kind): odd widths, 1 to 4 layers, a linear head alone (ANIL)
+CASES = [
+    ((1, 40, 40, 1), MSE),
+    ((3, 17, 9, 5), MSE),
+    ((3, 17, 9, 5), CE),
+    ((64, 5), CE),
+    ((64, 5), MSE),
+    ((7, 33, 20, 12, 4), CE),
+    ((7, 33, 20, 12, 4), MSE),
+]
+
+
+def ids(case):
+    dims, kind = case
+    return "-".join(map(str, dims)) + ("-mse" if kind == MSE else "-ce")
+
+
+def num_params(dims):
+    return sum(dims[i + 1] * (dims[i] + 1) for i in range(len(dims) - 1))
+
+
+def unflatten(theta, dims):
+    out, off = [], 0
+    for i in range(len(dims) - 1):
+        n = dims[i + 1] * dims[i]
+        w = theta[off:off + n].view(dims[i + 1], dims[i])
+        off += n
+        b = theta[off:off + dims[i + 1]]
+        off += dims[i + 1]
+        out.append((w, b))
+    return out
+
+
+def mlp(theta, dims, x):
+    layers = unflatten(theta, dims)
+    for i, (w, b) in enumerate(layers):
+        x = x @ w.t() + b
+        if i < len(layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
+def task_loss(out, y, kind):
+    return F.mse_loss(out, y) if kind == MSE else F.cross_entropy(out, y)
+
+
+def make_problem(dims, kind, T=3, Ns=7, Nq=5, steps=1, per_param=False, dtype=DT, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = num_params(dims)
+    # Kaiming-like scale keeps the activations O(1) at every depth
+    theta = torch.cat([
+        torch.cat([torch.randn(dims[i + 1] * dims[i], generator=g, dtype=DT) / dims[i] ** 0.5,
+                   0.1 * torch.randn(dims[i + 1], generator=g, dtype=DT)])
+        for i in range(len(dims) - 1)])
+    assert theta.numel() == P
+    sx = torch.randn(T, Ns, dims[0], generator=g, dtype=DT)
+    qx = torch.randn(T, Nq, dims[0], generator=g, dtype=DT)
+    if kind == MSE:
+        sy = torch.randn(T, Ns, dims[-1], generator=g, dtype=DT)
+        qy = torch.randn(T, Nq, dims[-1], generator=g, dtype=DT)
+    else:
+        sy = torch.randint(0, dims[-1], (T, Ns), generator=g)
+        qy = torch.randint(0, dims[-1], (T, Nq), generator=g)
+    if per_param:
+        lr = 0.05 + 0.1 * torch.rand(P, generator=g, dtype=DT)
+    else:
+        lr = 0.05 + 0.1 * torch.rand(steps, generator=g, dtype=DT)
+    gq = torch.randn(T, generator=g, dtype=DT)
+    cast = (lambda t: t.to(dtype) if t.is_floating_point() else t)
+    return [cast(t) for t in (theta, lr, sx, sy, qx, qy, gq)]
+
+
+def reference(theta, lr, sx, sy, qx, qy, gq, dims, steps, kind, per_param, first_order):
+    """Per-task autograd: (query_loss, support_loss, fast, query_out, grad_theta, grad_lr)."""
+    theta = theta.detach().clone().requires_grad_(True)
+    lr = lr.detach().clone().requires_grad_(per_param)
+    qls, sls, fasts, outs = [], [], [], []
+    for t in range(sx.shape[0]):
+        w = theta
+        for k in range(steps):
+            ls = task_loss(mlp(w, dims, sx[t]), sy[t], kind)
+            (g,) = torch.autograd.grad(ls, w, create_graph=not first_order)
+            w = w - (lr if per_param else lr[k]) * g
+        out = mlp(w, dims, qx[t])
+        qls.append(task_loss(out, qy[t], kind))
+        sls.append(ls.detach())
+        fasts.append(w)
+        outs.append(out)
+    ql = torch.stack(qls)
+    wrt = [theta] + ([lr] if per_param else [])
+    grads = torch.autograd.grad((gq * ql).sum(), wrt)
+    grad_lr = grads[1] if per_param else None
+    return ql.detach(), torch.stack(sls), torch.stack(fasts).detach(), torch.stack(outs).detach(), grads[0], grad_lr
+
+
+def fused(theta, lr, sx, sy, qx, qy, gq, dims, steps, kind, per_param, first_order, save=True):
+    ql, sl, fast, qout, saved = torch.ops.metafast.fused_inner_loop_cxx(
+        theta, lr, sx, sy, qx, qy, list(dims), steps, kind, per_param, save)
+    gt, glr = torch.ops.metafast.fused_inner_loop_backward_cxx(
+        gq, theta, lr, sx, sy, qx, qy, saved, list(dims), steps, kind, per_param, first_order)
+    return ql, sl, fast, qout, gt, (glr if per_param else None), saved
+
+
+def rel_err(a, b):
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+NAMES = ("query_loss", "support_loss", "fast", "query_out", "grad_theta", "grad_lr")
+
+
+def check_all(got, want, tol):
+    for name, a, b in zip(NAMES, got, want):
+        if b is None:
+            continue
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        err = rel_err(a.cpu(), b.cpu())
+        assert err <= tol, f"{name}: rel. err {err:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("per_param", [False, True], ids=["lr", "metasgd"])
+def test_float64_matches_autograd(case, steps, first_order, per_param):
+    dims, kind = case
+    args = make_problem(dims, kind, steps=steps, per_param=per_param)
+    got = fused(*args, dims, steps, kind, per_param, first_order)
+    want = reference(*args, dims, steps, kind, per_param, first_order)
+    check_all(got[:6], want, TOL)
+    saved = got[6]
+    assert saved.shape == (args[2].shape[0], steps, num_params(dims))
+    assert torch.equal(saved[:, 0], args[0].expand_as(saved[:, 0]))
+    # the gradient really differs between orders (the second-order term is exercised)
+    if not first_order:
+        fo = reference(*args, dims, steps, kind, per_param, True)
+        assert rel_err(fo[4], want[4]) > 1e3 * TOL
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=ids)
+def test_recompute_without_saved(case):
+    dims, kind = case
+    args = make_problem(dims, kind, steps=3, per_param=True)
+    ql, sl, fast, qout, saved = torch.ops.metafast.fused_inner_loop_cxx(*args[:6], list(dims), 3, kind, True, False)
+    assert saved.numel() == 0
+    gt, glr = torch.ops.metafast.fused_inner_loop_backward_cxx(args[6], *args[:6], saved, list(dims), 3, kind, True,
+                                                               False)
+    want = reference(*args, dims, 3, kind, True, False)
+    check_all((ql, sl, fast, qout, gt, glr), want, TOL)
+
+
+def test_matches_per_task_maml_on_mlp_module():
+    """theta is nn.Sequential's parameter order: the mean query loss and its gradient equal the
+    repository's reference on metafast.models.MLP."""
+    dims = (3, 17, 9, 5)
+    model = MLP(3, [17, 9], 5).to(DT)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    _, lr, sx, sy, qx, qy, _ = make_problem(dims, CE, T=4, steps=2)
+    T = sx.shape[0]
+    loss = per_task_maml(model, sx, sy, qx, qy, lr.tolist(), 2, loss="cross_entropy")
+    want_g = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    gq = torch.full((T,), 1.0 / T, dtype=DT)
+    ql, *_ = fused(theta, lr, sx, sy, qx, qy, gq, dims, 2, CE, False, False)
+    gt = fused(theta, lr, sx, sy, qx, qy, gq, dims, 2, CE, False, False)[4]
+    assert abs(ql.mean().item() - loss.item()) <= TOL * abs(loss.item())
+    assert rel_err(gt, want_g) <= TOL
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=ids)
+@pytest.mark.parametrize("per_param", [False, True], ids=["lr", "metasgd"])
+def test_float32(case, per_param):
+    dims, kind = case
+    steps = 5
+    args64 = make_problem(dims, kind, steps=steps, per_param=per_param)
+    args32 = [a.float() if a.is_floating_point() else a for a in args64]
+    got = fused(*args32, dims, steps, kind, per_param, False)
+    for t in got[:6]:
+        assert t is None or t.dtype == torch.float32
+    want = reference(*args64, dims, steps, kind, per_param, False)
+    check_all(got[:6], want, 2e-4)
+
+
+def test_single_task_and_single_row():
+    dims = (2, 3, 1)
+    args = make_problem(dims, MSE, T=1, Ns=1, Nq=1, steps=2)
+    check_all(fused(*args, dims, 2, MSE, False, False)[:6], reference(*args, dims, 2, MSE, False, False), TOL)
+
+
+def test_empty_batch():
+    dims = (3, 4, 2)
+    args = make_problem(dims, CE, T=0, steps=1)
+    ql, sl, fast, qout, saved = torch.ops.metafast.fused_inner_loop_cxx(*args[:6], list(dims), 1, CE, False, True)
+    assert ql.shape == (0,) and fast.shape == (0, num_params(dims)) and qout.shape == (0, 5, 2)
+    gt, glr = torch.ops.metafast.fused_inner_loop_backward_cxx(args[6], *args[:6], saved, list(dims), 1, CE, False,
+                                                               False)
+    assert torch.equal(gt, torch.zeros(num_params(dims), dtype=DT)) and glr.numel() == 0
+
+
+def test_argument_errors():
+    dims = (3, 4, 2)
+    theta, lr, sx, sy, qx, qy, gq = make_problem(dims, MSE, steps=1)
+    op = torch.ops.metafast.fused_inner_loop_cxx
+    with pytest.raises(RuntimeError, match="theta must have P = 26"):
+        op(theta[:-1].contiguous(), lr, sx, sy, qx, qy, list(dims), 1, MSE, False, True)
+    with pytest.raises(RuntimeError, match=r"lr must be \[steps\]"):
+        op(theta, lr, sx, sy, qx, qy, list(dims), 2, MSE, False, True)
+    with pytest.raises(RuntimeError, match="dims: every width"):
+        op(theta, lr, sx, sy, qx, qy, [3, 300, 2], 1, MSE, False, True)
+    with pytest.raises(RuntimeError, match="dims must list"):
+        op(theta, lr, sx, sy, qx, qy, [3, 4, 4, 4, 4, 2], 1, MSE, False, True)
+    with pytest.raises(RuntimeError, match="sy must have dtype"):
+        op(theta, lr, sx, sy, qx, qy, list(dims), 1, CE, False, True)
+    with pytest.raises(RuntimeError, match="sx must have dtype"):
+        op(theta, lr, sx.float(), sy, qx, qy, list(dims), 1, MSE, False, True)
+    with pytest.raises(RuntimeError, match="qx must be contiguous"):
+        op(theta, lr, sx, sy, qx.transpose(0, 1).contiguous().transpose(0, 1), qy, list(dims), 1, MSE, False, True)
+    with pytest.raises(RuntimeError, match="loss_kind"):
+        op(theta, lr, sx, sy, qx, qy, list(dims), 1, 2, False, True)
+    with pytest.raises(RuntimeError, match=r"saved must be empty or \[T, steps, P\]"):
+        torch.ops.metafast.fused_inner_loop_backward_cxx(gq, theta, lr, sx, sy, qx, qy, torch.zeros(3, 2, 26, dtype=DT),
+                                                         list(dims), 1, MSE, False, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the kernel against the CPU launcher in float64, and float32 against the float64 result.
+
+GPU_CASES = CASES + [
+    # workspace over the shared-memory limit: runs on the global per-task scratch
+    ((32, 256, 256, 256, 10), CE),
+]
+
+
+def on(dev, args):
+    return [a.to(dev) for a in args]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=ids)
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("per_param", [False, True], ids=["lr", "metasgd"])
+def test_cuda_matches_cpu(case, steps, first_order, per_param):
+    dims, kind = case
+    big = dims[1] == 256
+    args = make_problem(dims, kind, T=5 if big else 9, Ns=40 if big else 11, Nq=33 if big else 6, steps=steps,
+                        per_param=per_param)
+    want = fused(*args, dims, steps, kind, per_param, first_order)
+    got = fused(*on("cuda", args), dims, steps, kind, per_param, first_order)
+    check_all(got[:6], want[:6], TOL)
+    args32 = [a.float() if a.is_floating_point() else a for a in args]
+    got32 = fused(*on("cuda", args32), dims, steps, kind, per_param, first_order)
+    check_all(got32[:6], want[:6], 1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_recompute_without_saved():
+    dims, kind = CASES[5]
+    args = on("cuda", make_problem(dims, kind, steps=3, per_param=True))
+    _, _, _, _, saved = torch.ops.metafast.fused_inner_loop_cxx(*args[:6], list(dims), 3, kind, True, False)
+    gt, glr = torch.ops.metafast.fused_inner_loop_backward_cxx(args[6], *args[:6], saved, list(dims), 3, kind, True,
+                                                               False)
+    want = fused(*[a.cpu() for a in args], dims, 3, kind, True, False)
+    assert rel_err(gt.cpu(), want[4]) <= TOL and rel_err(glr.cpu(), want[5]) <= TOL
