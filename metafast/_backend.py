@@ -7,7 +7,8 @@ Backends
 - ``"torch"``: always (the pure-PyTorch reference of each op).
 
 Choice: ``METAFAST_BACKEND=auto|cuda|triton|torch`` (default ``auto``). ``auto`` picks, for CUDA
-tensors, the CUDA extension, else Triton, else torch; CPU tensors always get torch. When ``auto``
+tensors, the CUDA extension, else Triton, else torch; CPU tensors get torch, or the extension for
+ops registered with ``ext_on_cpu`` (their C++ op has a CPU kernel) when it is built with them. When ``auto``
 has to skip a backend on a CUDA device, one warning says why (once per process). A backend named
 explicitly (environment or an op's ``backend=`` argument) that cannot run raises instead.
 
@@ -42,15 +43,17 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for explicitly but cannot run the op here."""
 
 
-def register_op(name: str, backends: Iterable[str] = BACKENDS, cuda_symbol: Optional[str] = None) -> None:
+def register_op(name: str, backends: Iterable[str] = BACKENDS, cuda_symbol: Optional[str] = None,
+                ext_on_cpu: bool = False) -> None:
     """Declare the backends ``name`` implements; ``cuda_symbol`` is the ``torch.ops.metafast`` op
-    the CUDA backend calls (checked to exist once the extension is loaded)."""
+    the CUDA backend calls (checked to exist once the extension is loaded). ``ext_on_cpu``: the
+    extension's op also runs CPU tensors, so "cuda" serves them (and ``auto`` prefers it on CPU)."""
     backends = tuple(backends)
     bad = [b for b in backends if b not in BACKENDS]
     if bad or "torch" not in backends:
         raise ValueError(f"register_op({name!r}): backends must be a subset of {BACKENDS} including 'torch', "
                          f"got {backends}")
-    _ops[name] = {"backends": backends, "cuda_symbol": cuda_symbol}
+    _ops[name] = {"backends": backends, "cuda_symbol": cuda_symbol, "ext_on_cpu": bool(ext_on_cpu)}
     _memo.clear()
 
 
@@ -146,8 +149,11 @@ def _usable(backend: str, op_name: str, device: torch.device) -> Tuple[bool, str
         return True, "pure PyTorch"
     if backend == "cuda":
         if device.type != "cuda":
-            return False, f"the CUDA extension needs CUDA tensors, got {device}"
-        ok, why = available()["cuda"]
+            if info is None or not info.get("ext_on_cpu"):
+                return False, f"the CUDA extension needs CUDA tensors, got {device}"
+            ok, why = _probe("cuda_ext")  # the op's CPU kernel needs no device
+        else:
+            ok, why = available()["cuda"]
         if not ok:
             return False, why
         symbol = info["cuda_symbol"] if info is not None else None
@@ -227,6 +233,9 @@ def _resolve(op_name: str, device: torch.device, backend: Optional[str]) -> str:
                                           f"but the {choice} backend cannot run it: {why}")
         return choice
     if device.type != "cuda":
+        info = _ops.get(op_name)
+        if info is not None and info.get("ext_on_cpu") and _usable("cuda", op_name, device)[0]:
+            return "cuda"
         return "torch"
     skipped = []
     for candidate in ("cuda", "triton"):
