@@ -324,7 +324,7 @@ def _fused_inner_loop_fwd_kernel(
     H = base
     Z = base + AS
     DZ = base + 2 * AS
-    G = base + N_ACT * AS
+    G = base + 6 * AS  # after the N_ACT activation buffers
     W = fast_ptr + t * P
     sx = sx_ptr + t * Ns * D0
     qx = qx_ptr + t * Nq * D0
@@ -377,7 +377,7 @@ def _fused_inner_loop_bwd_kernel(
     RZ = base + 3 * AS
     RH = base + 4 * AS
     RDZ = base + 5 * AS
-    G = base + N_ACT * AS
+    G = base + 6 * AS  # after the N_ACT activation buffers
     V = G + P
     HV = G + 2 * P
     WB = G + 3 * P
