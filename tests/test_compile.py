@@ -312,8 +312,9 @@ def test_batched_maml_first_order_fullgraph():
     torch.compile(lambda *b: maml(*b).loss, fullgraph=True, backend="aot_eager")(*_maml_batch())
 
 
-@pytest.mark.parametrize("exact_reverse", [True, False])
-def test_batched_maml_first_order_fullgraph_after_the_two_fixes(monkeypatch, exact_reverse):
+@pytest.mark.parametrize("options", [dict(fused=False, exact_reverse=True), dict(fused=False, exact_reverse=False),
+                                     dict()], ids=["exact_reverse", "autograd", "default"])
+def test_batched_maml_first_order_fullgraph_after_the_two_fixes(monkeypatch, options):
     """With the two changes named in the module docstring (stood in for here: ensure_bound skips its
     storage check while compiling, check_finite=False) the whole first-order meta-step is one graph
     and equals eager."""
@@ -327,7 +328,7 @@ def test_batched_maml_first_order_fullgraph_after_the_two_fixes(monkeypatch, exa
         return ensure_bound(self)
 
     monkeypatch.setattr(FlatParams, "ensure_bound", traced_ensure_bound)
-    maml = _batched_maml(fused=False, exact_reverse=exact_reverse, check_finite=False)
+    maml = _batched_maml(check_finite=False, **options)
     eager = _maml_loss_and_grads(maml, lambda *b: maml(*b).loss)
     torch._dynamo.reset()
     step = torch.compile(lambda *b: maml(*b).loss, fullgraph=True, backend="aot_eager")
