@@ -260,6 +260,20 @@ def test_cxx_on_cpu_matches_reference(case, steps, mode, dtype):
                      case, steps, mode, dtype, T=3, Ns=6, Nq=5)
 
 
+@needs_cxx
+def test_cxx_on_cpu_through_the_op():
+    """backend="cuda" on CPU tensors: the custom op, its autograd and the C++ CPU kernels."""
+    dims, loss = CASES["deep_ce"]
+    _, theta, lr, batch, gq = make_problem(dims, loss, 3, True)
+    grads = {}
+    for backend in ("torch", "cuda"):
+        th, lr_in = theta.clone().requires_grad_(True), lr.clone().requires_grad_(True)
+        out = fused_inner_loop(th, lr_in, *batch, dims, 3, loss, backend=backend)
+        grads[backend] = list(out) + list(torch.autograd.grad(out.query_loss, [th, lr_in], grad_outputs=gq))
+    for a, e in zip(grads["cuda"], grads["torch"]):
+        assert rel_err(a, e) <= TOL
+
+
 def test_auto_backend_on_cpu():
     expect = "cuda" if _has_cxx() else "torch"
     if _backend.env_value():
