@@ -53,7 +53,7 @@ struct Plan {
   int loss_kind;                // LossKind
   bool lr_per_param;            // lr is [P] (Meta-SGD) rather than [K]
   // Per-task workspace, element offsets (of scalar_t). [P] buffers:
-  int64_t w, g, wq, wbar, hv;
+  int64_t w, g, wq, wbar, hv, wt, vt;  // wt / vt: transposed weights of W / of the R direction
   // Activations, per layer l = 1..L at [l - 1]: a = post-ReLU output (the logits for l = L),
   // dz = d loss / d pre-activation, ra / rdz = their R-versions (support only), for the support
   // rows (s*) and the query rows (q*).
@@ -94,6 +94,8 @@ inline Plan make_plan(const int64_t* dims, int ndims, int Ns, int Nq, int K, int
   p.wq = take(p.P);
   p.wbar = take(p.P);
   p.hv = take(p.P);
+  p.wt = take(p.P);
+  p.vt = take(p.P);
   for (int l = 1; l <= p.L; ++l) {
     const int64_t ns = static_cast<int64_t>(Ns) * p.d[l], nq = static_cast<int64_t>(Nq) * p.d[l];
     p.sa[l - 1] = take(ns);
@@ -138,98 +140,101 @@ MF_HD T dot(const T* __restrict__ x, const T* __restrict__ y, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Chunked row kernels. A work item is (row r, columns c0 .. c0 + nv), nv <= Ex::kVec; the caller
-// dispatches full chunks to the compile-time width so the inner loop has a fixed trip count.
+// Chunked row kernels: every matrix product here is written as
+//   OUT[r, c] = epilogue(bias[c] + sum_j (A1[r, j] B1[j, c] + A2[r, j] B2[j, c]))
+// whose innermost loop runs over contiguous columns c of B and OUT (an axpy, no reduction), which
+// is what vectorizes on the CPU and coalesces on the GPU. A work item is (row r, up to kVec columns).
+// The epilogue: max(0, .) when relu; zero where mask <= 0 when mask is given (relu'(z) read off the
+// post-ReLU activations).
 
-// out[c] = mask(c) * sum_j (a1[j] * B1[j, c] + a2[j] * B2[j, c]), B row stride ldb, j < J.
-// Used for dH = dZ W (and its R-version dZ RW + RdZ W), and dW = dZ^T H (rows of dZ^T are strided:
-// a1 has stride sa).
 template <int NV, typename T>
-MF_HD void combine_rows(T* __restrict__ out, const T* __restrict__ mask, int nv, int J,
-                        const T* __restrict__ a1, int sa1, const T* __restrict__ B1, int ldb1,
+MF_HD void combine_rows(T* __restrict__ out, const T* __restrict__ mask, const T* __restrict__ bias, bool relu,
+                        int J, const T* __restrict__ a1, int sa1, const T* __restrict__ B1, int ldb1,
                         const T* __restrict__ a2, int sa2, const T* __restrict__ B2, int ldb2) {
-  constexpr int W = NV > 0 ? NV : 1;
-  T acc[W];
-  const int n = NV > 0 ? NV : nv;
-  if (NV > 0) {
+  T acc[NV];
 #pragma unroll
-    for (int v = 0; v < W; ++v) acc[v] = T(0);
+  for (int v = 0; v < NV; ++v) acc[v] = bias == nullptr ? T(0) : bias[v];
+  for (int j = 0; j < J; ++j) {
+    const T s1 = a1[j * sa1];
+    const T* __restrict__ b1 = B1 + static_cast<int64_t>(j) * ldb1;
+#pragma unroll
+    for (int v = 0; v < NV; ++v) acc[v] += s1 * b1[v];
+  }
+  if (a2 != nullptr) {
     for (int j = 0; j < J; ++j) {
-      const T s1 = a1[j * sa1];
-      const T* __restrict__ b1 = B1 + static_cast<int64_t>(j) * ldb1;
+      const T s2 = a2[j * sa2];
+      const T* __restrict__ b2 = B2 + static_cast<int64_t>(j) * ldb2;
 #pragma unroll
-      for (int v = 0; v < W; ++v) acc[v] += s1 * b1[v];
+      for (int v = 0; v < NV; ++v) acc[v] += s2 * b2[v];
     }
-    if (a2 != nullptr) {
-      for (int j = 0; j < J; ++j) {
-        const T s2 = a2[j * sa2];
-        const T* __restrict__ b2 = B2 + static_cast<int64_t>(j) * ldb2;
+  }
 #pragma unroll
-        for (int v = 0; v < W; ++v) acc[v] += s2 * b2[v];
-      }
-    }
-#pragma unroll
-    for (int v = 0; v < W; ++v) out[v] = (mask == nullptr || mask[v] > T(0)) ? acc[v] : T(0);
-  } else {
-    // Tail chunk (CPU only): accumulate in the output row itself.
-    for (int v = 0; v < n; ++v) out[v] = T(0);
-    for (int j = 0; j < J; ++j) {
-      const T s1 = a1[j * sa1];
-      const T* __restrict__ b1 = B1 + static_cast<int64_t>(j) * ldb1;
-      for (int v = 0; v < n; ++v) out[v] += s1 * b1[v];
-    }
-    if (a2 != nullptr) {
-      for (int j = 0; j < J; ++j) {
-        const T s2 = a2[j * sa2];
-        const T* __restrict__ b2 = B2 + static_cast<int64_t>(j) * ldb2;
-        for (int v = 0; v < n; ++v) out[v] += s2 * b2[v];
-      }
-    }
-    if (mask != nullptr)
-      for (int v = 0; v < n; ++v) out[v] = mask[v] > T(0) ? out[v] : T(0);
+  for (int v = 0; v < NV; ++v) {
+    T x = acc[v];
+    if (relu) x = x > T(0) ? x : T(0);
+    if (mask != nullptr) x = mask[v] > T(0) ? x : T(0);
+    out[v] = x;
   }
 }
 
-// OUT[r, c] = mask[r, c] * sum_j (A1[r, j] B1[j, c] + A2[r, j] B2[j, c]) for r < R, c < C, where
-// A is read as A[r * sar + j * saj] and B[j, c] = B[j * C + c]. A2 / B2 / mask may be null.
+// Columns [c0, c0 + nv) of one row in pieces of compile-time widths V, V/2, ..., 1, so that every
+// inner loop has a fixed trip count (the tail of a row included).
+template <int V, typename T>
+MF_HD void combine_piece(T* out, const T* mask, const T* bias, bool relu, int nv, int J, const T* a1, int sa1,
+                         const T* B1, int ldb1, const T* a2, int sa2, const T* B2, int ldb2) {
+  if (nv >= V) {
+    combine_rows<V>(out, mask, bias, relu, J, a1, sa1, B1, ldb1, a2, sa2, B2, ldb2);
+    nv -= V;
+    if (nv == 0) return;
+    out += V;
+    mask = mask == nullptr ? nullptr : mask + V;
+    bias = bias == nullptr ? nullptr : bias + V;
+    B1 += V;
+    B2 = B2 == nullptr ? nullptr : B2 + V;
+  }
+  if constexpr (V > 1) combine_piece<V / 2>(out, mask, bias, relu, nv, J, a1, sa1, B1, ldb1, a2, sa2, B2, ldb2);
+}
+
+// OUT [R, C] (row-major) as above; A[r, j] is read as A[r * sar + j * saj], B[j, c] as B[j * C + c].
+// A2 / B2 / mask / bias may be null.
 template <typename Ex, typename T>
-MF_HD void combine(const Ex& ex, T* __restrict__ out, const T* __restrict__ mask, int R, int C, int J,
-                   const T* A1, int sar1, int saj1, const T* B1,
-                   const T* A2, int sar2, int saj2, const T* B2) {
+MF_HD void combine(const Ex& ex, T* __restrict__ out, const T* __restrict__ mask, const T* bias, bool relu, int R,
+                   int C, int J, const T* A1, int sar1, int saj1, const T* B1, const T* A2, int sar2, int saj2,
+                   const T* B2) {
   constexpr int V = Ex::template vec<T>();
   const int nch = (C + V - 1) / V;
   for (int w = ex.tid; w < R * nch; w += ex.nthreads) {
     const int r = w / nch, c0 = (w - r * nch) * V;
     const int nv = C - c0 < V ? C - c0 : V;
     const int64_t o = static_cast<int64_t>(r) * C + c0;
-    const T* m = mask == nullptr ? nullptr : mask + o;
-    const T* a2 = A2 == nullptr ? nullptr : A2 + static_cast<int64_t>(r) * sar2;
-    if (nv == V)
-      combine_rows<V>(out + o, m, nv, J, A1 + static_cast<int64_t>(r) * sar1, saj1, B1 + c0, C, a2, saj2,
-                      B2 == nullptr ? nullptr : B2 + c0, C);
-    else
-      combine_rows<0>(out + o, m, nv, J, A1 + static_cast<int64_t>(r) * sar1, saj1, B1 + c0, C, a2, saj2,
-                      B2 == nullptr ? nullptr : B2 + c0, C);
+    combine_piece<V>(out + o, mask == nullptr ? nullptr : mask + o, bias == nullptr ? nullptr : bias + c0, relu, nv,
+                     J, A1 + static_cast<int64_t>(r) * sar1, saj1, B1 + c0, C,
+                     A2 == nullptr ? nullptr : A2 + static_cast<int64_t>(r) * sar2, saj2,
+                     B2 == nullptr ? nullptr : B2 + c0, C);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Layer stages.
 
-// Z[n, j] = bias[j] + H[n, :] . W[j, :] (+ H2[n, :] . W2[j, :]); then ReLU when relu.
-// (The R-forward: H = h_{l-1}, W = RW_l, bias = Rb_l, H2 = R h_{l-1}, W2 = W_l, mask = relu'(z).)
+// WT_l [d_{l-1}, d_l] = W_l^T for every layer (stored at W_l's offset), so that the forward
+// products are axpys over contiguous rows of WT.
 template <typename Ex, typename T>
-MF_HD void linear_fwd(const Ex& ex, T* __restrict__ Z, int N, int din, int dout, const T* H, const T* W,
-                      const T* bias, const T* H2, const T* W2, const T* mask, bool relu) {
-  constexpr int kLanes = Ex::kLanes;
-  for (int w = ex.tid; w < N * dout; w += ex.nthreads) {
-    const int n = w / dout, j = w - n * dout;
-    T z = bias[j] + dot<kLanes>(H + static_cast<int64_t>(n) * din, W + static_cast<int64_t>(j) * din, din);
-    if (H2 != nullptr)
-      z += dot<kLanes>(H2 + static_cast<int64_t>(n) * din, W2 + static_cast<int64_t>(j) * din, din);
-    if (relu) z = z > T(0) ? z : T(0);
-    if (mask != nullptr) z = mask[w] > T(0) ? z : T(0);
-    Z[w] = z;
+MF_HD void transpose_weights(const Ex& ex, const Plan& p, T* __restrict__ WT, const T* __restrict__ W) {
+  for (int l = 1; l <= p.L; ++l) {
+    const int din = p.d[l - 1], dout = p.d[l];
+    const T* w = W + p.woff[l - 1];
+    T* wt = WT + p.woff[l - 1];
+    // (i, j) of element e = i * dout + j, advanced without a division per element
+    int i = ex.tid / dout, j = ex.tid - (ex.tid / dout) * dout;
+    for (int e = ex.tid; e < din * dout; e += ex.nthreads) {
+      wt[e] = w[static_cast<int64_t>(j) * din + i];
+      j += ex.nthreads;
+      while (j >= dout) {
+        j -= dout;
+        ++i;
+      }
+    }
   }
 }
 
@@ -243,14 +248,20 @@ MF_HD void col_sums(const Ex& ex, T* __restrict__ db, const T* dZ, int N, int do
   }
 }
 
-// The forward of the MLP on X [N, d_0] at weights W: fills a[l] (post-ReLU, the logits for l = L).
+// The forward of the MLP on X [N, d_0] at weights W: fills WT (W's transposed weights) and a[l]
+// (post-ReLU, the logits for l = L).
 template <typename Ex, typename T>
-MF_HD void mlp_forward(const Ex& ex, const Plan& p, const T* W, const T* X, int N, T* ws, const int64_t* aoff) {
+MF_HD void mlp_forward(const Ex& ex, const Plan& p, const T* W, T* WT, const T* X, int N, T* ws,
+                       const int64_t* aoff) {
+  transpose_weights(ex, p, WT, W);
+  ex.sync();
   const T* h = X;
   for (int l = 1; l <= p.L; ++l) {
+    const int din = p.d[l - 1], dout = p.d[l];
     T* a = ws + aoff[l - 1];
-    linear_fwd(ex, a, N, p.d[l - 1], p.d[l], h, W + p.woff[l - 1], W + p.boff[l - 1], (const T*)nullptr,
-               (const T*)nullptr, (const T*)nullptr, l < p.L);
+    // z[n, :] = b + sum_i h[n, i] WT[i, :]
+    combine(ex, a, (const T*)nullptr, W + p.boff[l - 1], l < p.L, N, dout, din, h, din, 1,
+            (const T*)(WT + p.woff[l - 1]), (const T*)nullptr, 0, 0, (const T*)nullptr);
     ex.sync();
     h = a;
   }
@@ -266,13 +277,13 @@ MF_HD void mlp_backward(const Ex& ex, const Plan& p, const T* W, const T* X, int
     const T* dz = ws + dzoff[l - 1];
     if (need_g) {
       // dW[j, i] = sum_n dz[n, j] h[n, i]: rows j of dz^T (stride 1 over j, dout over n)
-      combine(ex, G + p.woff[l - 1], (const T*)nullptr, dout, din, N, dz, 1, dout, h,
+      combine(ex, G + p.woff[l - 1], (const T*)nullptr, (const T*)nullptr, false, dout, din, N, dz, 1, dout, h,
               (const T*)nullptr, 0, 0, (const T*)nullptr);
       col_sums(ex, G + p.boff[l - 1], dz, N, dout);
     }
     if (l > 1) {
       // dz_{l-1}[n, i] = relu'(h[n, i]) * sum_j dz[n, j] W[j, i]
-      combine(ex, ws + dzoff[l - 2], h, N, din, dout, dz, dout, 1, W + p.woff[l - 1],
+      combine(ex, ws + dzoff[l - 2], h, (const T*)nullptr, false, N, din, dout, dz, dout, 1, W + p.woff[l - 1],
               (const T*)nullptr, 0, 0, (const T*)nullptr);
     }
     ex.sync();
@@ -323,17 +334,22 @@ MF_HD T loss_and_grad(const Ex& ex, int kind, const T* Z, const void* y, int N, 
   return total;
 }
 
-// HV = H_s(W) V: R-forward and R-backward of the support pass whose tape (sa, sdz, prob) is in ws.
+// HV = H_s(W) V: R-forward and R-backward of the support pass whose tape (sa, sdz, prob, and WT =
+// W's transposed weights) is in ws.
 template <typename Ex, typename T>
 MF_HD void hvp(const Ex& ex, const Plan& p, const T* W, const T* V, const T* X, T* ws, T* HV) {
   const int N = p.Ns;
+  const T* WT = ws + p.wt;
+  T* VT = ws + p.vt;
+  transpose_weights(ex, p, VT, V);
+  ex.sync();
   // R-forward: R z_l = RW_l h_{l-1} + Rb_l + W_l R h_{l-1};  R h_l = relu'(z_l) R z_l.
   for (int l = 1; l <= p.L; ++l) {
     const int din = p.d[l - 1], dout = p.d[l];
     const T* h = l == 1 ? X : ws + p.sa[l - 2];
     const T* rh = l == 1 ? nullptr : ws + p.sra[l - 2];
-    linear_fwd(ex, ws + p.sra[l - 1], N, din, dout, h, V + p.woff[l - 1], V + p.boff[l - 1], rh, W + p.woff[l - 1],
-               l < p.L ? ws + p.sa[l - 1] : (const T*)nullptr, false);
+    combine(ex, ws + p.sra[l - 1], l < p.L ? ws + p.sa[l - 1] : (const T*)nullptr, V + p.boff[l - 1], false, N, dout,
+            din, h, din, 1, (const T*)(VT + p.woff[l - 1]), rh, din, 1, WT + p.woff[l - 1]);
     ex.sync();
   }
   // Loss: R dz_L = 2 R z_L / (N C) (MSE) or p * (R z - <p, R z>) / N (CE).
@@ -363,11 +379,13 @@ MF_HD void hvp(const Ex& ex, const Plan& p, const T* W, const T* V, const T* X, 
     const T* rh = l == 1 ? nullptr : ws + p.sra[l - 2];
     const T* dz = ws + p.sdz[l - 1];
     const T* rdz = ws + p.srdz[l - 1];
-    combine(ex, HV + p.woff[l - 1], (const T*)nullptr, dout, din, N, rdz, 1, dout, h, rh == nullptr ? nullptr : dz,
+    combine(ex, HV + p.woff[l - 1], (const T*)nullptr, (const T*)nullptr, false, dout, din, N, rdz, 1, dout, h,
+            rh == nullptr ? nullptr : dz,
             1, dout, rh);
     col_sums(ex, HV + p.boff[l - 1], rdz, N, dout);
     if (l > 1)
-      combine(ex, ws + p.srdz[l - 2], h, N, din, dout, rdz, dout, 1, W + p.woff[l - 1], dz, dout, 1,
+      combine(ex, ws + p.srdz[l - 2], h, (const T*)nullptr, false, N, din, dout, rdz, dout, 1, W + p.woff[l - 1], dz,
+              dout, 1,
               V + p.woff[l - 1]);
     ex.sync();
   }
@@ -377,7 +395,7 @@ MF_HD void hvp(const Ex& ex, const Plan& p, const T* W, const T* V, const T* X, 
 template <typename Ex, typename T>
 MF_HD T support_pass(const Ex& ex, const Plan& p, const T* sx, const void* sy, T* ws, bool need_g, bool need_prob) {
   const T* W = ws + p.w;
-  mlp_forward(ex, p, W, sx, p.Ns, ws, p.sa);
+  mlp_forward(ex, p, W, ws + p.wt, sx, p.Ns, ws, p.sa);
   const T loss = loss_and_grad(ex, p.loss_kind, ws + p.sa[p.L - 1], sy, p.Ns, p.d[p.L], ws + p.sdz[p.L - 1],
                                need_prob ? ws + p.prob : (T*)nullptr, T(1));
   mlp_backward(ex, p, W, sx, p.Ns, ws, p.sa, p.sdz, ws + p.g, need_g);
@@ -428,7 +446,7 @@ MF_HD void forward_task(const Ex& ex, const Plan& p, const FwdTask<T>& a, T* ws)
     sgd_step(ex, p, W, W, ws + p.g, a.lr, k);  // elementwise: in place is safe
     ex.sync();
   }
-  mlp_forward(ex, p, (const T*)W, a.qx, p.Nq, ws, p.qa);
+  mlp_forward(ex, p, (const T*)W, ws + p.hv, a.qx, p.Nq, ws, p.qa);
   const int C = p.d[p.L];
   const T ql = loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, C, (T*)nullptr, (T*)nullptr, T(1));
   if (a.fast != nullptr) copy(ex, a.fast, (const T*)W, p.P);
@@ -467,7 +485,7 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
   support_pass(ex, p, a.sx, a.sy, ws, true, ce_prob);
   sgd_step(ex, p, Wq, (const T*)W, (const T*)G, a.lr, K - 1);
   ex.sync();
-  mlp_forward(ex, p, (const T*)Wq, a.qx, p.Nq, ws, p.qa);
+  mlp_forward(ex, p, (const T*)Wq, HV, a.qx, p.Nq, ws, p.qa);  // HV is free until the first hvp
   loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, p.d[p.L], ws + p.qdz[p.L - 1], (T*)nullptr, a.gq);
   mlp_backward(ex, p, (const T*)Wq, a.qx, p.Nq, ws, p.qa, p.qdz, Wbar, true);
   for (int k = K - 1; k >= 0; --k) {
