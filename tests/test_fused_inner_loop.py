@@ -41,6 +41,7 @@ CASES = {
     "head": ([64, 5], "cross_entropy"),
     "deep_ce": ([7, 33, 20, 12, 4], "cross_entropy"),
     "deep_mse": ([7, 33, 20, 12, 4], "mse"),
+    "wide_head": ([9, 20], "cross_entropy"),
 }
 # (lr_per_param, first_order)
 MODES = {"second": (False, False), "first": (False, True), "metasgd": (True, False), "metasgd_first": (True, True)}
@@ -191,6 +192,16 @@ def test_triton_matches_reference(case, steps, mode, dtype):
     from metafast.kernels import fused_inner_loop as k
 
     _compare_backend(k.fused_inner_loop_fwd, k.fused_inner_loop_bwd, case, steps, mode, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["wide_head", "odd"])
+def test_triton_more_rows_than_a_tile(case):
+    """Ns, Nq > BLOCK and Nq > Ns (row tiles, reductions over samples, 20 classes in a 32-wide tile)."""
+    from metafast.kernels import fused_inner_loop as k
+
+    _compare_backend(k.fused_inner_loop_fwd, k.fused_inner_loop_bwd, case, 1, "metasgd", torch.float64,
+                     T=1, Ns=18, Nq=35)
 
 
 @needs_interpreter
