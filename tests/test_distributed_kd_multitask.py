@@ -72,7 +72,7 @@ CASES = {"kd": _kd, **{f"multitask_{s}": (lambda s=s: _mt(s)) for s in STRATEGIE
 
 
 # ----------------------------------------------------------------------------- worker side
-def _worker(out_dir, timeout):
+def _worker(mode, out_dir, timeout):
     import time
 
     torch.set_num_threads(1)
@@ -88,24 +88,43 @@ def _worker(out_dir, timeout):
         time.sleep(0.05)
     distributed.init("cpu", timeout=float(timeout))
     try:
-        torch.save({name: _run_case(build) for name, build in CASES.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        if mode == "grad":
+            torch.save({name: _run_case(build) for name, build in CASES.items()},
+                       os.path.join(out_dir, f"rank{rank}.pt"))
+        else:  # the multitask job until Ctrl-C
+            from metafast.multitask.job import MultiTaskConfig, run_multitask
+
+            started = os.path.join(os.path.dirname(out_dir), f"rank{rank}.training")
+
+            def callback(name, i):  # tells the parent that this rank is inside the training loop
+                if i == 5:
+                    open(started, "w").close()
+
+            config = MultiTaskConfig(iterations=10 ** 6, strategies=("gradnorm",), tasks=3, train_size=2000,
+                                     test_size=200, device="cpu", checkpoint_every=0)
+            run_multitask(config, out_dir, progress=False, callback=callback)
     finally:
         distributed.shutdown()
 
 
 # ----------------------------------------------------------------------------- test side
-def test_shards_of_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    world = 2
+def _spawn(mode, out_dir, timeout, world=2):
     store = _store(world)
     sync = tempfile.mkdtemp(prefix="metafast-dist-")
     procs = []
     for r in range(world):
         env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=str(store.port),
                    TORCHELASTIC_USE_AGENT_STORE="True", SYNC_DIR=sync)
-        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(tmp_path), "30"], env=env,
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        p.sync = sync
+        p.store, p.sync = store, sync  # alive as long as the workers
         procs.append(p)
+    return procs
+
+
+def test_shards_of_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    world = 2
+    procs = _spawn("grad", tmp_path, 30, world)
     try:
         for p in procs:
             rc, _, err = _wait(p, 60)
@@ -165,6 +184,33 @@ def test_torchrun_multitask_rank0_writes(tmp_path):
     assert metrics["world_size"] == 2 and list(metrics["results"]) == list(STRATEGIES)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["strategy_index"] == len(STRATEGIES)
+
+
+def test_multitask_ctrl_c_on_one_rank_stops_all_then_resumes_in_one_process(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    procs = _spawn("multitask_job", out, 20)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "rank1.training").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGINT)
+        results = [_wait(p, 40) for p in procs]
+    finally:
+        _kill(procs)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 5 <= ckpt["iteration"] < 10 ** 6 and ckpt["strategy_index"] == 0
+    for rc, _, err in results:  # both ranks stop after the same step; rank 0 saved it
+        assert rc != 0 and "TrainingInterrupted" in err and "DistributedError" not in err, err[-3000:]
+        assert f"iteration {ckpt['iteration']}/" in err, err[-2000:]
+    res = subprocess.run([sys.executable, "-m", "metafast", "multitask", "--resume", str(out), "--iterations",
+                          str(ckpt["iteration"] + 5), "--no-progress"], env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and list(metrics["results"]) == ["gradnorm"]
 
 
 if __name__ == "__main__":
