@@ -339,6 +339,22 @@ def test_no_grad_saves_nothing_and_scalar_lr_matches_list():
         assert torch.equal(x, y)
 
 
+def test_torch_compile_fullgraph():
+    dims, loss = CASES["odd"]
+    _, theta, lr, batch, gq = make_problem(dims, loss, 2, False, T=2, Ns=4, Nq=3)
+
+    def f(th):
+        return fused_inner_loop(th, lr, *batch, dims, 2, loss, backend="torch").query_loss
+
+    res = {}
+    for name, fn in (("eager", f), ("compiled", torch.compile(f, fullgraph=True))):
+        th = theta.clone().requires_grad_(True)
+        out = fn(th)
+        res[name] = (out,) + torch.autograd.grad(out, th, grad_outputs=gq)
+    for a, e in zip(res["compiled"], res["eager"]):
+        assert rel_err(a, e) <= 1e-14
+
+
 def test_eligible():
     assert eligible([1, 40, 40, 1])[0] and eligible([64, 5])[0] and eligible([256] * 5)[0]
     ok, why = eligible([1, 2, 3, 4, 5, 6])
