@@ -142,7 +142,8 @@ def _reference_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
         log_r = torch.log_softmax(t * inv_t, dim=-1)
         r = log_r.exp()
         neg_entropy = (r * log_r).sum(-1)
-        if neg_entropy.isnan().any():  # classes the teacher rules out (r = 0, log r = -inf) add 0
+        # classes the teacher rules out (r = 0, log r = -inf) add 0; compiled: always (no host sync)
+        if torch.compiler.is_compiling() or neg_entropy.isnan().any():
             neg_entropy = torch.where(r > 0, r * log_r, 0.0).sum(-1)
     rows = (neg_entropy - (r * log_p).sum(-1)) * c_kl
     if target is not None:

@@ -95,6 +95,9 @@ def _check_label_range(labels: Tensor, num_classes: int) -> None:
         if torch.cuda.is_current_stream_capturing():
             return  # a host sync would break graph capture; the kernels yield NaN instead
     bad = (labels < 0) | (labels >= num_classes)
+    if torch.compiler.is_compiling():  # no host sync inside a compiled graph: assert on the device
+        torch._assert_async(~bad.any(), f"{_WHERE}: labels must be class ids in [0, {num_classes})")
+        return
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(f"{_WHERE}: labels must be class ids in [0, {num_classes}), got {first}")
