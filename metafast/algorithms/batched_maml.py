@@ -13,6 +13,7 @@ from ..functional.layers import RunCtx
 from ..functional.losses import CrossEntropy, make_loss
 from ..functional.meta_step import MetaStep
 from . import fused_path
+from . import precision as _precision
 from .cuda_graph import GraphedMetaSteps
 from ..ops.inner_update import inner_update
 
@@ -63,15 +64,28 @@ class BatchedMAML(nn.Module):
         fused: run the whole meta-step (inner loop, query loss, exact reverse) of a small Linear/ReLU
             MLP as one fused kernel per task batch (metafast.ops.fused_inner_loop). None (default):
             whenever the model and settings qualify (``describe()`` says whether and why); True:
-            require it (ValueError naming the reason otherwise); False: never.
+            require it (ValueError naming the reason otherwise); False: never. Only with precision="fp32".
+        precision: "fp32", "bf16" or "fp16". With "bf16"/"fp16" the forward and backward passes of the
+            inner loop and the query pass run on low-precision copies of the weights and inputs, while
+            the meta-parameters (master copy) and the fast weights stay float32, and the losses and inner
+            updates are computed in float32; meta-gradients (second order included) flow through the
+            casts to the float32 parameters. Works on the batched autograd path (any model) and the exact
+            reverse (MLPs); the fused path is not used. Outputs of ``predict`` are float32.
+        inner_loss_scale: fp16/bf16 only: the inner gradient is taken of ``S * support loss`` in low
+            precision and divided by S in float32, so small gradients do not underflow (default 2**10
+            for fp16, 1 for bf16). For the meta-gradient use ``torch.amp.GradScaler`` on ``out.loss``.
+            With fp16, ``check_finite`` checks the support losses only: a non-finite query loss (fp16
+            overflow) is left to the GradScaler, which skips that step.
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
                  check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True,
-                 fused: Optional[bool] = None):
+                 fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None):
         super().__init__()
+        self._prec = _precision.resolve(precision, inner_loss_scale)
+        self.precision = precision
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -104,6 +118,9 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         self.fused = fused
         self._fused_plans = {}
+        if fused and self._prec.mixed:
+            raise ValueError(f"fused=True: the fused inner loop runs float32/float64 only; precision={precision!r} "
+                             "runs on the batched path (use fused=None or False)")
         if fused:
             self._fused_dims(self._flat.buffer.device)  # raises with the reason when it cannot
         if meta_sgd:
@@ -129,12 +146,13 @@ class BatchedMAML(nn.Module):
     def _meta_forward(self, support_x, support_y, query_x, query_y, steps: int):
         """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
         theta = self._flat.theta()
+        self._prec.check_params(theta.dtype)
         dims = self._fused_dims(theta.device) if steps else None
         if dims is not None:
             r = self._fused_call(theta, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
             task_losses, support_losses, out = r.query_loss, r.support_loss, r.query_out
         elif self.exact_reverse and torch.is_grad_enabled():
-            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order)
+            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec)
             task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
                                                                query_y, plan)
         else:
@@ -152,6 +170,7 @@ class BatchedMAML(nn.Module):
         self._check_batch(support_x, support_y)
         steps = self.inner_steps if steps is None else self._check_steps(steps)
         theta = self._flat.theta().detach()
+        self._prec.check_params(theta.dtype)
         dims = self._fused_dims(theta.device) if steps else None
         if dims is not None:
             with torch.no_grad():
@@ -167,7 +186,7 @@ class BatchedMAML(nn.Module):
         return FastWeights(theta.detach(), None if fast is None else fast.detach(), self._engine.adapt_offset)
 
     def predict(self, weights: FastWeights, x: torch.Tensor) -> torch.Tensor:
-        """Outputs [T, N, ...] of the adapted models on inputs x [T, N, ...]."""
+        """Outputs [T, N, ...] of the adapted models on inputs x [T, N, ...] (float32 with bf16/fp16)."""
         if not isinstance(weights, FastWeights):
             raise TypeError(f"weights: expected the FastWeights returned by adapt(), got {type(weights).__name__}")
         self._check_x(x, "x")
@@ -182,10 +201,12 @@ class BatchedMAML(nn.Module):
         device = self._flat.ensure_bound().device
         if self.fused is False:
             path = "meta-step: batched layers (fused=False)"
+        elif self._prec.mixed:
+            path = f"meta-step: batched layers; not fused because precision={self.precision!r} (the fused op is fp32/fp64)"
         else:
             dims, why = self._fused_plan(device)
             path = f"meta-step: {why}" if dims is not None else f"meta-step: batched layers; not fused because {why}"
-        return "\n".join(self._engine.describe() + [how, path])
+        return "\n".join(self._engine.describe() + [how, path, self._prec.describe()])
 
     # -- fused path ------------------------------------------------------------------------------
     def _fused_plan(self, device: torch.device):
@@ -197,7 +218,7 @@ class BatchedMAML(nn.Module):
 
     def _fused_dims(self, device: torch.device):
         """The MLP dims when this meta-step runs fused on ``device``, else None."""
-        if self.fused is False:
+        if self.fused is False or self._prec.mixed:
             return None
         dims, why = self._fused_plan(device)
         if dims is None and self.fused:
@@ -226,6 +247,7 @@ class BatchedMAML(nn.Module):
 
     def _inner_loop(self, theta, sx, sy, steps: int, mode: str):
         engine = self._engine
+        prec = self._prec
         T = sx.shape[0]
         second = mode == "second"
         rc = RunCtx(T, create_graph=second)
@@ -233,20 +255,29 @@ class BatchedMAML(nn.Module):
         # (unless a layer computes its backward through a local autograd graph).
         grad_ctx = nullcontext() if (second or engine.local_autograd) else torch.no_grad()
         a = engine.adapt_offset
+        # mixed precision: layers run on low-precision casts of the float32 θ and fast weights
+        theta_c = prec.low(theta)
         with grad_ctx:
-            x, layout, _ = engine.forward(0, engine.adapt_from, theta, None, sx, "tn", rc, record=False)
+            x, layout, _ = engine.forward(0, engine.adapt_from, theta_c, None, prec.low(sx), "tn", rc, record=False)
         fast = None
         support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
         for step in range(steps):
             with grad_ctx:
-                out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta, fast, x, layout,
-                                                       rc, record=True)
+                out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta_c, prec.low(fast),
+                                                       x, layout, rc, record=True)
                 out = engine.output(out, out_layout, T)
                 if step == 0:
                     self.loss_fn.check_target(out, sy, "support_y")
-                loss, dout = self.loss_fn.value_and_grad(out, sy, create_graph=second)
+                if prec.mixed:  # loss in float32; the backward runs on S * dloss/dout in low precision
+                    loss, dout = self.loss_fn.value_and_grad(out.to(theta.dtype), sy, create_graph=second)
+                    dout = (dout * prec.scale if prec.scale != 1 else dout).to(prec.dtype)
+                else:
+                    loss, dout = self.loss_fn.value_and_grad(out, sy, create_graph=second)
             with nullcontext() if second else torch.no_grad():
                 g = engine.backward(tape, dout, out_layout, rc)
+                if prec.mixed:
+                    g = g.to(theta.dtype)
+                    g = g / prec.scale if prec.scale != 1 else g
             if not second:
                 g = g.detach()
             support_losses = loss
@@ -259,9 +290,12 @@ class BatchedMAML(nn.Module):
 
     def _predict(self, theta, fast, x, T):
         engine = self._engine
+        prec = self._prec
         rc = RunCtx(T, create_graph=False)
-        out, layout, _ = engine.forward(0, len(engine.layers), theta, fast, x, "tn", rc, record=False)
-        return engine.output(out, layout, T)
+        out, layout, _ = engine.forward(0, len(engine.layers), prec.low(theta), prec.low(fast), prec.low(x), "tn",
+                                        rc, record=False)
+        out = engine.output(out, layout, T)
+        return out.to(theta.dtype) if prec.mixed else out
 
     # -- validation ------------------------------------------------------------------------------
     def _finite(self, losses: torch.Tensor, what: str, support_losses: Optional[torch.Tensor] = None) -> None:
@@ -269,6 +303,12 @@ class BatchedMAML(nn.Module):
         blamed on the support loss when that is where it started."""
         if not self.check_finite or (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # a host sync would break capture; checked on the replayed outputs instead
+        if self._prec.name == "fp16" and what == "query loss":
+            # fp16 overflow in the query pass or its backward is the GradScaler's to skip; a
+            # non-finite support loss is not (the scaler never sees the inner loop's forward).
+            if support_losses is None:
+                return
+            losses, what, support_losses = support_losses, "support loss", None
         if not torch.isfinite(losses).all():
             if support_losses is not None and not torch.isfinite(support_losses).all():
                 losses, what = support_losses, "support loss"

@@ -155,10 +155,16 @@ class BatchedModel:
         return self.adapt_from == 0 and all(
             hasattr(layer, "rforward") and layer.layout in ("tn", "any") for layer in self.layers)
 
-    def hvp(self, tape, gys, out, target, loss, direction, rc: L.RunCtx) -> torch.Tensor:
+    def hvp(self, tape, gys, out, target, loss, direction, rc: L.RunCtx, scale: float = 1.0) -> torch.Tensor:
         """Per-task Hessian-vector products H_t v_t of each task's support loss at the tape's weights,
-        along ``direction`` [T, Pa]: the R-operator (Pearlmutter) of the recorded inner gradient."""
-        parts = direction.split(self._slot_sizes[self._first_adapted_slot:], dim=1)
+        along ``direction`` [T, Pa]: the R-operator (Pearlmutter) of the recorded inner gradient.
+
+        A tape recorded in lower precision than ``direction`` (mixed precision) runs the layers' R-operators
+        in the tape's dtype and the loss's in the direction's; ``gys`` then hold the gradient of
+        ``scale`` * loss, so the loss's R-operator is scaled alike and the result divided by it.
+        """
+        acc, low = direction.dtype, out.dtype
+        parts = direction.to(low).split(self._slot_sizes[self._first_adapted_slot:], dim=1)
         T = rc.T
 
         def rws_of(layer):
@@ -171,7 +177,11 @@ class BatchedModel:
             rxs.append(rx)
             rws_all.append(rws)
             rx = None if (rx is None and not rws) else layer.rforward(ws, batched, saved, rx, rws, rc)
-        rgy = loss.rgrad(out, target, rx)
+        if low != acc:
+            rgy = loss.rgrad(out.to(acc), target, rx.to(acc))
+            rgy = (rgy * scale if scale != 1 else rgy).to(low)
+        else:
+            rgy = loss.rgrad(out, target, rx)
         first = next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         for k in range(len(tape) - 1, first - 1, -1):
@@ -179,7 +189,11 @@ class BatchedModel:
             rgy, grads = layer.rbackward(ws, batched, saved, gys[k], rgy, rxs[k], rws_all[k], k > first, rc)
             pieces.extend(g.reshape(T, -1) for g in reversed(grads))
         pieces.reverse()
-        return torch.cat(pieces, dim=1)
+        h = torch.cat(pieces, dim=1)
+        if low == acc:
+            return h
+        h = h.to(acc)
+        return h / scale if scale != 1 else h
 
     @staticmethod
     def output(x, layout: str, T: int):

@@ -21,6 +21,8 @@ from torch.nn.modules.utils import _pair
 
 from .flat import ParamSlot
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class RunCtx:
     """Per-call facts every layer needs."""
@@ -194,11 +196,17 @@ class BatchNorm(Layer):
         T = rc.T
         if self.affine:
             w, b = (ws[0].reshape(-1), ws[1].reshape(-1)) if batched else (ws[0].repeat(T), ws[1].repeat(T))
+            if w.dtype in _HALF:
+                # half inputs: float32 affine weights make batch_norm keep its statistics and the weight
+                # grads in float32 (the mixed-dtype kernel); the output stays in the input's dtype
+                w, b = w.float(), b.float()
         else:
             w = b = None
         if self._use_running():
             m = self.module
             rm, rv = m.running_mean.repeat(T), m.running_var.repeat(T)
+            if x.dtype in _HALF:
+                rm, rv = rm.float(), rv.float()
             # affine in x: dx = gy * w / sqrt(rv + eps)
             y = F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
             return y, (x, w, None, torch.rsqrt(rv + self.eps))
@@ -211,10 +219,10 @@ class BatchNorm(Layer):
         if mean is None:  # eval with running statistics
             shape = (1, -1) + (1,) * (x.dim() - 2)
             dims = [0] + list(range(2, x.dim()))
-            gx = gy * (invstd if w is None else w * invstd).view(shape) if need_gx else None
+            gx = (gy * (invstd if w is None else w * invstd).view(shape)).to(gy.dtype) if need_gx else None
             grads = []
             if self.affine:
-                rm = self.module.running_mean.repeat(T)
+                rm = self.module.running_mean.repeat(T).to(invstd.dtype)
                 grads = [(gy * (x - rm.view(shape)) * invstd.view(shape)).sum(dims).view(T, -1),
                          gy.sum(dims).view(T, -1)]
             return gx, grads

@@ -12,6 +12,11 @@ computes the meta-gradient directly:
 
 H_s(W_k) v is the R-operator of the recorded inner backward (Pearlmutter 1994). On small few-shot
 models this removes the autograd engine's per-node cost, which dominates their meta-step.
+
+Mixed precision (an optional sixth plan entry, metafast.algorithms.precision.Precision): the layers
+run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
+accumulated Wbar stay float32; the inner gradient (and its R-operator) is taken of S * loss and
+divided by S in float32.
 """
 import torch
 
@@ -22,37 +27,45 @@ from .layers import RunCtx
 class MetaStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
-        engine, loss_fn, steps, lr_of, first_order = plan
+        engine, loss_fn, steps, lr_of, first_order = plan[:5]
+        prec = plan[5] if len(plan) > 5 else None
+        low = prec.low if prec is not None else (lambda t: t)
+        scale = prec.scale if prec is not None and prec.mixed else 1.0
         T = sx.shape[0]
         rc = RunCtx(T, create_graph=False)
         n = len(engine.layers)
         records, fast = [], None
         support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
+        theta_c, sx, qx = low(theta), low(sx), low(qx)
         for k in range(steps):
-            out, layout, tape = engine.forward(0, n, theta, fast, sx, "tn", rc, record=True)
+            out, layout, tape = engine.forward(0, n, theta_c, low(fast), sx, "tn", rc, record=True)
             if k == 0:
                 loss_fn.check_target(out, sy, "support_y")
-            support_losses, dout = loss_fn.value_and_grad(out, sy, False)
-            g, gys = engine.backward(tape, dout, layout, rc, record_gy=True)
+            support_losses, dout = loss_fn.value_and_grad(out.to(theta.dtype), sy, False)
+            g, gys = engine.backward(tape, low(dout * scale) if scale != 1 else low(dout), layout, rc, record_gy=True)
+            g = g.to(theta.dtype) / scale if scale != 1 else g.to(theta.dtype)
             records.append((tape, gys, out, g))
             lr = lrs if lrs is not None else lr_of(k)
             fast = inner_update(theta if fast is None else fast, g, lr)
-        out_q, layout_q, tape_q = engine.forward(0, n, theta, fast, qx, "tn", rc, record=True)
+        out_q, layout_q, tape_q = engine.forward(0, n, theta_c, low(fast), qx, "tn", rc, record=True)
+        out_q = out_q.to(theta.dtype)
         loss_fn.check_target(out_q, qy, "query_y")
         task_losses, dq = loss_fn.value_and_grad(out_q, qy, False)
-        ctx.plan, ctx.rc, ctx.sy = plan, rc, sy
+        ctx.plan, ctx.rc, ctx.sy, ctx.scale = plan, rc, sy, scale
         ctx.records, ctx.tape_q, ctx.layout_q, ctx.dq = records, tape_q, layout_q, dq
-        ctx.lrs, ctx.theta_shape = lrs, theta.shape
+        ctx.lrs, ctx.theta_shape, ctx.records_dtype = lrs, theta.shape, theta_c.dtype
         ctx.mark_non_differentiable(support_losses, out_q)
         return task_losses, support_losses, out_q
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_losses, _g_support, _g_out):
-        engine, loss_fn, steps, lr_of, first_order = ctx.plan
+        engine, loss_fn, steps, lr_of, first_order = ctx.plan[:5]
         rc = ctx.rc
         scale = g_losses.view(-1, *([1] * (ctx.dq.dim() - 1)))
-        wbar = engine.backward(ctx.tape_q, ctx.dq * scale, ctx.layout_q, rc)
+        gq = ctx.dq * scale
+        # the query backward runs in the tape's precision; what it returns is accumulated in float32
+        wbar = engine.backward(ctx.tape_q, gq.to(ctx.records_dtype), ctx.layout_q, rc).to(gq.dtype)
         lrbar = None
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
@@ -63,5 +76,5 @@ class MetaStep(torch.autograd.Function):
             if not first_order:
                 lr = ctx.lrs if ctx.lrs is not None else lr_of(k)
                 # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar
-                wbar = wbar - engine.hvp(tape, gys, out, ctx.sy, loss_fn, lr * wbar, rc)
+                wbar = wbar - engine.hvp(tape, gys, out, ctx.sy, loss_fn, lr * wbar, rc, ctx.scale)
         return wbar.sum(0), lrbar, None, None, None, None, None
