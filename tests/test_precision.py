@@ -205,6 +205,29 @@ def test_fp16_large_scaled_gradient_overflow_is_skipped():
     assert scaler.get_scale() < 2.0 ** 40
 
 
+@pytest.mark.parametrize("exact_reverse", [True, False])
+def test_fp16_inner_gradient_overflow(exact_reverse):
+    """An inner loss scale that overflows fp16 is named (no GradScaler would ever lower it); with
+    check_finite=False the non-finite query loss is left to the GradScaler, which skips the step."""
+    batch = sine_batch(T=4)
+    kw = dict(inner_lr=0.01, inner_steps=2, precision="fp16", inner_loss_scale=2.0 ** 30, exact_reverse=exact_reverse)
+    maml = BatchedMAML(mlp(), **kw)
+    with pytest.raises(FloatingPointError, match="inner_loss_scale=1.07374e"):
+        maml(*batch)
+    with pytest.raises(FloatingPointError, match="overflowed for tasks"):
+        maml.adapt(batch[0], batch[1])
+    model = mlp()
+    maml = BatchedMAML(model, check_finite=False, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    out = maml(*batch)
+    assert not torch.isfinite(out.loss)
+    scaler.scale(out.loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 7
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_eval_batchnorm_running_stats(precision):
     """BatchNorm with running statistics (eval mode) and adapt/predict in low precision."""

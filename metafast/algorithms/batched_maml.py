@@ -74,8 +74,9 @@ class BatchedMAML(nn.Module):
         inner_loss_scale: fp16/bf16 only: the inner gradient is taken of ``S * support loss`` in low
             precision and divided by S in float32, so small gradients do not underflow (default 2**10
             for fp16, 1 for bf16). For the meta-gradient use ``torch.amp.GradScaler`` on ``out.loss``.
-            With fp16, ``check_finite`` checks the support losses only: a non-finite query loss (fp16
-            overflow) is left to the GradScaler, which skips that step.
+            With fp16, ``check_finite`` checks the support losses and whether the scaled inner gradient
+            overflowed (FloatingPointError naming inner_loss_scale), not the query loss: a non-finite
+            query loss (fp16 overflow) is left to the GradScaler, which skips that step.
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
@@ -86,6 +87,7 @@ class BatchedMAML(nn.Module):
         super().__init__()
         self._prec = _precision.resolve(precision, inner_loss_scale)
         self.precision = precision
+        self._overflow = None  # fp16: per-task "the scaled inner gradient overflowed" of the last call
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -138,6 +140,7 @@ class BatchedMAML(nn.Module):
         if graphed is not None:
             task_losses, support_losses = graphed[0], graphed[1]
             acc = graphed[2] if len(graphed) > 2 else None
+            self._overflow = None  # recorded at capture, not by the replay
             self._finite(task_losses, "query loss", support_losses)
         else:
             task_losses, acc, support_losses = self._meta_forward(support_x, support_y, query_x, query_y, steps)
@@ -147,14 +150,17 @@ class BatchedMAML(nn.Module):
         """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
         theta = self._flat.theta()
         self._prec.check_params(theta.dtype)
+        self._overflow = None
         dims = self._fused_dims(theta.device) if steps else None
         if dims is not None:
             r = self._fused_call(theta, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
             task_losses, support_losses, out = r.query_loss, r.support_loss, r.query_out
         elif self.exact_reverse and torch.is_grad_enabled():
-            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec)
+            report = [] if self._watch_overflow() else None
+            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec, report)
             task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
                                                                query_y, plan)
+            self._overflow = report[0] if report else None
         else:
             mode = "first" if self.first_order else "second"
             fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
@@ -171,6 +177,7 @@ class BatchedMAML(nn.Module):
         steps = self.inner_steps if steps is None else self._check_steps(steps)
         theta = self._flat.theta().detach()
         self._prec.check_params(theta.dtype)
+        self._overflow = None
         dims = self._fused_dims(theta.device) if steps else None
         if dims is not None:
             with torch.no_grad():
@@ -254,6 +261,7 @@ class BatchedMAML(nn.Module):
         # first-order / eval: the inner graph is not differentiated later, so skip recording it
         # (unless a layer computes its backward through a local autograd graph).
         grad_ctx = nullcontext() if (second or engine.local_autograd) else torch.no_grad()
+        watch = self._watch_overflow()
         a = engine.adapt_offset
         # mixed precision: layers run on low-precision casts of the float32 θ and fast weights
         theta_c = prec.low(theta)
@@ -278,6 +286,9 @@ class BatchedMAML(nn.Module):
                 if prec.mixed:
                     g = g.to(theta.dtype)
                     g = g / prec.scale if prec.scale != 1 else g
+            if watch:  # a finite loss with a non-finite gradient: the scale S overflowed fp16
+                bad = ~torch.isfinite(g.detach()).all(1) & torch.isfinite(loss.detach())
+                self._overflow = bad if self._overflow is None else self._overflow | bad
             if not second:
                 g = g.detach()
             support_losses = loss
@@ -298,11 +309,23 @@ class BatchedMAML(nn.Module):
         return out.to(theta.dtype) if prec.mixed else out
 
     # -- validation ------------------------------------------------------------------------------
+    def _watch_overflow(self) -> bool:
+        """Whether to record which tasks' scaled fp16 inner gradients overflowed (checked by _finite)."""
+        return self._prec.name == "fp16" and self.check_finite and not (
+            self._flat.buffer.is_cuda and torch.cuda.is_current_stream_capturing())
+
     def _finite(self, losses: torch.Tensor, what: str, support_losses: Optional[torch.Tensor] = None) -> None:
         """One check per meta-step: a NaN in the inner loop propagates to the query loss, and is then
         blamed on the support loss when that is where it started."""
         if not self.check_finite or (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # a host sync would break capture; checked on the replayed outputs instead
+        if self._overflow is not None and bool(self._overflow.any()):
+            # no GradScaler sees the inner gradient: skipping the step would not lower S, so say so
+            bad = torch.nonzero(self._overflow).flatten().tolist()
+            raise FloatingPointError(
+                f"the fp16 inner gradient (support loss x inner_loss_scale={self._prec.scale:g}) overflowed for "
+                f"tasks {bad[:10]}{'...' if len(bad) > 10 else ''}; lower inner_loss_scale or use precision='bf16' "
+                "(check_finite=False leaves the resulting non-finite query loss to a GradScaler to skip)")
         if self._prec.name == "fp16" and what == "query loss":
             # fp16 overflow in the query pass or its backward is the GradScaler's to skip; a
             # non-finite support loss is not (the scaler never sees the inner loop's forward).

@@ -29,6 +29,8 @@ class MetaStep(torch.autograd.Function):
     def forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
         engine, loss_fn, steps, lr_of, first_order = plan[:5]
         prec = plan[5] if len(plan) > 5 else None
+        report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
+        overflow = None
         low = prec.low if prec is not None else (lambda t: t)
         scale = prec.scale if prec is not None and prec.mixed else 1.0
         T = sx.shape[0]
@@ -44,11 +46,16 @@ class MetaStep(torch.autograd.Function):
             support_losses, dout = loss_fn.value_and_grad(out.to(theta.dtype), sy, False)
             g, gys = engine.backward(tape, low(dout * scale) if scale != 1 else low(dout), layout, rc, record_gy=True)
             g = g.to(theta.dtype) / scale if scale != 1 else g.to(theta.dtype)
+            if report is not None:  # which tasks' scaled inner gradient overflowed, for the caller
+                bad = ~torch.isfinite(g).all(1) & torch.isfinite(support_losses)
+                overflow = bad if overflow is None else overflow | bad
             records.append((tape, gys, out, g))
             lr = lrs if lrs is not None else lr_of(k)
             fast = inner_update(theta if fast is None else fast, g, lr)
         out_q, layout_q, tape_q = engine.forward(0, n, theta_c, low(fast), qx, "tn", rc, record=True)
         out_q = out_q.to(theta.dtype)
+        if report is not None and overflow is not None:
+            report.append(overflow)
         loss_fn.check_target(out_q, qy, "query_y")
         task_losses, dq = loss_fn.value_and_grad(out_q, qy, False)
         ctx.plan, ctx.rc, ctx.sy, ctx.scale = plan, rc, sy, scale
