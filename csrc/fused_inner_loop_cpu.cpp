@@ -51,6 +51,58 @@ T* mut_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
+// The per-task code is compiled twice: for the baseline ISA of the build and, on x86 with GCC or
+// clang, for AVX2 + FMA (picked at run time; about 1.5x faster on the sinusoid MLP). flatten inlines
+// the whole task into the entry point, so every loop in it is compiled for that entry's ISA.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MF_CPU_DISPATCH 1
+#define MF_FLATTEN __attribute__((flatten))
+#else
+#define MF_FLATTEN
+#endif
+
+template <typename T>
+MF_FLATTEN void forward_task_base(const Plan& p, const FwdTask<T>& a, T* ws) {
+  forward_task(CpuExec{}, p, a, ws);
+}
+template <typename T>
+MF_FLATTEN void backward_task_base(const Plan& p, const BwdTask<T>& a, bool first_order, T* ws) {
+  backward_task(CpuExec{}, p, a, first_order, ws);
+}
+
+#ifdef MF_CPU_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"), flatten)) void forward_task_avx2(const Plan& p, const FwdTask<T>& a, T* ws) {
+  forward_task(CpuExec{}, p, a, ws);
+}
+template <typename T>
+__attribute__((target("avx2,fma"), flatten)) void backward_task_avx2(const Plan& p, const BwdTask<T>& a,
+                                                                    bool first_order, T* ws) {
+  backward_task(CpuExec{}, p, a, first_order, ws);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+template <typename T>
+void run_forward_task(const Plan& p, const FwdTask<T>& a, T* ws) {
+#ifdef MF_CPU_DISPATCH
+  if (cpu_has_avx2_fma()) return forward_task_avx2(p, a, ws);
+#endif
+  forward_task_base(p, a, ws);
+}
+
+template <typename T>
+void run_backward_task(const Plan& p, const BwdTask<T>& a, bool first_order, T* ws) {
+#ifdef MF_CPU_DISPATCH
+  if (cpu_has_avx2_fma()) return backward_task_avx2(p, a, first_order, ws);
+#endif
+  backward_task_base(p, a, first_order, ws);
+}
+
 }  // namespace
 
 void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx,
@@ -75,7 +127,6 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
     T_* saved_p = mut_or_null<T_>(saved);
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       T_* ws = thread_workspace<T_>(p.size);
-      const CpuExec ex;
       for (int64_t t = begin; t < end; ++t) {
         FwdTask<T_> a;
         a.theta = theta_p;
@@ -89,7 +140,7 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
         a.fast = fast_p + t * p.P;
         a.query_out = qout_p + t * p.Nq * p.d[p.L];
         a.saved = saved_p == nullptr ? nullptr : saved_p + t * p.K * p.P;
-        forward_task(ex, p, a, ws);
+        run_forward_task(p, a, ws);
       }
     });
   });
@@ -114,7 +165,6 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
     T_* glr_p = mut_or_null<T_>(grad_lr_t);
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       T_* ws = thread_workspace<T_>(p.size);
-      const CpuExec ex;
       for (int64_t t = begin; t < end; ++t) {
         BwdTask<T_> a;
         a.gq = gq_p[t];
@@ -126,7 +176,7 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
         a.saved = saved_p + t * p.K * p.P;
         a.grad_theta = gt_p + t * p.P;
         a.grad_lr = glr_p == nullptr ? nullptr : glr_p + t * p.P;
-        backward_task(ex, p, a, first_order, ws);
+        run_backward_task(p, a, first_order, ws);
       }
     });
   });
