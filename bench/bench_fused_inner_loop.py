@@ -24,8 +24,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.baselines import available  # noqa: E402
-from bench.bench_maml_step import Workload, _sinusoid_batch, bench_workload, metafast_status, report  # noqa: E402
+from bench.bench_maml_step import (Workload, _sinusoid_batch, bench_settings, bench_workload,  # noqa: E402
+                                   metafast_status, report)
 from bench.common import RESULTS_DIR, time_ms, write_rows  # noqa: E402
+from metafast.algorithms.fused_path import mlp_dims  # noqa: E402
 from metafast.models import MLP  # noqa: E402
 
 BENCH = "fused_inner_loop"
@@ -83,18 +85,7 @@ def fp32_peak_tflops(device: torch.device) -> Optional[float]:
 def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
         threads: Optional[int] = 1) -> List[Dict[str, object]]:
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-    names = list(WORKLOADS) if workloads is None else list(workloads)
-    for n in names:
-        if n not in WORKLOADS:
-            raise ValueError(f"workloads: expected names from {sorted(WORKLOADS)}, got {n!r}")
-    old_threads = torch.get_num_threads()
-    if device.type == "cpu" and threads is not None:
-        torch.set_num_threads(threads)
-    old_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with bench_settings(device, workloads, WORKLOADS, threads) as names:
         use_metafast, graph, notes = metafast_status(device.type == "cuda", device)
         for n in notes:
             print(f"note: {n}")
@@ -108,7 +99,7 @@ def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = 
             variants = [("metafast (unfused)", {"fused": False})]
             wrows = bench_workload(wl, device, quick, classes, use_metafast, graph, variants=variants)
             model = wl.make_model()
-            dims = [m.in_features for m in model if isinstance(m, torch.nn.Linear)] + [model[-1].out_features]
+            dims = mlp_dims(model)
             sx, _, qx, _ = wl.make_batch(1, torch.Generator().manual_seed(0))
             flops = meta_step_flops(dims, sx.shape[1], qx.shape[1], wl.steps, wrows[0]["tasks"])
             for r in wrows:
@@ -119,9 +110,6 @@ def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = 
                 r["fraction_of_peak"] = None if peak is None else r["tflops"] / peak
             rows += wrows
         return rows
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -10,13 +10,14 @@ the meta-gradients are compared against the per-task loop before anything is tim
                                     [--cuda-graph] [--out DIR] [--quick] [--threads N]
 """
 import argparse
+import contextlib
 import inspect
 import math
 import os
 import statistics
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -257,16 +258,17 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
     return rows
 
 
-def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
-        cuda_graph: bool = False, threads: Optional[int] = 2) -> List[Dict[str, object]]:
-    """Run the meta-step bench and return its rows (``threads`` applies on CPU; None leaves torch's)."""
-    device = torch.device(device)
+@contextlib.contextmanager
+def bench_settings(device: torch.device, workloads: Optional[Sequence[str]], known: Dict[str, Workload],
+                   threads: Optional[int]) -> Iterator[List[str]]:
+    """Validate the device and workload names (yields the names), set the CPU thread count and true
+    fp32 for the run, and restore both afterwards."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-    names = list(WORKLOADS) if workloads is None else list(workloads)
+    names = list(known) if workloads is None else list(workloads)
     for n in names:
-        if n not in WORKLOADS:
-            raise ValueError(f"workloads: expected names from {sorted(WORKLOADS)}, got {n!r}")
+        if n not in known:
+            raise ValueError(f"workloads: expected names from {sorted(known)}, got {n!r}")
     old_threads = torch.get_num_threads()
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
@@ -275,6 +277,17 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads
     old_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        yield names
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+
+def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
+        cuda_graph: bool = False, threads: Optional[int] = 2) -> List[Dict[str, object]]:
+    """Run the meta-step bench and return its rows (``threads`` applies on CPU; None leaves torch's)."""
+    device = torch.device(device)
+    with bench_settings(device, workloads, WORKLOADS, threads) as names:
         use_metafast, graph, notes = metafast_status(cuda_graph, device)
         for n in notes:
             print(f"note: {n}")
@@ -286,9 +299,6 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads
         for n in names:
             rows += bench_workload(WORKLOADS[n], device, quick, classes, use_metafast, graph)
         return rows
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
 def report(rows: List[Dict[str, object]]) -> bool:
