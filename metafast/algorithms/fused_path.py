@@ -63,4 +63,6 @@ def plan(model: nn.Module, loss_fn, anil: bool, clip_grad_norm, dtype: torch.dty
         return None, str(e)
     if backend == "torch":  # a PyTorch version of the op is no faster than the batched path
         return None, "no fused kernel runs here (no metafast._C C++/CUDA kernel, no Triton on a GPU)"
-    return dims, f"fused inner loop ({backend} backend) for MLP {'-'.join(map(str, dims))}"
+    kernel = {"cuda": "metafast._C's " + ("CUDA" if device.type == "cuda" else "C++ CPU") + " kernel",
+              "triton": "Triton kernel" + ("" if device.type == "cuda" else ", interpreted")}.get(backend, backend)
+    return dims, f"fused inner loop ({kernel}) for MLP {'-'.join(map(str, dims))}"
