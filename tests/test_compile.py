@@ -5,14 +5,8 @@ the torch backend and with backend="triton" (Triton's interpreter: run with TRIT
 those cases skip). The custom ops' fake (meta) implementations and autograd registrations are
 checked by ``torch.library.opcheck``.
 
-What does not trace as one graph today is marked xfail with the reason (a non-strict xfail: once the
-op is fixed the case shows as XPASS and the mark can go):
-- task_cross_entropy / multitask_heads_cross_entropy with the torch backend: the CPU label-range
-  check ``if bool(bad.any()): raise`` in their ``_check_label_range`` is data-dependent control flow;
-- kd_loss with the torch backend: ``if neg_entropy.isnan().any()`` in ``_reference_rows``;
-- BatchedMAML: ``FlatParams.ensure_bound`` compares ``data_ptr()``s on every call (dynamo cannot
-  trace it), and ``_finite`` (check_finite=True) branches on ``torch.isfinite(losses).all()``.
-Without fullgraph those cases compile with graph breaks and still match eager (tested).
+Every op and a first-order BatchedMAML step trace as one graph: host-synchronising checks (label
+ranges, the finite check, FlatParams' storage check) turn into device-side asserts while compiling.
 """
 import os
 
@@ -308,32 +302,11 @@ def test_batched_maml_first_order_compiles_with_graph_breaks(exact_reverse):
     _assert_close(compiled[1], eager[1], "BatchedMAML gradients")
 
 
-@pytest.mark.xfail(raises=DynamoError, strict=False,
-                   reason="FlatParams.ensure_bound compares data_ptr()s (untraceable); BatchedMAML._finite "
-                          "branches on torch.isfinite(losses).all()")
-def test_batched_maml_first_order_fullgraph():
-    maml = _batched_maml(fused=False)
-    torch._dynamo.reset()
-    torch.compile(lambda *b: maml(*b).loss, fullgraph=True, backend="aot_eager")(*_maml_batch())
-
-
 @pytest.mark.parametrize("options", [dict(fused=False, exact_reverse=True), dict(fused=False, exact_reverse=False),
                                      dict()], ids=["exact_reverse", "autograd", "default"])
-def test_batched_maml_first_order_fullgraph_after_the_two_fixes(monkeypatch, options):
-    """With the two changes named in the module docstring (stood in for here: ensure_bound skips its
-    storage check while compiling, check_finite=False) the whole first-order meta-step is one graph
-    and equals eager."""
-    from metafast.functional.flat import FlatParams
-
-    ensure_bound = FlatParams.ensure_bound
-
-    def traced_ensure_bound(self):
-        if torch.compiler.is_compiling():
-            return self.buffer
-        return ensure_bound(self)
-
-    monkeypatch.setattr(FlatParams, "ensure_bound", traced_ensure_bound)
-    maml = _batched_maml(check_finite=False, **options)
+def test_batched_maml_first_order_fullgraph(options):
+    """The whole first-order meta-step (finite check included) is one graph and equals eager."""
+    maml = _batched_maml(**options)
     eager = _maml_loss_and_grads(maml, lambda *b: maml(*b).loss)
     torch._dynamo.reset()
     step = torch.compile(lambda *b: maml(*b).loss, fullgraph=True, backend="aot_eager")

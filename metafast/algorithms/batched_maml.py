@@ -332,6 +332,9 @@ class BatchedMAML(nn.Module):
             if support_losses is None:
                 return
             losses, what, support_losses = support_losses, "support loss", None
+        if torch.compiler.is_compiling():  # no host sync inside a compiled graph: assert on the device
+            torch._assert_async(torch.isfinite(losses).all(), f"{what} is NaN/inf")
+            return
         if not torch.isfinite(losses).all():
             if support_losses is not None and not torch.isfinite(support_losses).all():
                 losses, what = support_losses, "support loss"

@@ -87,6 +87,8 @@ class FlatParams:
 
     def ensure_bound(self) -> torch.Tensor:
         """The buffer, rebuilt first if the parameters moved to new storage."""
+        if torch.compiler.is_compiling():  # data_ptr() checks do not trace; a compiled graph's storage is fixed
+            return self.buffer
         if not self.is_bound():
             self.rebind()
         return self.buffer
