@@ -221,10 +221,7 @@ def _kernels():
     return k
 
 
-@torch.library.custom_op("metafast::fused_inner_loop", mutates_args=())
-def _fwd_op(theta: Tensor, lr: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, dims: List[int], steps: int,
-            loss_kind: int, lr_per_param: bool, save_for_backward: bool, first_order: bool,
-            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fwd_impl(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_backward, backend):
     args = (theta, lr, sx, sy, qx, qy, list(dims), steps, loss_kind, lr_per_param, save_for_backward)
     if backend == "cuda":
         out = torch.ops.metafast.fused_inner_loop_cxx(*args)
@@ -233,6 +230,30 @@ def _fwd_op(theta: Tensor, lr: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: T
     else:
         out = fused_inner_loop_reference(*args)
     return tuple(out)
+
+
+def _bwd_impl(grad_query_loss, theta, lr, sx, sy, qx, qy, saved, dims, steps, loss_kind, lr_per_param, first_order,
+              backend):
+    args = (grad_query_loss.contiguous(), theta, lr, sx, sy, qx, qy, saved, list(dims), steps, loss_kind,
+            lr_per_param, first_order)
+    if backend == "cuda":
+        out = torch.ops.metafast.fused_inner_loop_backward_cxx(*args)
+    elif backend == "triton":
+        out = _kernels().fused_inner_loop_bwd(*args)
+    else:
+        out = fused_inner_loop_backward_reference(*args)
+    return tuple(out)
+
+
+_SECOND_ORDER = ("fused_inner_loop: the meta-gradient supports one backward; second derivatives through it "
+                 "(create_graph=True followed by another backward) are not supported")
+
+
+@torch.library.custom_op("metafast::fused_inner_loop", mutates_args=())
+def _fwd_op(theta: Tensor, lr: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, dims: List[int], steps: int,
+            loss_kind: int, lr_per_param: bool, save_for_backward: bool, first_order: bool,
+            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _fwd_impl(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_backward, backend)
 
 
 @_fwd_op.register_fake
@@ -246,15 +267,8 @@ def _(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_
 def _bwd_op(grad_query_loss: Tensor, theta: Tensor, lr: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
             saved: Tensor, dims: List[int], steps: int, loss_kind: int, lr_per_param: bool, first_order: bool,
             backend: str) -> Tuple[Tensor, Tensor]:
-    args = (grad_query_loss.contiguous(), theta, lr, sx, sy, qx, qy, saved, list(dims), steps, loss_kind,
-            lr_per_param, first_order)
-    if backend == "cuda":
-        out = torch.ops.metafast.fused_inner_loop_backward_cxx(*args)
-    elif backend == "triton":
-        out = _kernels().fused_inner_loop_bwd(*args)
-    else:
-        out = fused_inner_loop_backward_reference(*args)
-    return tuple(out)
+    return _bwd_impl(grad_query_loss, theta, lr, sx, sy, qx, qy, saved, dims, steps, loss_kind, lr_per_param,
+                     first_order, backend)
 
 
 @_bwd_op.register_fake
@@ -284,12 +298,52 @@ def _bwd_setup(ctx, inputs, output):
 
 
 def _bwd_grad(ctx, *grads):
-    raise RuntimeError("fused_inner_loop: the meta-gradient supports one backward; second derivatives through it "
-                       "(create_graph=True followed by another backward) are not supported")
+    raise RuntimeError(_SECOND_ORDER)
 
 
 _fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 _bwd_op.register_autograd(_bwd_grad, setup_context=_bwd_setup)
+
+
+class _EagerFusedInnerLoop(torch.autograd.Function):
+    """The same computation as the custom op, for eager calls: torch.library's Python dispatch costs
+    ~0.5 ms per forward+backward, as much as the whole fused sinusoid meta-step on CPU. The custom op
+    stays what torch.compile traces."""
+
+    @staticmethod
+    def forward(ctx, theta, lr, sx, sy, qx, qy, cfg):
+        dims, steps, loss_kind, lr_per_param, save, first_order, backend = cfg
+        out = _fwd_impl(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save, backend)
+        ctx.save_for_backward(theta, lr, sx, sy, qx, qy, out[4])
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_query, *_):
+        dims, steps, loss_kind, lr_per_param, _, first_order, backend = ctx.cfg
+        if g_query is None:
+            return (None,) * 7
+        theta, lr, sx, sy, qx, qy, saved = ctx.saved_tensors
+        with torch.no_grad():
+            g_theta, g_lr = _bwd_impl(g_query, theta, lr, sx, sy, qx, qy, saved, dims, steps, loss_kind,
+                                      lr_per_param, first_order, backend)
+        if torch.is_grad_enabled():  # create_graph=True: a later backward through these must fail loudly
+            g_theta, g_lr = _NoSecondOrder.apply(theta, g_theta, g_lr)
+        return g_theta, (g_lr if lr_per_param else None), None, None, None, None, None
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on ``xs`` whose backward raises: the meta-gradient of the fused kernels has no
+    derivative. ``anchor`` (theta) makes the outputs part of the graph, so the error is raised."""
+
+    @staticmethod
+    def forward(ctx, anchor, *xs):
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_SECOND_ORDER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +437,10 @@ def fused_inner_loop(theta: Tensor, lr: LrArg, support_x: Tensor, support_y: Ten
     dims, steps, kind, lr_t, per_param = _check(theta, lr, support_x, support_y, query_x, query_y, dims, steps, loss)
     chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
     needs_grad = torch.is_grad_enabled() and (theta.requires_grad or (per_param and lr_t.requires_grad))
-    out = _fwd_op(theta.contiguous(), lr_t.contiguous(), support_x.contiguous(), support_y.contiguous(),
-                  query_x.contiguous(), query_y.contiguous(), dims, steps, kind, per_param, needs_grad,
-                  bool(first_order), chosen)
+    args = (theta.contiguous(), lr_t.contiguous(), support_x.contiguous(), support_y.contiguous(),
+            query_x.contiguous(), query_y.contiguous())
+    if torch.compiler.is_compiling():
+        out = _fwd_op(*args, dims, steps, kind, per_param, needs_grad, bool(first_order), chosen)
+    else:
+        out = _EagerFusedInnerLoop.apply(*args, (dims, steps, kind, per_param, needs_grad, bool(first_order), chosen))
     return FusedInnerLoopResult(*out[:4])
