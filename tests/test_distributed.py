@@ -54,13 +54,11 @@ def _grads(maml, batch):
 
 
 # ----------------------------------------------------------------------------- worker side
-def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
-    torch.set_num_threads(1)
+def start_together(timeout):
+    """Join the gloo process group once every worker is up: the group's timeout also bounds its
+    set-up, and a loaded CI machine may start one interpreter seconds after the other. -> (rank, world)"""
     from metafast import distributed
-    import metafast.train.sinusoid  # noqa: F401  (imports done before the clock of a short timeout starts)
 
-    # Start together: the process group's timeout also bounds its set-up, and a loaded CI machine may
-    # start one interpreter seconds after the other.
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     sync = os.environ["SYNC_DIR"]
     open(os.path.join(sync, f"ready{rank}"), "w").close()
@@ -70,6 +68,15 @@ def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
             raise RuntimeError("the other workers did not start within 60 s")
         time.sleep(0.05)
     distributed.init("cpu", timeout=float(timeout))
+    return rank, world
+
+
+def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
+    torch.set_num_threads(1)
+    from metafast import distributed
+    import metafast.train.sinusoid  # noqa: F401  (imports done before the clock of a short timeout starts)
+
+    rank, world = start_together(timeout)
     try:
         if mode == "job":
             from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
@@ -136,14 +143,15 @@ def _store(world):
     return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
 
 
-def _spawn(mode, out_dir, timeout, world=2, *extra):
+def spawn(script, mode, out_dir, timeout, world=2, *extra):
+    """``world`` workers running ``script`` as torchrun would start them (its __main__ calls its worker)."""
     store = _store(world)
     sync = tempfile.mkdtemp(prefix="metafast-dist-")
     procs = []
     for r in range(world):
         env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=str(store.port),
                    TORCHELASTIC_USE_AGENT_STORE="True", SYNC_DIR=sync)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout), *extra],
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(script), mode, str(out_dir), str(timeout), *extra],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         p.store, p.sync = store, sync  # alive as long as the workers
@@ -205,7 +213,7 @@ def test_only_the_sinusoid_job_runs_under_torchrun(monkeypatch, capsys, tmp_path
 
 
 def test_two_ranks_give_the_meta_gradient_of_all_tasks(tmp_path):
-    procs = _spawn("grad", tmp_path, 30)
+    procs = spawn(__file__, "grad", tmp_path, 30)
     try:
         for p in procs:
             rc, _, err = _wait(p, 45)
@@ -231,7 +239,7 @@ def test_two_ranks_give_the_meta_gradient_of_all_tasks(tmp_path):
 
 @pytest.mark.parametrize("mode,timeout", [("die", 20), ("hang", 3)])
 def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path, mode, timeout):
-    procs = _spawn(mode, tmp_path, timeout)
+    procs = spawn(__file__, mode, tmp_path, timeout)
     t0 = time.perf_counter()
     try:
         rc, _, err = _wait(procs[0], timeout + 30)
@@ -246,7 +254,7 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path, mode, timeout):
 def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(tmp_path):
     import signal
 
-    procs = _spawn("job", tmp_path / "run", 20, 2, "1000000", "0")
+    procs = spawn(__file__, "job", tmp_path / "run", 20, 2, "1000000", "0")
     try:
         deadline = time.time() + 60
         while not (tmp_path / "rank1.training").exists() and time.time() < deadline:
@@ -264,7 +272,7 @@ def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(tmp_path):
 
 
 def _job(out_dir, iterations, resume=False):
-    procs = _spawn("job", out_dir, 30, 2, str(iterations), "1" if resume else "0")
+    procs = spawn(__file__, "job", out_dir, 30, 2, str(iterations), "1" if resume else "0")
     try:
         for p in procs:
             rc, _, err = _wait(p, 60)

@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import torch
 from torch import nn
 
-from test_distributed import _env, _free_port, _kill, _rel_err, _store, _wait
+from test_distributed import _env, _free_port, _kill, _rel_err, _wait, spawn, start_together
 
 DT = torch.float64
 TOL = 1e-10
@@ -73,20 +72,10 @@ CASES = {"kd": _kd, **{f"multitask_{s}": (lambda s=s: _mt(s)) for s in STRATEGIE
 
 # ----------------------------------------------------------------------------- worker side
 def _worker(mode, out_dir, timeout):
-    import time
-
     torch.set_num_threads(1)
     from metafast import distributed
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    sync = os.environ["SYNC_DIR"]
-    open(os.path.join(sync, f"ready{rank}"), "w").close()
-    deadline = time.time() + 60
-    while not all(os.path.exists(os.path.join(sync, f"ready{r}")) for r in range(world)):
-        if time.time() > deadline:
-            raise RuntimeError("the other workers did not start within 60 s")
-        time.sleep(0.05)
-    distributed.init("cpu", timeout=float(timeout))
+    rank, world = start_together(timeout)
     try:
         if mode == "grad":
             torch.save({name: _run_case(build) for name, build in CASES.items()},
@@ -109,17 +98,7 @@ def _worker(mode, out_dir, timeout):
 
 # ----------------------------------------------------------------------------- test side
 def _spawn(mode, out_dir, timeout, world=2):
-    store = _store(world)
-    sync = tempfile.mkdtemp(prefix="metafast-dist-")
-    procs = []
-    for r in range(world):
-        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=str(store.port),
-                   TORCHELASTIC_USE_AGENT_STORE="True", SYNC_DIR=sync)
-        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(out_dir), str(timeout)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        p.store, p.sync = store, sync  # alive as long as the workers
-        procs.append(p)
-    return procs
+    return spawn(__file__, mode, out_dir, timeout, world)
 
 
 def test_shards_of_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
