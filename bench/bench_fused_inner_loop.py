@@ -31,6 +31,9 @@ from metafast.algorithms.fused_path import mlp_dims  # noqa: E402
 from metafast.models import MLP  # noqa: E402
 
 BENCH = "fused_inner_loop"
+# Columns `metafast bench` prints.
+COLUMNS = ["workload", "method", "ms", "speedup_vs_torch_func", "speedup_vs_loop", "grad_rel_err_vs_loop", "tflops",
+           "fraction_of_peak"]
 
 
 def _head_batch(T: int, g: torch.Generator, ways: int = 5, shots: int = 5, queries: int = 15, features: int = 64):
