@@ -133,3 +133,34 @@ def test_fused_target_errors_name_the_argument(fused_backend):
         maml(sx, sy, qx, bad)
     with pytest.raises(TypeError, match="support_y: cross_entropy needs int64"):
         maml(sx, sy.double(), qx, qy)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_self_check_passes_for_a_working_kernel(fused_backend, monkeypatch, loss):
+    from metafast.functional.losses import make_loss
+
+    monkeypatch.setattr(fused_path, "_self_checks", {})
+    dims, why = fused_path.plan(MLP(3, [7, 5], 4), make_loss(loss), False, None, torch.float32,
+                                torch.device("cpu"), verify=True)
+    assert dims == [3, 7, 5, 4], why
+    assert list(fused_path._self_checks.values()) == [(True, "ok")]
+
+
+def test_a_kernel_failing_its_self_check_falls_back_with_a_warning(fused_backend, monkeypatch):
+    from metafast.functional.losses import make_loss
+    from metafast.ops import fused_inner_loop as op
+
+    real = op._fwd_impl
+
+    def broken(*args):
+        out = list(real(*args))
+        if args[-1] != "torch":
+            out[0] = out[0] + 1e-2  # a kernel that gets the query loss slightly wrong
+        return tuple(out)
+
+    monkeypatch.setattr(op, "_fwd_impl", broken)
+    monkeypatch.setattr(fused_path, "_self_checks", {})
+    with pytest.warns(RuntimeWarning, match="failed its self-check.*query loss rel. err"):
+        dims, why = fused_path.plan(MLP(3, [5], 2), make_loss("mse"), False, None, torch.float32,
+                                    torch.device("cpu"), verify=True)
+    assert dims is None and "self-check" in why

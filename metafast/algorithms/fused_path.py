@@ -7,8 +7,11 @@ features), the loss is the built-in MSE or cross-entropy, there is no inner grad
 kernel of the op runs on the model's device: the CUDA extension or Triton on a GPU, the C++ CPU
 kernel on CPU (or Triton's interpreter when METAFAST_BACKEND=triton asks for it). With only the
 PyTorch version of the op, the batched path with its exact reverse is as fast, so it stays.
+On a GPU the kernel first runs once per shape and process against the PyTorch reference on the same
+device (``self_check``); a mismatch falls back to the batched path with a warning.
 """
-from typing import List, Optional, Tuple
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,8 +40,9 @@ def mlp_dims(model: nn.Module) -> Optional[List[int]]:
 
 
 def plan(model: nn.Module, loss_fn, anil: bool, clip_grad_norm, dtype: torch.dtype,
-         device: torch.device) -> Tuple[Optional[List[int]], str]:
-    """(dims, why): dims when the fused path runs this configuration, else None; why says which."""
+         device: torch.device, verify: Optional[bool] = None) -> Tuple[Optional[List[int]], str]:
+    """(dims, why): dims when the fused path runs this configuration, else None; why says which.
+    ``verify`` (default: on GPUs) runs the kernel once against the PyTorch reference first."""
     dims = mlp_dims(model)
     if dims is None:
         return None, "the model is not a chain of Linear layers with ReLU between them"
@@ -63,6 +67,55 @@ def plan(model: nn.Module, loss_fn, anil: bool, clip_grad_norm, dtype: torch.dty
         return None, str(e)
     if backend == "torch":  # a PyTorch version of the op is no faster than the batched path
         return None, "no fused kernel runs here (no metafast._C C++/CUDA kernel, no Triton on a GPU)"
+    loss = "cross_entropy" if type(loss_fn) is CrossEntropy else "mse"
+    if verify if verify is not None else device.type == "cuda":
+        ok, err = self_check(dims, loss, dtype, device, backend)
+        if not ok:
+            why = (f"the fused kernel ({backend}) failed its self-check against the PyTorch reference on {device}: "
+                   f"{err}")
+            warnings.warn(f"BatchedMAML: {why}; using the batched path (fused=False silences this)", RuntimeWarning)
+            return None, why
     kernel = {"cuda": "metafast._C's " + ("CUDA" if device.type == "cuda" else "C++ CPU") + " kernel",
               "triton": "Triton kernel" + ("" if device.type == "cuda" else ", interpreted")}.get(backend, backend)
     return dims, f"fused inner loop ({kernel}) for MLP {'-'.join(map(str, dims))}"
+
+
+_self_checks: Dict[tuple, Tuple[bool, str]] = {}
+
+
+def self_check(dims: List[int], loss: str, dtype: torch.dtype, device: torch.device,
+               backend: str) -> Tuple[bool, str]:
+    """Run the fused kernel once on a tiny second-order problem of this shape and compare its query
+    losses and meta-gradient with the PyTorch reference on the same device; cached per process.
+    (ok, what differed). A kernel that misbehaves on some GPU then costs speed, not correctness."""
+    key = (tuple(dims), loss, dtype, str(device), backend)
+    if key in _self_checks:
+        return _self_checks[key]
+    from ..ops.fused_inner_loop import fused_inner_loop
+
+    g = torch.Generator().manual_seed(0)
+    T, Ns, Nq = 2, 3, 4
+    P = sum(o * (i + 1) for i, o in zip(dims[:-1], dims[1:]))
+    theta = (torch.randn(P, generator=g, dtype=torch.float64) * 0.3).to(device, dtype)
+    sx, qx = (torch.randn(T, n, dims[0], generator=g, dtype=torch.float64).to(device, dtype) for n in (Ns, Nq))
+    if loss == "mse":
+        sy, qy = (torch.randn(T, n, dims[-1], generator=g, dtype=torch.float64).to(device, dtype) for n in (Ns, Nq))
+    else:
+        sy, qy = (torch.randint(0, dims[-1], (T, n), generator=g).to(device) for n in (Ns, Nq))
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    try:
+        got, want = [], []
+        for b, out in ((backend, got), ("torch", want)):
+            th = theta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                r = fused_inner_loop(th, [0.05, 0.05], sx, sy, qx, qy, dims, 2, loss, backend=b)
+                (grad,) = torch.autograd.grad(r.query_loss.sum(), th)
+            out += [r.query_loss.detach(), r.fast, grad]
+        errs = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, want)]
+        bad = [f"{n} rel. err {e:.1e}" for n, e in zip(("query loss", "adapted weights", "meta-gradient"), errs)
+               if not e <= tol]
+        result = (not bad, ", ".join(bad) or "ok")
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is a failed check, not a crash
+        result = (False, f"{type(e).__name__}: {e}")
+    _self_checks[key] = result
+    return result
