@@ -128,8 +128,17 @@ def session(device: str = "auto", timeout: Optional[float] = None) -> Iterator[T
     init(device, timeout)
     try:
         yield rank(), world_size()
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    # Leave together: a rank that tears down its gloo pairs while a peer still holds them open can
+    # abort in C++ ("terminate called without an active exception") after its work is done. Rank 0
+    # may still be evaluating or writing; a barrier that times out or fails at exit changes nothing.
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - the job's work is complete; only the teardown is left
+        pass
+    shutdown()
 
 
 def task_seed(seed: int, rank_: Optional[int] = None, iteration: Optional[int] = None) -> int:
