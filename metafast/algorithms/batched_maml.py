@@ -236,12 +236,9 @@ class BatchedMAML(nn.Module):
         from ..ops.fused_inner_loop import fused_inner_loop
 
         for x, y, name in ((sx, sy, "support_y"), (qx, qy, "query_y")):
-            # the same target checks as the batched path, against the output shape alone
+            # the same target checks as the batched path, against the output shape alone (the op
+            # itself checks label ranges on every device)
             self.loss_fn.check_target(torch.empty(*x.shape[:2], dims[-1], device="meta"), y, name)
-            if (self.loss_fn.classification and y.is_cuda and y.numel()
-                    and not torch.cuda.is_current_stream_capturing()):
-                if bool(((y < 0) | (y >= dims[-1])).any()):  # the kernels index logits by label
-                    raise ValueError(f"{name}: labels must lie in [0, {dims[-1]}) for {dims[-1]} classes")
         lr = self.lrs if self.lrs is not None else (self.inner_lrs if len(self.inner_lrs) > 1 else self.inner_lrs[0])
         loss = "cross_entropy" if self.loss_fn.classification else "mse"
         return fused_inner_loop(theta, lr, sx, sy, qx, qy, dims, steps, loss, first_order=first_order)
@@ -276,18 +273,12 @@ class BatchedMAML(nn.Module):
                 out = engine.output(out, out_layout, T)
                 if step == 0:
                     self.loss_fn.check_target(out, sy, "support_y")
-                if prec.mixed:  # loss in float32; the backward runs on S * dloss/dout in low precision
-                    loss, dout = self.loss_fn.value_and_grad(out.to(theta.dtype), sy, create_graph=second)
-                    dout = (dout * prec.scale if prec.scale != 1 else dout).to(prec.dtype)
-                else:
-                    loss, dout = self.loss_fn.value_and_grad(out, sy, create_graph=second)
+                # loss in float32; the backward runs on S * dloss/dout in the compute precision
+                loss, dout = self.loss_fn.value_and_grad(out.to(theta.dtype), sy, create_graph=second)
             with nullcontext() if second else torch.no_grad():
-                g = engine.backward(tape, dout, out_layout, rc)
-                if prec.mixed:
-                    g = g.to(theta.dtype)
-                    g = g / prec.scale if prec.scale != 1 else g
+                g = prec.unscale(engine.backward(tape, prec.grad_seed(dout), out_layout, rc), theta.dtype)
             if watch:  # a finite loss with a non-finite gradient: the scale S overflowed fp16
-                bad = ~torch.isfinite(g.detach()).all(1) & torch.isfinite(loss.detach())
+                bad = prec.overflowed(g, loss)
                 self._overflow = bad if self._overflow is None else self._overflow | bad
             if not second:
                 g = g.detach()

@@ -33,6 +33,20 @@ class Precision:
             return t
         return t.to(self.dtype)
 
+    def grad_seed(self, dout: torch.Tensor) -> torch.Tensor:
+        """S * dloss/dout in the compute dtype: what the low-precision inner backward starts from."""
+        return self.low(dout * self.scale if self.scale != 1 else dout)
+
+    def unscale(self, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The inner gradient of that backward back in ``dtype`` (float32), divided by S."""
+        g = g.to(dtype)
+        return g / self.scale if self.scale != 1 else g
+
+    @staticmethod
+    def overflowed(g: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """[T] tasks whose loss is finite but whose (scaled) inner gradient [T, P] is not."""
+        return ~torch.isfinite(g.detach()).all(1) & torch.isfinite(loss.detach())
+
     def check_params(self, dtype: torch.dtype) -> None:
         if self.mixed and dtype != torch.float32:
             raise TypeError(f"precision={self.name!r} keeps float32 master weights; the model's parameters are "
@@ -44,6 +58,9 @@ class Precision:
         s = f", inner loss scale {self.scale:g}" if self.scale != 1 else ""
         return (f"precision: {self.name} compute (inner loop and query pass), float32 master and fast weights, "
                 f"float32 losses and inner updates{s}")
+
+
+FP32 = Precision("fp32", None, 1.0)
 
 
 def resolve(precision, inner_loss_scale) -> Precision:

@@ -21,6 +21,7 @@ divided by S in float32.
 import torch
 
 from ..ops.inner_update import inner_update
+from ..algorithms.precision import FP32
 from .layers import RunCtx
 
 
@@ -28,11 +29,10 @@ class MetaStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
         engine, loss_fn, steps, lr_of, first_order = plan[:5]
-        prec = plan[5] if len(plan) > 5 else None
+        prec = plan[5] if len(plan) > 5 else FP32
         report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
         overflow = None
-        low = prec.low if prec is not None else (lambda t: t)
-        scale = prec.scale if prec is not None and prec.mixed else 1.0
+        low, scale = prec.low, prec.scale
         T = sx.shape[0]
         rc = RunCtx(T, create_graph=False)
         n = len(engine.layers)
@@ -44,10 +44,10 @@ class MetaStep(torch.autograd.Function):
             if k == 0:
                 loss_fn.check_target(out, sy, "support_y")
             support_losses, dout = loss_fn.value_and_grad(out.to(theta.dtype), sy, False)
-            g, gys = engine.backward(tape, low(dout * scale) if scale != 1 else low(dout), layout, rc, record_gy=True)
-            g = g.to(theta.dtype) / scale if scale != 1 else g.to(theta.dtype)
+            g, gys = engine.backward(tape, prec.grad_seed(dout), layout, rc, record_gy=True)
+            g = prec.unscale(g, theta.dtype)
             if report is not None:  # which tasks' scaled inner gradient overflowed, for the caller
-                bad = ~torch.isfinite(g).all(1) & torch.isfinite(support_losses)
+                bad = prec.overflowed(g, support_losses)
                 overflow = bad if overflow is None else overflow | bad
             records.append((tape, gys, out, g))
             lr = lrs if lrs is not None else lr_of(k)
