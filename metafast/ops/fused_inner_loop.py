@@ -403,8 +403,10 @@ def _check(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Tuple[List[int], int
                 raise TypeError(f"{where}: {name} must hold int64 class labels for cross_entropy, got {y.dtype}")
             if y.shape != (T, n):
                 raise ValueError(f"{where}: {name} must have shape [T, N] = ({T}, {n}), got {tuple(y.shape)}")
-            # a data-dependent check: skipped while torch.compile traces (it would break the graph)
-            if y.numel() and y.device.type == "cpu" and not torch.compiler.is_compiling():
+            # the kernels index logits by label, so every device is checked; skipped while torch.compile
+            # traces or a CUDA graph captures (a host sync would break either)
+            if y.numel() and not torch.compiler.is_compiling() and not (
+                    y.is_cuda and torch.cuda.is_current_stream_capturing()):
                 lo, hi = int(y.min()), int(y.max())
                 if lo < 0 or hi >= dL:
                     raise ValueError(f"{where}: {name} labels must lie in [0, {dL}) for {dL} classes, "
