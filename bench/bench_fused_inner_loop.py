@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
 
 from bench.baselines import available  # noqa: E402
 from bench.bench_maml_step import (Workload, _sinusoid_batch, bench_settings, bench_workload,  # noqa: E402
-                                   metafast_status, report)
+                                   episodes, metafast_status, report)
 from bench.common import RESULTS_DIR, time_ms, write_rows  # noqa: E402
 from metafast.algorithms.fused_path import mlp_dims  # noqa: E402
 from metafast.models import MLP  # noqa: E402
@@ -38,14 +38,7 @@ COLUMNS = ["workload", "method", "ms", "speedup_vs_torch_func", "speedup_vs_loop
 
 def _head_batch(T: int, g: torch.Generator, ways: int = 5, shots: int = 5, queries: int = 15, features: int = 64):
     """Episodes of fixed 64-d features (what a frozen body hands an ANIL head)."""
-    def split(n):
-        x = torch.randn(T, ways * n, features, generator=g)
-        y = torch.stack([torch.randperm(ways, generator=g).repeat_interleave(n) for _ in range(T)])
-        return x, y
-
-    sx, sy = split(shots)
-    qx, qy = split(queries)
-    return sx, sy, qx, qy
+    return episodes(T, g, ways, shots, queries, lambda rows: torch.randn(T, rows, features, generator=g))
 
 
 WORKLOADS: Dict[str, Workload] = {

@@ -61,9 +61,15 @@ def _sinusoid_batch(T: int, g: torch.Generator, K: int = 10, Q: int = 10):
 
 
 def _omniglot_batch(T: int, g: torch.Generator, ways: int = 5, shots: int = 1, queries: int = 1):
-    # Omniglot-shaped episodes: 28x28x1 images in [0, 1], labels a per-task permutation of the ways.
+    # Omniglot-shaped episodes: 28x28x1 images in [0, 1].
+    return episodes(T, g, ways, shots, queries, lambda rows: torch.rand(T, rows, 1, 28, 28, generator=g))
+
+
+def episodes(T: int, g: torch.Generator, ways: int, shots: int, queries: int,
+             draw: Callable[[int], torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """(sx, sy, qx, qy): inputs [T, rows, ...] from ``draw(rows)``, labels a per-task permutation of the ways."""
     def split(n):
-        x = torch.rand(T, ways * n, 1, 28, 28, generator=g)
+        x = draw(ways * n)
         y = torch.stack([torch.randperm(ways, generator=g).repeat_interleave(n) for _ in range(T)])
         return x, y
 
