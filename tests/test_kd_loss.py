@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from metafast import _backend
 from metafast.ops.kd_loss import KDLoss, kd_loss, kd_loss_reference
+from gpu_backends import gpu_backends
 from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -378,14 +379,6 @@ def test_triton_kernel_compiles_for_sm90():
 # ----------------------------------------------------------------------------------------------
 # GPU: the CUDA extension and Triton compiled for the device
 # ----------------------------------------------------------------------------------------------
-def _gpu_backends():
-    out = []
-    for backend in ("cuda", "triton"):
-        try:
-            out.append(_backend.resolve("kd_loss", "cuda", backend))
-        except (_backend.BackendUnavailableError, RuntimeError):
-            pass
-    return out
 
 
 @pytest.mark.gpu
@@ -394,7 +387,7 @@ def _gpu_backends():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("with_target", [False, True])
 def test_gpu_matches_reference(backend, shape, dtype, with_target):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends("kd_loss"):
         pytest.skip(f"{backend} backend not available on this machine")
     s, t, y = make_inputs(shape, dtype=dtype, seed=shape[-1], target=with_target, device="cuda")
     x = s.clone().requires_grad_()
@@ -416,7 +409,7 @@ def test_gpu_matches_reference(backend, shape, dtype, with_target):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_gradcheck_gradgradcheck_opcheck(backend):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends("kd_loss"):
         pytest.skip(f"{backend} backend not available on this machine")
     s, t, y = make_inputs((3, 4, 7), seed=31, device="cuda")
     x = s.clone().requires_grad_()
@@ -431,6 +424,6 @@ def test_gpu_gradcheck_gradgradcheck_opcheck(backend):
 def test_gpu_bad_label_raises():
     s, t, y = make_inputs((2, 3, 5), device="cuda")
     y[0, 0] = 9
-    for backend in _gpu_backends():
+    for backend in gpu_backends("kd_loss"):
         with pytest.raises(ValueError, match="target must hold class ids"):
             kd_loss(s, t, y, backend=backend)

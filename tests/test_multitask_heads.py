@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from metafast import _backend
 from metafast.ops.multitask_heads import multitask_heads_cross_entropy, multitask_heads_cross_entropy_reference
+from gpu_backends import gpu_backends
 from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -250,14 +251,6 @@ def test_triton_kernel_compiles_for_sm90():
 # --------------------------------------------------------------------------------------------
 # GPU: the CUDA extension and Triton compiled for the device
 # --------------------------------------------------------------------------------------------
-def _gpu_backends():
-    out = []
-    for backend in ("cuda", "triton"):
-        try:
-            out.append(_backend.resolve("multitask_heads_cross_entropy", "cuda", backend))
-        except (_backend.BackendUnavailableError, RuntimeError):
-            pass
-    return out
 
 
 @pytest.mark.gpu
@@ -266,7 +259,7 @@ def _gpu_backends():
                                             (5, 129, 64, 1000, False), (2, 9, 32, 3000, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gpu_matches_reference(backend, H, N, I, O, shared, dtype, assert_close):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends("multitask_heads_cross_entropy"):
         pytest.skip(f"{backend} backend not available on this machine")
     x, w, b, y = make_inputs(H, N, I, O, dtype=dtype, shared=shared, seed=O, device="cuda")
     xs = leaves(x, w, b)
@@ -287,7 +280,7 @@ def test_gpu_matches_reference(backend, H, N, I, O, shared, dtype, assert_close)
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_gradcheck_and_bad_label(backend):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends("multitask_heads_cross_entropy"):
         pytest.skip(f"{backend} backend not available on this machine")
     x, w, b, y = make_inputs(2, 3, 5, 4, seed=31, device="cuda")
     fn = lambda x, w, b: multitask_heads_cross_entropy(x, w, b, y, backend=backend)  # noqa: E731

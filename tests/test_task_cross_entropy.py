@@ -13,6 +13,7 @@ from metafast.ops.task_cross_entropy import (
     task_cross_entropy_reference_with_grad,
     task_cross_entropy_with_grad,
 )
+from gpu_backends import gpu_backends
 from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -417,14 +418,6 @@ def test_triton_kernels_compile_for_sm90():
 # ----------------------------------------------------------------------------------------------
 # GPU: the CUDA extension and Triton compiled for the device
 # ----------------------------------------------------------------------------------------------
-def _gpu_backends():
-    out = []
-    for backend in ("cuda", "triton"):
-        try:
-            out.append(_backend.resolve("task_cross_entropy", "cuda", backend))
-        except (_backend.BackendUnavailableError, RuntimeError):
-            pass
-    return out
 
 
 @pytest.mark.gpu
@@ -432,7 +425,7 @@ def _gpu_backends():
 @pytest.mark.parametrize("T,N,C", [(3, 7, 5), (4, 33, 100), (2, 9, 1000), (2, 5, 3000), (2, 3, 20000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gpu_matches_reference(backend, T, N, C, dtype):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends("task_cross_entropy"):
         pytest.skip(f"{backend} backend not available on this machine")
     logits, labels = make_inputs(T, N, C, dtype=dtype, seed=C, all_ignored_task=True, device="cuda")
     x = logits.clone().requires_grad_()
@@ -454,7 +447,7 @@ def test_gpu_matches_reference(backend, T, N, C, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_gradcheck_gradgradcheck(backend):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends("task_cross_entropy"):
         pytest.skip(f"{backend} backend not available on this machine")
     logits, labels = make_inputs(3, 4, 7, seed=31, all_ignored_task=True, device="cuda")
     x = logits.clone().requires_grad_()
@@ -471,6 +464,6 @@ def test_gpu_bad_label_raises():
         pytest.skip("no CUDA device")
     logits, labels = make_inputs(2, 3, 5, device="cuda")
     labels[0, 0] = 9
-    for backend in _gpu_backends():
+    for backend in gpu_backends("task_cross_entropy"):
         with pytest.raises(ValueError, match="labels must be class ids"):
             task_cross_entropy(logits, labels, backend=backend)
