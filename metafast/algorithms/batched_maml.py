@@ -56,7 +56,8 @@ class BatchedMAML(nn.Module):
         cuda_graph: on CUDA, capture the whole meta-step (inner loop, query loss and their backward)
             in a CUDA graph on first use and replay it; a new input shape captures again (up to 8),
             then runs eagerly with one warning. Results equal the eager path.
-        exact_reverse: where every layer has R-operators (MLPs of Linear/ReLU/Tanh/Sigmoid) and the
+        exact_reverse: where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU,
+            Tanh, Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL) and the
             loss is "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is
             the hand-derived exact reverse (Hessian-vector products by R-operators) instead of
             autograd through the unrolled inner loop. Same gradients, far fewer autograd nodes; the

@@ -151,14 +151,15 @@ class BatchedModel:
 
     # -- exact second-order reverse (R-operators) ------------------------------------------------
     def supports_rop(self) -> bool:
-        """Every adapted layer has R-operators and runs in "tn" layout (MLP-style models)."""
-        return self.adapt_from == 0 and all(
-            hasattr(layer, "rforward") and layer.layout in ("tn", "any") for layer in self.layers)
+        """Every layer has R-operators and every parameter is adapted (no ANIL)."""
+        return self.adapt_from == 0 and all(hasattr(layer, "rforward") for layer in self.layers)
 
-    def hvp(self, tape, gys, out, target, loss, direction, rc: L.RunCtx, scale: float = 1.0) -> torch.Tensor:
+    def hvp(self, tape, gys, out, out_layout: str, target, loss, direction, rc: L.RunCtx,
+            scale: float = 1.0) -> torch.Tensor:
         """Per-task Hessian-vector products H_t v_t of each task's support loss at the tape's weights,
         along ``direction`` [T, Pa]: the R-operator (Pearlmutter) of the recorded inner gradient.
 
+        ``out`` is the model output in "tn" layout, ``out_layout`` the layout the tape ended in.
         A tape recorded in lower precision than ``direction`` (mixed precision) runs the layers' R-operators
         in the tape's dtype and the loss's in the direction's; ``gys`` then hold the gradient of
         ``scale`` * loss, so the loss's R-operator is scaled alike and the result divided by it.
@@ -171,23 +172,34 @@ class BatchedModel:
             k = self._slot_index[layer.slots[0].offset] - self._first_adapted_slot
             return [parts[k + i].view(T, *s.shape) for i, s in enumerate(layer.slots)]
 
-        rx, rxs, rws_all = None, [], []
-        for layer, ws, batched, saved, _ in tape:
+        # R-forward: each layer returns R(y) and what its R-backward needs of this pass
+        rx, rsaved, rws_all = None, [], []
+        for layer, ws, batched, saved, converted in tape:
             rws = rws_of(layer) if layer.slots else []
-            rxs.append(rx)
             rws_all.append(rws)
-            rx = None if (rx is None and not rws) else layer.rforward(ws, batched, saved, rx, rws, rc)
+            if rx is not None and converted is not None:
+                rx = L.to_g(rx, T) if layer.layout == "g" else L.to_tn(rx, T)
+            r = None
+            if rx is not None or rws:
+                rx, r = layer.rforward(ws, batched, saved, rx, rws, rc)
+            rsaved.append(r)
+        rx = self.output(rx, out_layout, T)
         if low != acc:
             rgy = loss.rgrad(out.to(acc), target, rx.to(acc))
             rgy = (rgy * scale if scale != 1 else rgy).to(low)
         else:
             rgy = loss.rgrad(out, target, rx)
+        if out_layout == "g":
+            rgy = L.to_g(rgy, T)
         first = next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         for k in range(len(tape) - 1, first - 1, -1):
-            layer, ws, batched, saved, _ = tape[k]
-            rgy, grads = layer.rbackward(ws, batched, saved, gys[k], rgy, rxs[k], rws_all[k], k > first, rc)
+            layer, ws, batched, saved, converted = tape[k]
+            need_gx = k > first
+            rgy, grads = layer.rbackward(ws, batched, saved, gys[k], rgy, rsaved[k], rws_all[k], need_gx, rc)
             pieces.extend(g.reshape(T, -1) for g in reversed(grads))
+            if need_gx and converted is not None:
+                rgy = L.to_g(rgy, T) if converted == "g" else L.to_tn(rgy, T)
         pieces.reverse()
         h = torch.cat(pieces, dim=1)
         if low == acc:

@@ -45,6 +45,16 @@ def to_tn(x: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class Layer:
+    """A batched layer. Those with R-operators (for MetaStep's exact second-order reverse) also define
+
+        rforward(ws, batched, saved, rx, rws, rc) -> (R(y), rsaved)
+        rbackward(ws, batched, saved, gy, rgy, rsaved, rws, need_gx, rc) -> (R(gx), R(per-task grads))
+
+    the directional derivatives of forward/backward along per-task weight directions ``rws`` and the
+    input's ``rx`` (None where the input does not depend on them); ``rsaved`` is what rbackward needs
+    of the R-forward pass.
+    """
+
     layout = "any"          # input layout the layer needs: "tn", "g" or "any" (kept as is)
     local_autograd = False  # backward by torch.autograd.grad on a recorded local graph
 
@@ -102,7 +112,7 @@ class Linear(Layer):
         if rx is not None:
             rx3 = rx.reshape(x3.shape)
             ry = ry + (torch.bmm(rx3, ws[0].transpose(1, 2)) if batched else rx3.matmul(ws[0].t()))
-        return ry.view(*x_shape[:-1], ry.shape[-1])
+        return ry.view(*x_shape[:-1], ry.shape[-1]), rx
 
     def rbackward(self, ws, batched, saved, gy, rgy, rx, rws, need_gx, rc):
         # R(dW) = R(gy)^T x + gy^T R(x);  R(db) = sum R(gy);  R(dx) = R(gy) W + gy R(W)
@@ -170,6 +180,35 @@ class Conv2d(Layer):
             grads.append(gy.sum((0, 2, 3)).view(T, self.cout))
         return gx, grads
 
+    def _grouped(self, w, T):
+        """Per-task weights [T, Cout, ...] as the weight of the grouped convolution over T tasks."""
+        return w.reshape(T * self.cout, *w.shape[2:])
+
+    # R-operators: the convolution is bilinear in (x, W), so
+    # R(y) = conv(x, R(W)) + conv(R(x), W) + R(b), and R(dW), R(dx) are the backward of R(gy) at (x, W)
+    # plus the backward of gy at (R(x), R(W)).
+    def rforward(self, ws, batched, saved, rx, rws, rc):
+        x, _ = saved
+        T = rc.T
+        rb = rws[1].reshape(-1) if len(rws) > 1 else None
+        ry = F.conv2d(x, self._grouped(rws[0], T), rb, self.stride, self.padding, self.dilation, self.groups * T)
+        if rx is not None:
+            ry = ry + self.forward(ws[:1], batched, rx, rc)[0]  # conv(R(x), W), no bias
+        return ry, rx
+
+    def rbackward(self, ws, batched, saved, gy, rgy, rx, rws, need_gx, rc):
+        T = rc.T
+        rgx, grads = self.backward(ws, batched, saved, rgy, need_gx, rc)
+        if rx is not None or need_gx:
+            gx2, gw2, _ = torch.ops.aten.convolution_backward(
+                gy, rx if rx is not None else saved[0], self._grouped(rws[0], T), None, self.stride, self.padding,
+                self.dilation, False, [0, 0], self.groups * T, [need_gx, rx is not None, False])
+            if rx is not None:
+                grads[0] = grads[0] + gw2.view_as(grads[0])
+            if need_gx:
+                rgx = rgx.add_(gx2)
+        return rgx, grads
+
 
 class BatchNorm(Layer):
     """BatchNorm1d/2d with per-task batch statistics (transductive, as MAML uses it).
@@ -231,6 +270,116 @@ class BatchNorm(Layer):
         grads = [gw.view(T, -1), gb.view(T, -1)] if self.affine else []
         return gx, grads
 
+    # R-operators. With batch statistics, xhat = (x - mean) invstd and y = w xhat + b, and
+    #   bnb(v) := native_batch_norm_backward(v) = w invstd (v - mean(v) - xhat mean(v xhat))
+    # (with sum(v xhat), sum(v) as its weight/bias grads) is linear in v. Hence
+    #   R(xhat) = invstd (rx - mean(rx) - xhat mean(xhat rx)),  so  w R(xhat) = bnb(rx),
+    #   R(invstd) = -invstd^2 mean(xhat rx),
+    # and every other term is a per-channel coefficient times gy, rx or x (xhat is affine in x):
+    # a few fused full-size passes instead of autograd's double backward of bnb.
+    def rforward(self, ws, batched, saved, rx, rws, rc):
+        x, w, mean, invstd = saved
+        if mean is None:
+            return self._rforward_running(x, w, invstd, rx, rws, rc), rx
+        ry, rstats = None, None
+        if rx is not None:
+            ry, sx_rx, s_rx = torch.ops.aten.native_batch_norm_backward(
+                rx, x, self._weight(w, x), None, None, mean, invstd, True, self.eps, [True, True, True])
+            rstats = (rx, sx_rx, s_rx)
+        if rws:  # + R(w) xhat + R(b) = a x + (R(b) - a mean)
+            rw, rb = (r.reshape(-1).to(invstd.dtype) for r in rws)
+            a = rw * invstd
+            ry = _affine(ry, x, a, rb - a * mean)
+        return ry, rstats
+
+    def rbackward(self, ws, batched, saved, gy, rgy, rstats, rws, need_gx, rc):
+        x, w, mean, invstd = saved
+        T = rc.T
+        if mean is None:
+            return self._rbackward_running(x, w, invstd, gy, rgy, rstats, rws, need_gx, rc)
+        bn_bwd = torch.ops.aten.native_batch_norm_backward
+        w1 = self._weight(w, x)
+        m = x.numel() // x.shape[1]
+        # the terms linear in gy: bnb(R(gy)), with sum(R(gy) xhat) = part of R(dw), sum(R(gy)) = R(db)
+        rgx, r_gw, r_gb = bn_bwd(rgy, x, w1, None, None, mean, invstd, True, self.eps, [need_gx, True, True])
+        if rstats is None and not rws:
+            return rgx, ([r_gw.view(T, -1), r_gb.view(T, -1)] if self.affine else [])
+        _, gw, gb = bn_bwd(gy, x, w1, None, None, mean, invstd, True, self.eps, [False, True, True])
+        m1, m2 = gb / m, gw / m  # mean(gy), mean(gy xhat)
+        s = invstd
+        r_ws = (rws[0].reshape(-1).to(s.dtype) * s) if rws else torch.zeros_like(s)  # R(w invstd) ...
+        g_rxh = torch.zeros_like(s)  # sum(gy R(xhat))
+        rx = None
+        if rstats is not None:
+            rx, sx_rx, s_rx = rstats
+            a, mr = sx_rx / m, s_rx / m  # mean(xhat rx), mean(rx)
+            r_ws = r_ws - w1 * s * s * a  # ... + w R(invstd)
+            # sum(gy rx) as the "weight grad" of a batch norm with mean 0, invstd 1: one fused reduction
+            s_gy_rx = bn_bwd(gy, rx, None, None, None, torch.zeros_like(s), torch.ones_like(s), True, self.eps,
+                             [False, True, False])[1]
+            g_rxh = s * (s_gy_rx - a * gw - mr * gb)
+        grads = [(r_gw + g_rxh).view(T, -1), r_gb.view(T, -1)] if self.affine else []
+        if not need_gx:
+            return None, grads
+        # dx = w invstd (gy - m1 - xhat m2); R of it beyond bnb(R(gy)):
+        #   R(w invstd) (gy - m1 - xhat m2) - w invstd (xhat sum(gy R(xhat)) / M + m2 R(xhat))
+        ws_ = w1 * s
+        c_xhat = -r_ws * m2 - ws_ * g_rxh / m
+        const = -r_ws * m1
+        rgx = rgx.addcmul_(gy, _per_channel(r_ws, x))
+        if rx is not None:  # R(xhat) = s rx - s mr - s a xhat
+            rgx = rgx.addcmul_(rx, _per_channel(-ws_ * m2 * s, x))
+            c_xhat = c_xhat + ws_ * m2 * s * a
+            const = const + ws_ * m2 * s * mr
+        return _affine(rgx, x, c_xhat * s, const - c_xhat * s * mean), grads
+
+    def _weight(self, w, x):
+        """The affine weight over T*C channels (ones without affine: bnb's sums need one)."""
+        return w if w is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+
+    # Running statistics: y = w invstd (x - rm) + b is affine in x with constant invstd.
+    def _running_mean(self, T, dtype):
+        return self.module.running_mean.repeat(T).to(dtype)
+
+    def _rforward_running(self, x, w, invstd, rx, rws, rc):
+        s = invstd
+        ry = None if rx is None else rx * _per_channel(s if w is None else w * s, rx)
+        if rws:
+            rw, rb = (r.reshape(-1).to(s.dtype) for r in rws)
+            a = rw * s
+            ry = _affine(ry, x, a, rb - a * self._running_mean(rc.T, s.dtype))
+        return ry
+
+    def _rbackward_running(self, x, w, invstd, gy, rgy, rx, rws, need_gx, rc):
+        # dx = gy w s, dw = sum(gy xhat), db = sum(gy);  R(xhat) = rx s
+        T, s = rc.T, invstd
+        dims = [0] + list(range(2, x.dim()))
+        rgx = None
+        if need_gx:
+            rgx = rgy * _per_channel(s if w is None else w * s, rgy)
+            if rws:
+                rgx = rgx.addcmul_(gy, _per_channel(rws[0].reshape(-1).to(s.dtype) * s, x))
+        grads = []
+        if self.affine:
+            xhat = (x - _per_channel(self._running_mean(T, s.dtype), x)) * _per_channel(s, x)
+            r_gw = (rgy * xhat).sum(dims)
+            if rx is not None:
+                r_gw = r_gw + (gy * rx).sum(dims) * s
+            grads = [r_gw.view(T, -1), rgy.sum(dims).view(T, -1)]
+        return rgx, grads
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [C] vector viewed to broadcast over the channel dim (dim 1) of ``like``, in its dtype."""
+    return v.to(like.dtype).view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _affine(y, x, a, c):
+    """y + a x + c with per-channel a, c (y may be None); y is updated in place."""
+    if y is None:
+        return torch.addcmul(_per_channel(c, x), x, _per_channel(a, x))
+    return y.addcmul_(x, _per_channel(a, x)).add_(_per_channel(c, x))
+
 
 class ReLU(Layer):
     def forward(self, ws, batched, x, rc):
@@ -242,9 +391,9 @@ class ReLU(Layer):
 
     # ReLU is piecewise linear: both R-operators apply the same constant mask.
     def rforward(self, ws, batched, y, rx, rws, rc):
-        return torch.ops.aten.threshold_backward(rx, y, 0.0)
+        return torch.ops.aten.threshold_backward(rx, y, 0.0), None
 
-    def rbackward(self, ws, batched, y, gy, rgy, rx, rws, need_gx, rc):
+    def rbackward(self, ws, batched, y, gy, rgy, rsaved, rws, need_gx, rc):
         return torch.ops.aten.threshold_backward(rgy, y, 0.0), []
 
 
@@ -257,7 +406,7 @@ class Tanh(Layer):
         return gy * (1 - y * y), []
 
     def rforward(self, ws, batched, y, rx, rws, rc):
-        return rx * (1 - y * y)
+        return rx * (1 - y * y), rx
 
     def rbackward(self, ws, batched, y, gy, rgy, rx, rws, need_gx, rc):
         # dx = gy (1 - y^2)  =>  R(dx) = R(gy) (1 - y^2) - 2 gy y R(y),  R(y) = R(x) (1 - y^2)
@@ -274,7 +423,7 @@ class Sigmoid(Layer):
         return gy * (y * (1 - y)), []
 
     def rforward(self, ws, batched, y, rx, rws, rc):
-        return rx * (y * (1 - y))
+        return rx * (y * (1 - y)), rx
 
     def rbackward(self, ws, batched, y, gy, rgy, rx, rws, need_gx, rc):
         # dx = gy s(1-s)  =>  R(dx) = R(gy) s(1-s) + gy (1-2s) R(s),  R(s) = R(x) s(1-s)
@@ -300,6 +449,14 @@ class MaxPool2d(Layer):
         x, idx = saved
         return torch.ops.aten.max_pool2d_with_indices_backward(gy, x, self.k, self.s, self.p, self.d, self.ceil, idx), []
 
+    # The argmax is locally constant: R(y) picks R(x) at it, and R(dx) routes R(gy) back through it.
+    def rforward(self, ws, batched, saved, rx, rws, rc):
+        _, idx = saved
+        return rx.flatten(2).gather(2, idx.flatten(2)).view(idx.shape), None
+
+    def rbackward(self, ws, batched, saved, gy, rgy, rsaved, rws, need_gx, rc):
+        return self.backward(ws, batched, saved, rgy, need_gx, rc)
+
 
 class Flatten(Layer):
     """nn.Flatten(1, -1) of each sample, in "tn" layout: [T, N, ...] -> [T, N, F] (a view when possible)."""
@@ -313,9 +470,9 @@ class Flatten(Layer):
         return gy.reshape(shape), []
 
     def rforward(self, ws, batched, shape, rx, rws, rc):
-        return None if rx is None else rx.reshape(rx.shape[0], rx.shape[1], -1)
+        return (None if rx is None else rx.reshape(rx.shape[0], rx.shape[1], -1)), None
 
-    def rbackward(self, ws, batched, shape, gy, rgy, rx, rws, need_gx, rc):
+    def rbackward(self, ws, batched, shape, gy, rgy, rsaved, rws, need_gx, rc):
         return rgy.reshape(shape), []
 
 

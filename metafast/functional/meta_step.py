@@ -1,6 +1,7 @@
 """The whole MAML meta-step as one autograd node with a hand-derived exact reverse.
 
-For models whose every layer has R-operators (Linear, ReLU, Tanh, Sigmoid, Flatten: MLPs), the
+For models whose every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU, Tanh, Sigmoid,
+Flatten: MLPs and Conv4-style CNNs), the
 forward runs the inner loop and the query loss with no autograd graph at all, and the backward
 computes the meta-gradient directly:
 
@@ -41,6 +42,7 @@ class MetaStep(torch.autograd.Function):
         theta_c, sx, qx = low(theta), low(sx), low(qx)
         for k in range(steps):
             out, layout, tape = engine.forward(0, n, theta_c, low(fast), sx, "tn", rc, record=True)
+            out = engine.output(out, layout, T)
             if k == 0:
                 loss_fn.check_target(out, sy, "support_y")
             support_losses, dout = loss_fn.value_and_grad(out.to(theta.dtype), sy, False)
@@ -49,11 +51,11 @@ class MetaStep(torch.autograd.Function):
             if report is not None:  # which tasks' scaled inner gradient overflowed, for the caller
                 bad = prec.overflowed(g, support_losses)
                 overflow = bad if overflow is None else overflow | bad
-            records.append((tape, gys, out, g))
+            records.append((tape, gys, out, layout, g))
             lr = lrs if lrs is not None else lr_of(k)
             fast = inner_update(theta if fast is None else fast, g, lr)
         out_q, layout_q, tape_q = engine.forward(0, n, theta_c, low(fast), qx, "tn", rc, record=True)
-        out_q = out_q.to(theta.dtype)
+        out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
         if report is not None and overflow is not None:
             report.append(overflow)
         loss_fn.check_target(out_q, qy, "query_y")
@@ -77,11 +79,16 @@ class MetaStep(torch.autograd.Function):
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
         for k in range(steps - 1, -1, -1):
-            tape, gys, out, g = ctx.records[k]
+            tape, gys, out, layout, g = ctx.records[k]
             if lrbar is not None:
                 lrbar -= (wbar * g).sum(0)
             if not first_order:
                 lr = ctx.lrs if ctx.lrs is not None else lr_of(k)
                 # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar
-                wbar = wbar - engine.hvp(tape, gys, out, ctx.sy, loss_fn, lr * wbar, rc, ctx.scale)
+                # low-precision layers get lr * Wbar, the range the inner loss scale was chosen for
+                if torch.is_tensor(lr) or ctx.records_dtype != wbar.dtype:
+                    wbar = wbar - engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, lr * wbar, rc, ctx.scale)
+                else:  # H (lr Wbar) = lr H Wbar: one pass less over [T, Pa]
+                    wbar = torch.add(wbar, engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale),
+                                     alpha=-lr)
         return wbar.sum(0), lrbar, None, None, None, None, None
