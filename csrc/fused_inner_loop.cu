@@ -25,6 +25,8 @@ struct CudaExec {
   static constexpr int kLanes = 2;
   template <typename T>
   static constexpr int vec() { return 1; }  // one output per thread, in a register
+  template <typename T>
+  static constexpr int rows() { return 1; }
   double* red;                              // kWarps slots of shared memory for sum()
   __device__ void sync() const { __syncthreads(); }
   // Block-wide sum; every thread gets the total.

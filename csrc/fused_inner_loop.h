@@ -13,13 +13,14 @@
 // Every routine is a template over the scalar type and an execution policy `Ex` with members
 // tid, nthreads and sync(): the work of a stage is split by strided loops over output elements,
 // and stages are separated by ex.sync(). The CUDA launcher runs one block per task (sync() =
-// __syncthreads()); the CPU launcher runs the same code with tid = 0, nthreads = 1. So the CPU tests
-// exercise the code that runs on the GPU, barriers aside.
+// __syncthreads()); the CPU launcher (fused_inner_loop_cpu.h) runs the same code with tid = 0,
+// nthreads = 1 and T = a SIMD vector holding one scalar of each of W tasks, so every operation of
+// the per-task code runs for W tasks at once. So the CPU tests exercise the code that runs on the
+// GPU, barriers aside.
 //
-// On the CPU a "work item" covers Ex::kVec consecutive outputs of a row, and the innermost loops run
-// over contiguous memory with a compile-time trip count, which the compiler vectorizes; on the GPU
-// kVec = 1 (one output per thread, accumulated in a register). Dot products over a contiguous row
-// keep kLanes partial sums, so they vectorize without reassociation flags.
+// A work item covers Ex::vec<T>() consecutive outputs of a row (CPU: several independent FMA
+// chains; GPU: one output per thread, accumulated in a register), and the innermost loops have a
+// compile-time trip count. Dot products keep Ex::kLanes partial sums.
 #pragma once
 
 #include <cmath>
@@ -121,6 +122,13 @@ inline Plan make_plan(const int64_t* dims, int ndims, int Ns, int Nq, int K, int
 template <typename T>
 MF_HD T mf_max(T a, T b) { return a > b ? a : b; }
 
+// max(0, x), and x where m > 0 else 0 (relu'(z) read off the post-ReLU activation m). The CPU's
+// task-vector type has its own overloads (found by argument-dependent lookup).
+template <typename T>
+MF_HD T relu_of(T x) { return x > T(0) ? x : T(0); }
+template <typename T>
+MF_HD T where_pos(T m, T x) { return m > T(0) ? x : T(0); }
+
 // sum_i x[i] * y[i] with kLanes independent partial sums (vectorizable on the CPU as written).
 template <int kLanes, typename T>
 MF_HD T dot(const T* __restrict__ x, const T* __restrict__ y, int n) {
@@ -143,56 +151,71 @@ MF_HD T dot(const T* __restrict__ x, const T* __restrict__ y, int n) {
 // Chunked row kernels: every matrix product here is written as
 //   OUT[r, c] = epilogue(bias[c] + sum_j (A1[r, j] B1[j, c] + A2[r, j] B2[j, c]))
 // whose innermost loop runs over contiguous columns c of B and OUT (an axpy, no reduction), which
-// is what vectorizes on the CPU and coalesces on the GPU. A work item is (row r, up to kVec columns).
+// is what vectorizes on the CPU and coalesces on the GPU. A work item is (MR rows, up to NV columns):
+// MR * NV accumulators, each B[j, c] loaded once for MR rows (Ex::rows(): 1 on the GPU; on the CPU
+// a few, which divides the traffic of B, the weights, by as much). OUT, mask and B have C columns.
 // The epilogue: max(0, .) when relu; zero where mask <= 0 when mask is given (relu'(z) read off the
 // post-ReLU activations).
 
-template <int NV, typename T>
-MF_HD void combine_rows(T* __restrict__ out, const T* __restrict__ mask, const T* __restrict__ bias, bool relu,
-                        int J, const T* __restrict__ a1, int sa1, const T* __restrict__ B1, int ldb1,
-                        const T* __restrict__ a2, int sa2, const T* __restrict__ B2, int ldb2) {
-  T acc[NV];
+// A[r, j] read as a[r * sar + j * saj]
+template <typename T>
+struct Operand {
+  const T* a;
+  int sar, saj;
+  const T* B;
+};
+
+template <int NV, int MR, typename T>
+MF_HD void combine_block(T* __restrict__ out, const T* __restrict__ mask, const T* __restrict__ bias, bool relu,
+                         int C, int J, Operand<T> x1, Operand<T> x2) {
+  T acc[MR][NV];
 #pragma unroll
-  for (int v = 0; v < NV; ++v) acc[v] = bias == nullptr ? T(0) : bias[v];
-  for (int j = 0; j < J; ++j) {
-    const T s1 = a1[j * sa1];
-    const T* __restrict__ b1 = B1 + static_cast<int64_t>(j) * ldb1;
+  for (int m = 0; m < MR; ++m)
 #pragma unroll
-    for (int v = 0; v < NV; ++v) acc[v] += s1 * b1[v];
-  }
-  if (a2 != nullptr) {
+    for (int v = 0; v < NV; ++v) acc[m][v] = bias == nullptr ? T(0) : bias[v];
+  for (int t = 0; t < 2; ++t) {
+    const Operand<T> x = t == 0 ? x1 : x2;
+    if (x.a == nullptr) continue;
     for (int j = 0; j < J; ++j) {
-      const T s2 = a2[j * sa2];
-      const T* __restrict__ b2 = B2 + static_cast<int64_t>(j) * ldb2;
+      T s[MR];
 #pragma unroll
-      for (int v = 0; v < NV; ++v) acc[v] += s2 * b2[v];
+      for (int m = 0; m < MR; ++m) s[m] = x.a[m * x.sar + j * x.saj];
+      const T* __restrict__ b = x.B + static_cast<int64_t>(j) * C;
+#pragma unroll
+      for (int v = 0; v < NV; ++v) {
+        const T bv = b[v];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[m][v] += s[m] * bv;
+      }
     }
   }
 #pragma unroll
-  for (int v = 0; v < NV; ++v) {
-    T x = acc[v];
-    if (relu) x = x > T(0) ? x : T(0);
-    if (mask != nullptr) x = mask[v] > T(0) ? x : T(0);
-    out[v] = x;
-  }
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+      T y = acc[m][v];
+      if (relu) y = relu_of(y);
+      if (mask != nullptr) y = where_pos(mask[m * C + v], y);
+      out[m * C + v] = y;
+    }
 }
 
-// Columns [c0, c0 + nv) of one row in pieces of compile-time widths V, V/2, ..., 1, so that every
+// Columns [c0, c0 + nv) of MR rows in pieces of compile-time widths V, V/2, ..., 1, so that every
 // inner loop has a fixed trip count (the tail of a row included).
-template <int V, typename T>
-MF_HD void combine_piece(T* out, const T* mask, const T* bias, bool relu, int nv, int J, const T* a1, int sa1,
-                         const T* B1, int ldb1, const T* a2, int sa2, const T* B2, int ldb2) {
+template <int V, int MR, typename T>
+MF_HD void combine_piece(T* out, const T* mask, const T* bias, bool relu, int nv, int C, int J, Operand<T> x1,
+                         Operand<T> x2) {
   if (nv >= V) {
-    combine_rows<V>(out, mask, bias, relu, J, a1, sa1, B1, ldb1, a2, sa2, B2, ldb2);
+    combine_block<V, MR>(out, mask, bias, relu, C, J, x1, x2);
     nv -= V;
     if (nv == 0) return;
     out += V;
     mask = mask == nullptr ? nullptr : mask + V;
     bias = bias == nullptr ? nullptr : bias + V;
-    B1 += V;
-    B2 = B2 == nullptr ? nullptr : B2 + V;
+    x1.B += V;
+    x2.B = x2.B == nullptr ? nullptr : x2.B + V;
   }
-  if constexpr (V > 1) combine_piece<V / 2>(out, mask, bias, relu, nv, J, a1, sa1, B1, ldb1, a2, sa2, B2, ldb2);
+  if constexpr (V > 1) combine_piece<V / 2, MR>(out, mask, bias, relu, nv, C, J, x1, x2);
 }
 
 // OUT [R, C] (row-major) as above; A[r, j] is read as A[r * sar + j * saj], B[j, c] as B[j * C + c].
@@ -202,15 +225,26 @@ MF_HD void combine(const Ex& ex, T* __restrict__ out, const T* __restrict__ mask
                    int C, int J, const T* A1, int sar1, int saj1, const T* B1, const T* A2, int sar2, int saj2,
                    const T* B2) {
   constexpr int V = Ex::template vec<T>();
-  const int nch = (C + V - 1) / V;
-  for (int w = ex.tid; w < R * nch; w += ex.nthreads) {
-    const int r = w / nch, c0 = (w - r * nch) * V;
+  constexpr int MR = Ex::template rows<T>();
+  const int nch = (C + V - 1) / V, nrb = (R + MR - 1) / MR;
+  for (int w = ex.tid; w < nrb * nch; w += ex.nthreads) {
+    const int rb = w / nch, c0 = (w - rb * nch) * V;
     const int nv = C - c0 < V ? C - c0 : V;
-    const int64_t o = static_cast<int64_t>(r) * C + c0;
-    combine_piece<V>(out + o, mask == nullptr ? nullptr : mask + o, bias == nullptr ? nullptr : bias + c0, relu, nv,
-                     J, A1 + static_cast<int64_t>(r) * sar1, saj1, B1 + c0, C,
-                     A2 == nullptr ? nullptr : A2 + static_cast<int64_t>(r) * sar2, saj2,
-                     B2 == nullptr ? nullptr : B2 + c0, C);
+    // a full block of MR rows, else the last rows one at a time
+    const int r0 = rb * MR, mr = R - r0 < MR ? R - r0 : MR;
+    for (int r = r0; r < r0 + mr; r += (mr == MR ? MR : 1)) {
+      const int64_t o = static_cast<int64_t>(r) * C + c0;
+      const Operand<T> x1{A1 + static_cast<int64_t>(r) * sar1, sar1, saj1, B1 + c0};
+      const Operand<T> x2{A2 == nullptr ? nullptr : A2 + static_cast<int64_t>(r) * sar2, sar2, saj2,
+                          B2 == nullptr ? nullptr : B2 + c0};
+      T* po = out + o;
+      const T* pm = mask == nullptr ? nullptr : mask + o;
+      const T* pb = bias == nullptr ? nullptr : bias + c0;
+      if (mr == MR)
+        combine_piece<V, MR>(po, pm, pb, relu, nv, C, J, x1, x2);
+      else
+        combine_piece<V, 1>(po, pm, pb, relu, nv, C, J, x1, x2);
+    }
   }
 }
 
@@ -290,6 +324,37 @@ MF_HD void mlp_backward(const Ex& ex, const Plan& p, const T* W, const T* X, int
   }
 }
 
+// Cross-entropy of one row of logits z [C] against label; when d != null, d = gs * (softmax(z) -
+// onehot(label)) and pr = softmax(z) (when pr != null).
+template <typename T>
+MF_HD T ce_row(const T* z, int C, int label, T* d, T* pr, T gs) {
+  T m = z[0];
+  for (int c = 1; c < C; ++c) m = mf_max(m, z[c]);
+  T s = T(0);
+  for (int c = 0; c < C; ++c) s += MF_EXP(z[c] - m);
+  if (d != nullptr) {
+    const T invs = T(1) / s;
+    for (int c = 0; c < C; ++c) {
+      const T pc = MF_EXP(z[c] - m) * invs;
+      if (pr != nullptr) pr[c] = pc;
+      d[c] = gs * (pc - (c == label ? T(1) : T(0)));
+    }
+  }
+  return m + MF_LOG(s) - z[label];
+}
+
+// Sum of the cross-entropies of this thread's rows of Z [N, C] (labels y [N]), and their gradients.
+template <typename Ex, typename T>
+MF_HD T ce_rows(const Ex& ex, const T* Z, const int64_t* y, int N, int C, T* dz, T* prob, T gs) {
+  T part = T(0);
+  for (int n = ex.tid; n < N; n += ex.nthreads) {
+    const int64_t o = static_cast<int64_t>(n) * C;
+    part += ce_row(Z + o, C, static_cast<int>(y[n]), dz == nullptr ? nullptr : dz + o,
+                   prob == nullptr ? nullptr : prob + o, gs);
+  }
+  return part;
+}
+
 // Loss of logits Z [N, C] against y and, when dz != null, dz = scale * d loss / d Z (and the softmax
 // into prob for CE when prob != null). Returns the task loss (mean over N*C for MSE, over N for CE).
 template <typename Ex, typename T>
@@ -306,28 +371,8 @@ MF_HD T loss_and_grad(const Ex& ex, int kind, const T* Z, const void* y, int N, 
     }
     part *= inv;
   } else {
-    const int64_t* yy = static_cast<const int64_t*>(y);
-    const T invn = T(1) / static_cast<T>(N);
-    for (int n = ex.tid; n < N; n += ex.nthreads) {
-      const T* z = Z + static_cast<int64_t>(n) * C;
-      T m = z[0];
-      for (int c = 1; c < C; ++c) m = mf_max(m, z[c]);
-      T s = T(0);
-      for (int c = 0; c < C; ++c) s += MF_EXP(z[c] - m);
-      const int label = static_cast<int>(yy[n]);
-      part += m + MF_LOG(s) - z[label];
-      if (dz != nullptr) {
-        const T invs = T(1) / s;
-        T* d = dz + static_cast<int64_t>(n) * C;
-        T* pr = prob == nullptr ? nullptr : prob + static_cast<int64_t>(n) * C;
-        for (int c = 0; c < C; ++c) {
-          const T pc = MF_EXP(z[c] - m) * invs;
-          if (pr != nullptr) pr[c] = pc;
-          d[c] = scale * invn * (pc - (c == label ? T(1) : T(0)));
-        }
-      }
-    }
-    part *= invn;
+    part = ce_rows(ex, Z, static_cast<const int64_t*>(y), N, C, dz, prob, scale / static_cast<T>(N));
+    part *= T(1) / static_cast<T>(N);
   }
   const T total = ex.sum(part);
   ex.sync();
@@ -518,19 +563,6 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
   }
   copy(ex, a.grad_theta, (const T*)Wbar, p.P);
 }
-
-// The CPU execution policy: one thread does all the work of a task.
-struct CpuExec {
-  static constexpr int tid = 0;
-  static constexpr int nthreads = 1;
-  static constexpr int kLanes = 8;
-  template <typename T>
-  // 32 floats / 16 doubles: four AVX2 accumulators per row chunk, enough independent FMA chains
-  static constexpr int vec() { return 128 / static_cast<int>(sizeof(T)); }
-  void sync() const {}
-  template <typename T>
-  T sum(T v) const { return v; }
-};
 
 }  // namespace fused_inner_loop
 }  // namespace metafast

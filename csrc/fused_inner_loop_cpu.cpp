@@ -1,8 +1,8 @@
 // metafast::fused_inner_loop_cxx / fused_inner_loop_backward_cxx: the whole MAML inner loop of an MLP
 // and its exact reverse (see fused_inner_loop.h), as raw ops (no autograd) for the CPU and CUDA
 // dispatch keys. This file holds the schemas, the argument checks shared by both devices, and the
-// CPU launcher: tasks are spread over at::parallel_for, each runs the per-task code with one thread
-// on a thread-local workspace.
+// CPU launcher: task groups (one task per SIMD lane, fused_inner_loop_cpu.h) are spread over
+// at::parallel_for, each runs the per-task code with one thread on a thread-local workspace.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "fused_inner_loop.h"
+#include "fused_inner_loop_cpu.h"
 
 namespace metafast {
 namespace fused_inner_loop {
@@ -51,9 +51,100 @@ T* mut_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
+// Lanes of a task group: task t0 + w in lane w; lanes past the last task repeat it (their results
+// are dropped), so every lane computes on valid data.
+inline int64_t lane_task(int64_t t0, int w, int64_t T) { return t0 + w < T ? t0 + w : T - 1; }
+
+// dst[i] lane w = src[task(w) * stride + i] for i < n
+template <typename S>
+void gather(TaskVec<S>* dst, const S* src, int64_t n, int64_t stride, int64_t t0, int64_t T) {
+  for (int w = 0; w < TaskVec<S>::kW; ++w) {
+    const S* s = src + lane_task(t0, w, T) * stride;
+    for (int64_t i = 0; i < n; ++i) dst[i].v[w] = s[i];
+  }
+}
+
+// int64 labels into [n, kW]
+inline void gather_labels(int64_t* dst, const int64_t* src, int64_t n, int64_t stride, int64_t t0, int64_t T, int W) {
+  for (int w = 0; w < W; ++w) {
+    const int64_t* s = src + lane_task(t0, w, T) * stride;
+    for (int64_t i = 0; i < n; ++i) dst[i * W + w] = s[i];
+  }
+}
+
+// dst[task(w) * stride + i] = src[i] lane w, for the group's real tasks only
+template <typename S>
+void scatter(S* dst, const TaskVec<S>* src, int64_t n, int64_t stride, int64_t t0, int64_t T) {
+  for (int w = 0; w < TaskVec<S>::kW && t0 + w < T; ++w) {
+    S* d = dst + (t0 + w) * stride;
+    for (int64_t i = 0; i < n; ++i) d[i] = src[i].v[w];
+  }
+}
+
+// Every lane = src (theta, lr: the same for every task), in a tensor: ATen's CPU allocations are
+// 64-byte aligned, as the vector loads need.
+template <typename S>
+at::Tensor broadcast(const at::Tensor& src) {
+  at::Tensor out = at::empty({src.numel(), TaskVec<S>::kW}, src.options());
+  const S* s = src.data_ptr<S>();
+  TaskVec<S>* d = reinterpret_cast<TaskVec<S>*>(out.data_ptr<S>());
+  for (int64_t i = 0; i < src.numel(); ++i) d[i] = TaskVec<S>(s[i]);
+  return out;
+}
+
+template <typename S>
+const TaskVec<S>* lanes_of(const at::Tensor& t) {
+  return reinterpret_cast<const TaskVec<S>*>(t.data_ptr<S>());
+}
+
+// A group's interleaved inputs (and outputs), after the task workspace in the same buffer.
+template <typename S>
+struct GroupIO {
+  TaskVec<S> *sx, *qx, *sy, *qy;  // sy / qy: MSE targets (CE labels go to the int64 buffer)
+  TaskVec<S> *a, *b, *c;          // outputs / trajectory: [P], [K * P], [Nq * dL] or [P] (see users)
+  TaskVec<S> *loss;               // [2]
+  int64_t *sl, *ql;               // CE labels [Ns, kW], [Nq, kW]
+  TaskVec<S>* ws;
+
+  GroupIO(const Plan& p) {
+    const int64_t dL = p.d[p.L], mse = p.loss_kind == kMSE;
+    const int64_t n[] = {p.Ns * p.d[0], p.Nq * p.d[0], mse * p.Ns * dL, mse * p.Nq * dL, p.P,
+                         static_cast<int64_t>(p.K) * p.P, p.Nq * dL > p.P ? p.Nq * dL : p.P, 2};
+    int64_t total = p.size;
+    for (int64_t x : n) total += align_up(x);
+    ws = thread_workspace<TaskVec<S>>(total);
+    TaskVec<S>* at = ws + p.size;
+    TaskVec<S>** dst[] = {&sx, &qx, &sy, &qy, &a, &b, &c, &loss};
+    for (int i = 0; i < 8; ++i) {
+      *dst[i] = at;
+      at += align_up(n[i]);
+    }
+    const int64_t nl = mse ? 0 : (p.Ns + p.Nq) * TaskVec<S>::kW;
+    sl = thread_workspace<int64_t>(nl > 0 ? nl : 1);
+    ql = sl + p.Ns * TaskVec<S>::kW;
+  }
+
+  // The group's support / query sets (and labels), interleaved.
+  void load_sets(const Plan& p, const S* sx_p, const void* sy_p, const S* qx_p, const void* qy_p, int64_t t0,
+                 int64_t T) {
+    const int64_t d0 = p.d[0], dL = p.d[p.L];
+    gather(sx, sx_p, p.Ns * d0, p.Ns * d0, t0, T);
+    gather(qx, qx_p, p.Nq * d0, p.Nq * d0, t0, T);
+    if (p.loss_kind == kMSE) {
+      gather(sy, static_cast<const S*>(sy_p), p.Ns * dL, p.Ns * dL, t0, T);
+      gather(qy, static_cast<const S*>(qy_p), p.Nq * dL, p.Nq * dL, t0, T);
+    } else {
+      gather_labels(sl, static_cast<const int64_t*>(sy_p), p.Ns, p.Ns, t0, T, TaskVec<S>::kW);
+      gather_labels(ql, static_cast<const int64_t*>(qy_p), p.Nq, p.Nq, t0, T, TaskVec<S>::kW);
+    }
+  }
+  const void* support_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(sy) : sl; }
+  const void* query_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(qy) : ql; }
+};
+
 // The per-task code is compiled twice: for the baseline ISA of the build and, on x86 with GCC or
-// clang, for AVX2 + FMA (picked at run time; about 1.5x faster on the sinusoid MLP). flatten inlines
-// the whole task into the entry point, so every loop in it is compiled for that entry's ISA.
+// clang, for AVX2 + FMA (picked at run time). flatten inlines the whole task into the entry point, so
+// every loop in it is compiled for that entry's ISA.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MF_CPU_DISPATCH 1
 #define MF_FLATTEN __attribute__((flatten))
@@ -111,36 +202,40 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
                  const at::Tensor& saved) {
   const int64_t T = sx.size(0);
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fused_inner_loop_cxx", [&] {
-    using T_ = scalar_t;
-    const int64_t ysz = p.loss_kind == kMSE ? static_cast<int64_t>(p.d[p.L]) : 1;
-    const int64_t yel = p.loss_kind == kMSE ? static_cast<int64_t>(sizeof(T_)) : static_cast<int64_t>(sizeof(int64_t));
-    const char* sy_b = static_cast<const char*>(sy.data_ptr());
-    const char* qy_b = static_cast<const char*>(qy.data_ptr());
-    const T_* theta_p = theta.data_ptr<T_>();
-    const T_* lr_p = lr.data_ptr<T_>();
-    const T_* sx_p = sx.data_ptr<T_>();
-    const T_* qx_p = qx.data_ptr<T_>();
-    T_* ql_p = query_loss.data_ptr<T_>();
-    T_* sl_p = support_loss.data_ptr<T_>();
-    T_* fast_p = fast.data_ptr<T_>();
-    T_* qout_p = query_out.data_ptr<T_>();
-    T_* saved_p = mut_or_null<T_>(saved);
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      T_* ws = thread_workspace<T_>(p.size);
-      for (int64_t t = begin; t < end; ++t) {
-        FwdTask<T_> a;
-        a.theta = theta_p;
-        a.lr = lr_p;
-        a.sx = sx_p + t * p.Ns * p.d[0];
-        a.sy = sy_b + t * p.Ns * ysz * yel;
-        a.qx = qx_p + t * p.Nq * p.d[0];
-        a.qy = qy_b + t * p.Nq * ysz * yel;
-        a.query_loss = ql_p + t;
-        a.support_loss = sl_p + t;
-        a.fast = fast_p + t * p.P;
-        a.query_out = qout_p + t * p.Nq * p.d[p.L];
-        a.saved = saved_p == nullptr ? nullptr : saved_p + t * p.K * p.P;
-        run_forward_task(p, a, ws);
+    using S = scalar_t;
+    using V = TaskVec<S>;
+    const at::Tensor theta_v = broadcast<S>(theta), lr_v = broadcast<S>(lr);
+    const S* sx_p = sx.data_ptr<S>();
+    const S* qx_p = qx.data_ptr<S>();
+    S* ql_p = query_loss.data_ptr<S>();
+    S* sl_p = support_loss.data_ptr<S>();
+    S* fast_p = fast.data_ptr<S>();
+    S* qout_p = query_out.data_ptr<S>();
+    S* saved_p = mut_or_null<S>(saved);
+    const int64_t nout = p.Nq * p.d[p.L];
+    at::parallel_for(0, (T + V::kW - 1) / V::kW, 1, [&](int64_t begin, int64_t end) {
+      GroupIO<S> io(p);
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t t0 = g * V::kW;
+        io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
+        FwdTask<V> a;
+        a.theta = lanes_of<S>(theta_v);
+        a.lr = lanes_of<S>(lr_v);
+        a.sx = io.sx;
+        a.sy = io.support_y(p);
+        a.qx = io.qx;
+        a.qy = io.query_y(p);
+        a.query_loss = io.loss;
+        a.support_loss = io.loss + 1;
+        a.fast = io.a;
+        a.saved = saved_p == nullptr ? nullptr : io.b;
+        a.query_out = io.c;
+        run_forward_task(p, a, io.ws);
+        scatter(ql_p, io.loss, 1, 1, t0, T);
+        scatter(sl_p, io.loss + 1, 1, 1, t0, T);
+        scatter(fast_p, io.a, p.P, p.P, t0, T);
+        scatter(qout_p, io.c, nout, nout, t0, T);
+        if (saved_p != nullptr) scatter(saved_p, io.b, p.K * p.P, p.K * p.P, t0, T);
       }
     });
   });
@@ -151,32 +246,36 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
                   const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order) {
   const int64_t T = sx.size(0);
   AT_DISPATCH_FLOATING_TYPES(sx.scalar_type(), "fused_inner_loop_backward_cxx", [&] {
-    using T_ = scalar_t;
-    const int64_t ysz = p.loss_kind == kMSE ? static_cast<int64_t>(p.d[p.L]) : 1;
-    const int64_t yel = p.loss_kind == kMSE ? static_cast<int64_t>(sizeof(T_)) : static_cast<int64_t>(sizeof(int64_t));
-    const char* sy_b = static_cast<const char*>(sy.data_ptr());
-    const char* qy_b = static_cast<const char*>(qy.data_ptr());
-    const T_* gq_p = grad_query_loss.data_ptr<T_>();
-    const T_* lr_p = lr.data_ptr<T_>();
-    const T_* sx_p = sx.data_ptr<T_>();
-    const T_* qx_p = qx.data_ptr<T_>();
-    const T_* saved_p = saved.data_ptr<T_>();
-    T_* gt_p = grad_theta_t.data_ptr<T_>();
-    T_* glr_p = mut_or_null<T_>(grad_lr_t);
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      T_* ws = thread_workspace<T_>(p.size);
-      for (int64_t t = begin; t < end; ++t) {
-        BwdTask<T_> a;
-        a.gq = gq_p[t];
-        a.lr = lr_p;
-        a.sx = sx_p + t * p.Ns * p.d[0];
-        a.sy = sy_b + t * p.Ns * ysz * yel;
-        a.qx = qx_p + t * p.Nq * p.d[0];
-        a.qy = qy_b + t * p.Nq * ysz * yel;
-        a.saved = saved_p + t * p.K * p.P;
-        a.grad_theta = gt_p + t * p.P;
-        a.grad_lr = glr_p == nullptr ? nullptr : glr_p + t * p.P;
-        run_backward_task(p, a, first_order, ws);
+    using S = scalar_t;
+    using V = TaskVec<S>;
+    const at::Tensor lr_v = broadcast<S>(lr);
+    const S* gq_p = grad_query_loss.data_ptr<S>();
+    const S* sx_p = sx.data_ptr<S>();
+    const S* qx_p = qx.data_ptr<S>();
+    const S* saved_p = saved.data_ptr<S>();
+    S* gt_p = grad_theta_t.data_ptr<S>();
+    S* glr_p = mut_or_null<S>(grad_lr_t);
+    at::parallel_for(0, (T + V::kW - 1) / V::kW, 1, [&](int64_t begin, int64_t end) {
+      GroupIO<S> io(p);
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t t0 = g * V::kW;
+        io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
+        gather(io.b, saved_p, p.K * p.P, p.K * p.P, t0, T);
+        V gq;
+        gather(&gq, gq_p, 1, 1, t0, T);
+        BwdTask<V> a;
+        a.gq = gq;
+        a.lr = lanes_of<S>(lr_v);
+        a.sx = io.sx;
+        a.sy = io.support_y(p);
+        a.qx = io.qx;
+        a.qy = io.query_y(p);
+        a.saved = io.b;
+        a.grad_theta = io.a;
+        a.grad_lr = glr_p == nullptr ? nullptr : io.c;
+        run_backward_task(p, a, first_order, io.ws);
+        scatter(gt_p, io.a, p.P, p.P, t0, T);
+        if (glr_p != nullptr) scatter(glr_p, io.c, p.P, p.P, t0, T);
       }
     });
   });

@@ -213,6 +213,27 @@ def test_float32(case, per_param):
     check_all(got[:6], want, 2e-4)
 
 
+@pytest.mark.parametrize("dtype, T", [(torch.float64, 9), (torch.float32, 19)], ids=["f64-9", "f32-19"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=ids)
+def test_task_groups_and_threads(dtype, T, case):
+    """The CPU kernel runs tasks in SIMD groups (4 float64 / 8 float32 lanes): several groups, a
+    partly filled last one and two threads give every task its own result."""
+    dims, kind = case
+    args = make_problem(dims, kind, T=T, steps=2, per_param=True)
+    cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = fused(*cast, dims, 2, kind, True, False)
+    finally:
+        torch.set_num_threads(threads)
+    want = reference(*args, dims, 2, kind, True, False)
+    check_all(got[:6], want, TOL if dtype == torch.float64 else 2e-4)
+    # per task, not only in the sum: each task's fast weights and query loss
+    for t in range(T):
+        assert rel_err(got[2][t], want[2][t]) <= (TOL if dtype == torch.float64 else 2e-4), f"task {t}"
+
+
 def test_single_task_and_single_row():
     dims = (2, 3, 1)
     args = make_problem(dims, MSE, T=1, Ns=1, Nq=1, steps=2)
