@@ -125,8 +125,9 @@ class BatchedModel:
                 tape.append((layer, ws, batched, saved, converted))
         return x, layout, tape
 
-    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False):
-        """d(sum_t loss_t)/d(adapted weights) per task, as one [T, Pa] tensor (flat order).
+    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False, flat: bool = True):
+        """d(sum_t loss_t)/d(adapted weights) per task, as one [T, Pa] tensor (flat order), or with
+        ``flat=False`` as its per-parameter pieces [T, n_i].
 
         With ``record_gy`` also returns the gradient entering each tape entry (for the R-operators).
         """
@@ -146,7 +147,7 @@ class BatchedModel:
                 if converted is not None:
                     gy = L.to_g(gy, rc.T) if converted == "g" else L.to_tn(gy, rc.T)
         pieces.reverse()
-        g = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        g = pieces if not flat else pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return (g, gys) if record_gy else g
 
     # -- exact second-order reverse (R-operators) ------------------------------------------------
@@ -157,20 +158,21 @@ class BatchedModel:
     def hvp(self, tape, gys, out, out_layout: str, target, loss, direction, rc: L.RunCtx,
             scale: float = 1.0) -> torch.Tensor:
         """Per-task Hessian-vector products H_t v_t of each task's support loss at the tape's weights,
-        along ``direction`` [T, Pa]: the R-operator (Pearlmutter) of the recorded inner gradient.
+        along ``direction`` (per-parameter pieces [T, n_i] of the adapted weights, in flat order): the
+        R-operator (Pearlmutter) of the recorded inner gradient. Returns pieces alike.
 
         ``out`` is the model output in "tn" layout, ``out_layout`` the layout the tape ended in.
         A tape recorded in lower precision than ``direction`` (mixed precision) runs the layers' R-operators
         in the tape's dtype and the loss's in the direction's; ``gys`` then hold the gradient of
         ``scale`` * loss, so the loss's R-operator is scaled alike and the result divided by it.
         """
-        acc, low = direction.dtype, out.dtype
-        parts = direction.to(low).split(self._slot_sizes[self._first_adapted_slot:], dim=1)
+        acc, low = direction[0].dtype, out.dtype
+        parts = [d.to(low) for d in direction]
         T = rc.T
 
         def rws_of(layer):
             k = self._slot_index[layer.slots[0].offset] - self._first_adapted_slot
-            return [parts[k + i].view(T, *s.shape) for i, s in enumerate(layer.slots)]
+            return [parts[k + i].reshape(T, *s.shape) for i, s in enumerate(layer.slots)]
 
         # R-forward: each layer returns R(y) and what its R-backward needs of this pass
         rx, rsaved, rws_all = None, [], []
@@ -201,11 +203,9 @@ class BatchedModel:
             if need_gx and converted is not None:
                 rgy = L.to_g(rgy, T) if converted == "g" else L.to_tn(rgy, T)
         pieces.reverse()
-        h = torch.cat(pieces, dim=1)
         if low == acc:
-            return h
-        h = h.to(acc)
-        return h / scale if scale != 1 else h
+            return pieces
+        return [h.to(acc) / scale if scale != 1 else h.to(acc) for h in pieces]
 
     @staticmethod
     def output(x, layout: str, T: int):

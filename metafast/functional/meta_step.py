@@ -73,22 +73,29 @@ class MetaStep(torch.autograd.Function):
         rc = ctx.rc
         scale = g_losses.view(-1, *([1] * (ctx.dq.dim() - 1)))
         gq = ctx.dq * scale
-        # the query backward runs in the tape's precision; what it returns is accumulated in float32
-        wbar = engine.backward(ctx.tape_q, gq.to(ctx.records_dtype), ctx.layout_q, rc).to(gq.dtype)
+        # Wbar is kept as per-parameter pieces [T, n_i] (what the layers return and the R-operators take),
+        # so no [T, Pa] tensor is concatenated; the query backward runs in the tape's precision, what it
+        # returns is accumulated in float32
+        wbar = [w.to(gq.dtype) for w in engine.backward(ctx.tape_q, gq.to(ctx.records_dtype), ctx.layout_q, rc,
+                                                         flat=False)]
+        sizes = [w.shape[1] for w in wbar]
         lrbar = None
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
         for k in range(steps - 1, -1, -1):
             tape, gys, out, layout, g = ctx.records[k]
             if lrbar is not None:
-                lrbar -= (wbar * g).sum(0)
+                lrbar -= torch.cat([(w * gk).sum(0) for w, gk in zip(wbar, g.split(sizes, dim=1))])
             if not first_order:
-                lr = ctx.lrs if ctx.lrs is not None else lr_of(k)
-                # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar
-                # low-precision layers get lr * Wbar, the range the inner loss scale was chosen for
-                if torch.is_tensor(lr) or ctx.records_dtype != wbar.dtype:
-                    wbar = wbar - engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, lr * wbar, rc, ctx.scale)
-                else:  # H (lr Wbar) = lr H Wbar: one pass less over [T, Pa]
-                    wbar = torch.add(wbar, engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale),
-                                     alpha=-lr)
-        return wbar.sum(0), lrbar, None, None, None, None, None
+                lrs = ctx.lrs.split(sizes) if ctx.lrs is not None else [lr_of(k)] * len(wbar)
+                # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar.
+                # Low-precision layers get lr * Wbar, the range the inner loss scale was chosen for;
+                # otherwise a scalar lr is applied after H (H (lr Wbar) = lr H Wbar), one pass less.
+                if ctx.lrs is not None or ctx.records_dtype != gq.dtype:
+                    h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, [lr * w for lr, w in zip(lrs, wbar)],
+                                   rc, ctx.scale)
+                    wbar = [w - hk for w, hk in zip(wbar, h)]
+                else:
+                    h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale)
+                    wbar = [torch.add(w, hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
+        return torch.cat([w.sum(0) for w in wbar]), lrbar, None, None, None, None, None
