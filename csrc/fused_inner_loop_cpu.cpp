@@ -55,16 +55,21 @@ T* mut_or_null(const at::Tensor& t) {
 // are dropped), so every lane computes on valid data.
 inline int64_t lane_task(int64_t t0, int w, int64_t T) { return t0 + w < T ? t0 + w : T - 1; }
 
-// dst[i] lane w = src[task(w) * stride + i] for i < n
+// dst[i] lane w = src[task(w) * stride + i] for i < n: one vector store per i, read from W
+// sequential streams.
 template <typename S>
 void gather(TaskVec<S>* dst, const S* src, int64_t n, int64_t stride, int64_t t0, int64_t T) {
-  for (int w = 0; w < TaskVec<S>::kW; ++w) {
-    const S* s = src + lane_task(t0, w, T) * stride;
-    for (int64_t i = 0; i < n; ++i) dst[i].v[w] = s[i];
+  constexpr int W = TaskVec<S>::kW;
+  const S* s[W];
+  for (int w = 0; w < W; ++w) s[w] = src + lane_task(t0, w, T) * stride;
+  for (int64_t i = 0; i < n; ++i) {
+    alignas(32) S x[W];
+    for (int w = 0; w < W; ++w) x[w] = s[w][i];
+    dst[i] = *reinterpret_cast<const TaskVec<S>*>(x);
   }
 }
 
-// int64 labels into [n, kW]
+// int64 labels into [n, W]
 inline void gather_labels(int64_t* dst, const int64_t* src, int64_t n, int64_t stride, int64_t t0, int64_t T, int W) {
   for (int w = 0; w < W; ++w) {
     const int64_t* s = src + lane_task(t0, w, T) * stride;
@@ -72,50 +77,51 @@ inline void gather_labels(int64_t* dst, const int64_t* src, int64_t n, int64_t s
   }
 }
 
-// dst[task(w) * stride + i] = src[i] lane w, for the group's real tasks only
+// dst[task(w) * stride + i] = src[i] lane w, for the group's real tasks only: one vector load per i,
+// written to W sequential streams.
 template <typename S>
 void scatter(S* dst, const TaskVec<S>* src, int64_t n, int64_t stride, int64_t t0, int64_t T) {
-  for (int w = 0; w < TaskVec<S>::kW && t0 + w < T; ++w) {
-    S* d = dst + (t0 + w) * stride;
-    for (int64_t i = 0; i < n; ++i) d[i] = src[i].v[w];
+  constexpr int W = TaskVec<S>::kW;
+  const int nw = T - t0 < W ? static_cast<int>(T - t0) : W;
+  S* d[W];
+  for (int w = 0; w < nw; ++w) d[w] = dst + (t0 + w) * stride;
+  const S* s = reinterpret_cast<const S*>(src);
+  if (nw == W) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int w = 0; w < W; ++w) d[w][i] = s[i * W + w];
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int w = 0; w < nw; ++w) d[w][i] = s[i * W + w];
   }
 }
 
-// Every lane = src (theta, lr: the same for every task), in a tensor: ATen's CPU allocations are
-// 64-byte aligned, as the vector loads need.
+// dst[i] = src[i] in every lane (theta, lr: the same for every task)
 template <typename S>
-at::Tensor broadcast(const at::Tensor& src) {
-  at::Tensor out = at::empty({src.numel(), TaskVec<S>::kW}, src.options());
-  const S* s = src.data_ptr<S>();
-  TaskVec<S>* d = reinterpret_cast<TaskVec<S>*>(out.data_ptr<S>());
-  for (int64_t i = 0; i < src.numel(); ++i) d[i] = TaskVec<S>(s[i]);
-  return out;
-}
-
-template <typename S>
-const TaskVec<S>* lanes_of(const at::Tensor& t) {
-  return reinterpret_cast<const TaskVec<S>*>(t.data_ptr<S>());
+void broadcast(TaskVec<S>* dst, const S* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = TaskVec<S>(src[i]);
 }
 
 // A group's interleaved inputs (and outputs), after the task workspace in the same buffer.
 template <typename S>
 struct GroupIO {
   TaskVec<S> *sx, *qx, *sy, *qy;  // sy / qy: MSE targets (CE labels go to the int64 buffer)
-  TaskVec<S> *a, *b, *c;          // outputs / trajectory: [P], [K * P], [Nq * dL] or [P] (see users)
+  TaskVec<S> *a, *b, *c;          // fast / grad_theta [P]; trajectory [K * P]; query_out / grad_lr
   TaskVec<S> *loss;               // [2]
+  TaskVec<S> *theta, *lr;         // broadcast [P], [K] or [P]
   int64_t *sl, *ql;               // CE labels [Ns, kW], [Nq, kW]
   TaskVec<S>* ws;
 
   GroupIO(const Plan& p) {
     const int64_t dL = p.d[p.L], mse = p.loss_kind == kMSE;
     const int64_t n[] = {p.Ns * p.d[0], p.Nq * p.d[0], mse * p.Ns * dL, mse * p.Nq * dL, p.P,
-                         static_cast<int64_t>(p.K) * p.P, p.Nq * dL > p.P ? p.Nq * dL : p.P, 2};
+                         static_cast<int64_t>(p.K) * p.P, p.Nq * dL > p.P ? p.Nq * dL : p.P, 2, p.P,
+                         p.lr_per_param ? p.P : p.K};
     int64_t total = p.size;
     for (int64_t x : n) total += align_up(x);
     ws = thread_workspace<TaskVec<S>>(total);
     TaskVec<S>* at = ws + p.size;
-    TaskVec<S>** dst[] = {&sx, &qx, &sy, &qy, &a, &b, &c, &loss};
-    for (int i = 0; i < 8; ++i) {
+    TaskVec<S>** dst[] = {&sx, &qx, &sy, &qy, &a, &b, &c, &loss, &theta, &lr};
+    for (int i = 0; i < 10; ++i) {
       *dst[i] = at;
       at += align_up(n[i]);
     }
@@ -204,7 +210,6 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fused_inner_loop_cxx", [&] {
     using S = scalar_t;
     using V = TaskVec<S>;
-    const at::Tensor theta_v = broadcast<S>(theta), lr_v = broadcast<S>(lr);
     const S* sx_p = sx.data_ptr<S>();
     const S* qx_p = qx.data_ptr<S>();
     S* ql_p = query_loss.data_ptr<S>();
@@ -215,12 +220,14 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
     const int64_t nout = p.Nq * p.d[p.L];
     at::parallel_for(0, (T + V::kW - 1) / V::kW, 1, [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
+      broadcast(io.theta, theta.data_ptr<S>(), p.P);
+      broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
         io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
         FwdTask<V> a;
-        a.theta = lanes_of<S>(theta_v);
-        a.lr = lanes_of<S>(lr_v);
+        a.theta = io.theta;
+        a.lr = io.lr;
         a.sx = io.sx;
         a.sy = io.support_y(p);
         a.qx = io.qx;
@@ -248,7 +255,6 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
   AT_DISPATCH_FLOATING_TYPES(sx.scalar_type(), "fused_inner_loop_backward_cxx", [&] {
     using S = scalar_t;
     using V = TaskVec<S>;
-    const at::Tensor lr_v = broadcast<S>(lr);
     const S* gq_p = grad_query_loss.data_ptr<S>();
     const S* sx_p = sx.data_ptr<S>();
     const S* qx_p = qx.data_ptr<S>();
@@ -257,6 +263,7 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
     S* glr_p = mut_or_null<S>(grad_lr_t);
     at::parallel_for(0, (T + V::kW - 1) / V::kW, 1, [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
+      broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
         io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
@@ -265,7 +272,7 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
         gather(&gq, gq_p, 1, 1, t0, T);
         BwdTask<V> a;
         a.gq = gq;
-        a.lr = lanes_of<S>(lr_v);
+        a.lr = io.lr;
         a.sx = io.sx;
         a.sy = io.support_y(p);
         a.qx = io.qx;
