@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Plan p, const T* __re
   a.support_loss = sl + t;
   a.fast = fast + t * p.P;
   a.query_out = qout + t * p.Nq * p.d[p.L];
-  a.saved = saved == nullptr ? nullptr : saved + t * p.K * p.P;
+  a.saved = saved == nullptr ? nullptr : saved + t * p.saved_size;
   forward_task(ex, p, a, ws);
 }
 
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq,
   a.sy = sy + t * p.Ns * ysz;
   a.qx = qx + t * p.Nq * p.d[0];
   a.qy = qy + t * p.Nq * ysz;
-  a.saved = saved + t * p.K * p.P;
+  a.saved = saved + t * p.saved_size;
   a.grad_theta = gt + t * p.P;
   a.grad_lr = glr == nullptr ? nullptr : glr + t * p.P;
   backward_task(ex, p, a, first_order, ws);

@@ -62,6 +62,12 @@ struct Plan {
   int64_t qa[kMaxLayers], qdz[kMaxLayers];
   int64_t prob;                 // CE: softmax of the support logits [Ns, d_L]
   int64_t size;                 // total elements per task
+  // What the forward saves per task for the backward (offsets into the task's saved [saved_size]):
+  // the trajectory W_0..W_{K-1} at k * P, then the last inner step's tape: its gradient G_{K-1}
+  // (tg), the query gradient grad L_q(W_K) (tgq), the support activations and loss gradients (tsa,
+  // tsdz) and the CE softmax (tprob). The backward starts from these instead of recomputing them.
+  int64_t tg, tgq, tsa[kMaxLayers], tsdz[kMaxLayers], tprob;
+  int64_t saved_size;
 };
 
 inline int64_t align_up(int64_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
@@ -108,6 +114,17 @@ inline Plan make_plan(const int64_t* dims, int ndims, int Ns, int Nq, int K, int
   }
   p.prob = take(loss_kind == kCE ? static_cast<int64_t>(Ns) * p.d[p.L] : 0);
   p.size = at;
+  int64_t so = static_cast<int64_t>(K) * p.P;
+  p.tg = so;
+  p.tgq = so + p.P;
+  so += 2 * p.P;
+  for (int l = 1; l <= p.L; ++l) {
+    p.tsa[l - 1] = so;
+    p.tsdz[l - 1] = so + static_cast<int64_t>(Ns) * p.d[l];
+    so += 2 * static_cast<int64_t>(Ns) * p.d[l];
+  }
+  p.tprob = so;
+  p.saved_size = so + (loss_kind == kCE ? static_cast<int64_t>(Ns) * p.d[p.L] : 0);
   return p;
 }
 
@@ -463,6 +480,41 @@ MF_HD void sgd_step(const Ex& ex, const Plan& p, T* dst, const T* W, const T* G,
   }
 }
 
+// (workspace offset, saved offset, length) of the i-th piece of the last inner step's tape: its
+// gradient G, then per layer the support activations and loss gradients, then the CE softmax.
+// Returns false past the last piece.
+MF_HD bool tape_piece(const Plan& p, int i, int64_t& wo, int64_t& so, int64_t& n) {
+  if (i == 0) {
+    wo = p.g, so = p.tg, n = p.P;
+    return true;
+  }
+  const int l = (i - 1) / 2 + 1;
+  if (l <= p.L) {
+    const bool dz = (i - 1) % 2 == 1;
+    wo = dz ? p.sdz[l - 1] : p.sa[l - 1];
+    so = dz ? p.tsdz[l - 1] : p.tsa[l - 1];
+    n = static_cast<int64_t>(p.Ns) * p.d[l];
+    return true;
+  }
+  if (i == 2 * p.L + 1 && p.loss_kind == kCE) {
+    wo = p.prob, so = p.tprob, n = static_cast<int64_t>(p.Ns) * p.d[p.L];
+    return true;
+  }
+  return false;
+}
+
+template <typename Ex, typename T>
+MF_HD void save_tape(const Ex& ex, const Plan& p, const T* ws, T* saved) {
+  int64_t wo, so, n;
+  for (int i = 0; tape_piece(p, i, wo, so, n); ++i) copy(ex, saved + so, ws + wo, n);
+}
+
+template <typename Ex, typename T>
+MF_HD void load_tape(const Ex& ex, const Plan& p, T* ws, const T* saved) {
+  int64_t wo, so, n;
+  for (int i = 0; tape_piece(p, i, wo, so, n); ++i) copy(ex, ws + wo, saved + so, n);
+}
+
 // Per-task inputs and outputs of the forward (t-th slices; outputs may be null when not wanted).
 template <typename T>
 struct FwdTask {
@@ -476,7 +528,7 @@ struct FwdTask {
   T* support_loss;  // scalar
   T* fast;          // [P]
   T* query_out;     // [Nq, dL]
-  T* saved;         // [K, P]: W_0..W_{K-1}, or null
+  T* saved;         // [saved_size] (the trajectory and the last step's tape, see Plan), or null
 };
 
 template <typename Ex, typename T>
@@ -485,15 +537,21 @@ MF_HD void forward_task(const Ex& ex, const Plan& p, const FwdTask<T>& a, T* ws)
   copy(ex, W, a.theta, p.P);
   ex.sync();
   T sl = T(0);
+  const bool save = a.saved != nullptr;
   for (int k = 0; k < p.K; ++k) {
-    if (a.saved != nullptr) copy(ex, a.saved + static_cast<int64_t>(k) * p.P, (const T*)W, p.P);
-    sl = support_pass(ex, p, a.sx, a.sy, ws, true, false);
+    const bool last = k == p.K - 1;
+    if (save) copy(ex, a.saved + static_cast<int64_t>(k) * p.P, (const T*)W, p.P);
+    sl = support_pass(ex, p, a.sx, a.sy, ws, true, save && last && p.loss_kind == kCE);
+    if (save && last) save_tape(ex, p, (const T*)ws, a.saved);  // each thread its own indices
     sgd_step(ex, p, W, W, ws + p.g, a.lr, k);  // elementwise: in place is safe
     ex.sync();
   }
   mlp_forward(ex, p, (const T*)W, ws + p.hv, a.qx, p.Nq, ws, p.qa);
   const int C = p.d[p.L];
-  const T ql = loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, C, (T*)nullptr, (T*)nullptr, T(1));
+  // When saving, the query gradient too (unscaled: the backward multiplies it by grad_query_loss)
+  const T ql = loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, C,
+                             save ? ws + p.qdz[p.L - 1] : (T*)nullptr, (T*)nullptr, T(1));
+  if (save) mlp_backward(ex, p, (const T*)W, a.qx, p.Nq, ws, p.qa, p.qdz, a.saved + p.tgq, true);
   if (a.fast != nullptr) copy(ex, a.fast, (const T*)W, p.P);
   if (a.query_out != nullptr) copy(ex, a.query_out, (const T*)(ws + p.qa[p.L - 1]), static_cast<int64_t>(p.Nq) * C);
   if (ex.tid == 0) {
@@ -510,7 +568,7 @@ struct BwdTask {
   const void* sy;
   const T* qx;
   const void* qy;
-  const T* saved;   // [K, P]
+  const T* saved;   // [saved_size], as the forward saved it
   T* grad_theta;    // [P] (this task's Wbar_0)
   T* grad_lr;       // [P] (this task's share) or null
 };
@@ -524,15 +582,13 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
   T* HV = ws + p.hv;
   const int K = p.K;
   const bool ce_prob = p.loss_kind == kCE && !first_order;
-  // The last inner step again (W_K is not saved), then the query gradient at W_K.
+  // The last inner step's W, tape and gradient, and Wbar_K = gq * grad L_q(W_K), as saved.
   copy(ex, W, a.saved + static_cast<int64_t>(K - 1) * p.P, p.P);
+  load_tape(ex, p, ws, a.saved);
+  for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) Wbar[i] = a.gq * a.saved[p.tgq + i];
   ex.sync();
-  support_pass(ex, p, a.sx, a.sy, ws, true, ce_prob);
-  sgd_step(ex, p, Wq, (const T*)W, (const T*)G, a.lr, K - 1);
+  transpose_weights(ex, p, ws + p.wt, (const T*)W);  // the hvp reads W's transposed weights
   ex.sync();
-  mlp_forward(ex, p, (const T*)Wq, HV, a.qx, p.Nq, ws, p.qa);  // HV is free until the first hvp
-  loss_and_grad(ex, p.loss_kind, ws + p.qa[p.L - 1], a.qy, p.Nq, p.d[p.L], ws + p.qdz[p.L - 1], (T*)nullptr, a.gq);
-  mlp_backward(ex, p, (const T*)Wq, a.qx, p.Nq, ws, p.qa, p.qdz, Wbar, true);
   for (int k = K - 1; k >= 0; --k) {
     const bool need_tape = !first_order || p.lr_per_param;
     if (k < K - 1 && need_tape) {
@@ -570,7 +626,8 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
 // ---------------------------------------------------------------------------------------------
 // Launchers (host). The op functions in fused_inner_loop_cpu.cpp check the arguments, allocate the
 // outputs and call these for the tensors' device. Tensors are contiguous, of one floating dtype
-// (labels int64); saved is [T, K, P].
+// (labels int64); saved holds saved_size elements per task (CUDA: [T, saved_size]; CPU: per task
+// group, lane-interleaved).
 #include <ATen/core/Tensor.h>
 
 namespace metafast {

@@ -105,7 +105,7 @@ void broadcast(TaskVec<S>* dst, const S* src, int64_t n) {
 template <typename S>
 struct GroupIO {
   TaskVec<S> *sx, *qx, *sy, *qy;  // sy / qy: MSE targets (CE labels go to the int64 buffer)
-  TaskVec<S> *a, *b, *c;          // fast / grad_theta [P]; trajectory [K * P]; query_out / grad_lr
+  TaskVec<S> *a, *c;              // fast / grad_theta [P]; query_out / grad_lr
   TaskVec<S> *loss;               // [2]
   TaskVec<S> *theta, *lr;         // broadcast [P], [K] or [P]
   int64_t *sl, *ql;               // CE labels [Ns, kW], [Nq, kW]
@@ -114,14 +114,14 @@ struct GroupIO {
   GroupIO(const Plan& p) {
     const int64_t dL = p.d[p.L], mse = p.loss_kind == kMSE;
     const int64_t n[] = {p.Ns * p.d[0], p.Nq * p.d[0], mse * p.Ns * dL, mse * p.Nq * dL, p.P,
-                         static_cast<int64_t>(p.K) * p.P, p.Nq * dL > p.P ? p.Nq * dL : p.P, 2, p.P,
+                         p.Nq * dL > p.P ? p.Nq * dL : p.P, 2, p.P,
                          p.lr_per_param ? p.P : p.K};
     int64_t total = p.size;
     for (int64_t x : n) total += align_up(x);
     ws = thread_workspace<TaskVec<S>>(total);
     TaskVec<S>* at = ws + p.size;
-    TaskVec<S>** dst[] = {&sx, &qx, &sy, &qy, &a, &b, &c, &loss, &theta, &lr};
-    for (int i = 0; i < 10; ++i) {
+    TaskVec<S>** dst[] = {&sx, &qx, &sy, &qy, &a, &c, &loss, &theta, &lr};
+    for (int i = 0; i < 9; ++i) {
       *dst[i] = at;
       at += align_up(n[i]);
     }
@@ -235,14 +235,14 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
         a.query_loss = io.loss;
         a.support_loss = io.loss + 1;
         a.fast = io.a;
-        a.saved = saved_p == nullptr ? nullptr : io.b;
+        // saved stays in the group's lane layout: only this op's backward reads it
+        a.saved = saved_p == nullptr ? nullptr : reinterpret_cast<V*>(saved_p) + g * p.saved_size;
         a.query_out = io.c;
         run_forward_task(p, a, io.ws);
         scatter(ql_p, io.loss, 1, 1, t0, T);
         scatter(sl_p, io.loss + 1, 1, 1, t0, T);
         scatter(fast_p, io.a, p.P, p.P, t0, T);
         scatter(qout_p, io.c, nout, nout, t0, T);
-        if (saved_p != nullptr) scatter(saved_p, io.b, p.K * p.P, p.K * p.P, t0, T);
       }
     });
   });
@@ -267,7 +267,6 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
         io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
-        gather(io.b, saved_p, p.K * p.P, p.K * p.P, t0, T);
         V gq;
         gather(&gq, gq_p, 1, 1, t0, T);
         BwdTask<V> a;
@@ -277,7 +276,7 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
         a.sy = io.support_y(p);
         a.qx = io.qx;
         a.qy = io.query_y(p);
-        a.saved = io.b;
+        a.saved = reinterpret_cast<const V*>(saved_p) + g * p.saved_size;
         a.grad_theta = io.a;
         a.grad_lr = glr_p == nullptr ? nullptr : io.c;
         run_backward_task(p, a, first_order, io.ws);
@@ -359,6 +358,14 @@ Plan check_and_plan(const at::Tensor& theta, const at::Tensor& lr, const at::Ten
   return p;
 }
 
+// Elements of the opaque saved buffer: saved_size per task, in tasks on CUDA and in whole task
+// groups (lane-interleaved, fused_inner_loop_cpu.h) on the CPU.
+int64_t saved_numel(const Plan& p, int64_t T, const at::Tensor& theta) {
+  if (theta.is_cuda()) return T * p.saved_size;
+  const int64_t W = 32 / static_cast<int64_t>(theta.element_size());
+  return (T + W - 1) / W * W * p.saved_size;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx, const at::Tensor& sy,
     const at::Tensor& qx, const at::Tensor& qy, bool save) {
@@ -368,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forwa
   at::Tensor support_loss = at::empty({T}, opt);
   at::Tensor fast = at::empty({T, p.P}, opt);
   at::Tensor query_out = at::empty({T, p.Nq, p.d[p.L]}, opt);
-  at::Tensor saved = save ? at::empty({T, p.K, p.P}, opt) : at::empty({0}, opt);
+  at::Tensor saved = at::empty({save ? saved_numel(p, T, theta) : 0}, opt);
   if (T > 0) {
     if (theta.is_cuda())
       forward_cuda(p, theta, lr, sx, sy, qx, qy, query_loss, support_loss, fast, query_out, saved);
@@ -402,14 +409,15 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
               "], got ", grad_query_loss.sizes());
   at::Tensor traj = saved;
   if (!saved.defined() || saved.numel() == 0) {
-    // Nothing saved: recompute the trajectory W_0..W_{K-1}.
+    // Nothing saved: run the forward again for what it saves.
     traj = std::get<4>(run_forward(p, theta, lr, sx, sy, qx, qy, true));
   } else {
     CHECK_DTYPE(saved, theta.scalar_type());
     CHECK_CONTIGUOUS(saved);
     TORCH_CHECK(saved.device() == theta.device(), "saved must be on ", theta.device(), ", got ", saved.device());
-    TORCH_CHECK(saved.dim() == 3 && saved.size(0) == T && saved.size(1) == steps && saved.size(2) == p.P,
-                "saved must be empty or [T, steps, P] = [", T, ", ", steps, ", ", p.P, "], got ", saved.sizes());
+    TORCH_CHECK(saved.dim() == 1 && saved.numel() == saved_numel(p, T, theta),
+                "saved must be empty or the forward's saved output for these shapes (", saved_numel(p, T, theta),
+                " elements), got ", saved.sizes());
   }
   const auto opt = theta.options();
   at::Tensor gt = at::empty({T, p.P}, opt);
@@ -431,12 +439,14 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
 }  // namespace metafast
 
 TORCH_LIBRARY_FRAGMENT(metafast, m) {
-  // (query_loss [T], support_loss [T], fast [T, P], query_out [T, Nq, dL], saved [T, K, P] or empty)
+  // (query_loss [T], support_loss [T], fast [T, P], query_out [T, Nq, dL], saved or empty); saved is
+  // a 1-D buffer for the backward: per task the trajectory W_0..W_{K-1} and the last inner step's
+  // tape (see Plan), laid out as the device's kernel runs tasks.
   m.def(
       "fused_inner_loop_cxx(Tensor theta, Tensor lr, Tensor sx, Tensor sy, Tensor qx, Tensor qy, "
       "int[] dims, int steps, int loss_kind, bool lr_per_param, bool save_for_backward) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // (grad_theta [P], grad_lr [P] or empty); saved may be empty (the trajectory is recomputed).
+  // (grad_theta [P], grad_lr [P] or empty); saved may be empty (the forward is run again).
   m.def(
       "fused_inner_loop_backward_cxx(Tensor grad_query_loss, Tensor theta, Tensor lr, Tensor sx, "
       "Tensor sy, Tensor qx, Tensor qy, Tensor saved, int[] dims, int steps, int loss_kind, "

@@ -181,6 +181,8 @@ def _compare_backend(backend_fwd, backend_bwd, case, steps, mode, dtype, device=
     names = ["query_loss", "support_loss", "fast", "query_out", "saved", "grad_theta", "grad_lr"]
     for name, a, e in zip(names, got, expect):
         assert a.dtype == dtype and a.device.type == torch.device(device).type, name
+        if name == "saved" and a.dim() == 1:  # the C++ op's own opaque layout (its tests cover it)
+            continue
         assert a.shape == e.shape, f"{name}: {tuple(a.shape)} != {tuple(e.shape)}"
         if e.numel():
             assert rel_err(a.cpu(), e) <= tol, f"{name}: rel. err {rel_err(a.cpu(), e):.3g}"

@@ -259,8 +259,27 @@ def _fwd_op(theta: Tensor, lr: Tensor, sx: Tensor, sy: Tensor, qx: Tensor, qy: T
 @_fwd_op.register_fake
 def _(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_backward, first_order, backend):
     T, Nq, P = sx.shape[0], qx.shape[1], theta.shape[0]
-    saved = theta.new_empty((T, steps, P) if save_for_backward else (0,))
+    if not save_for_backward:
+        saved = theta.new_empty(0)
+    elif backend == "cuda":
+        saved = theta.new_empty(_cxx_saved_numel(dims, T, sx.shape[1], steps, loss_kind, theta))
+    else:
+        saved = theta.new_empty(T, steps, P)
     return (theta.new_empty(T), theta.new_empty(T), theta.new_empty(T, P), theta.new_empty(T, Nq, dims[-1]), saved)
+
+
+def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, theta: Tensor) -> int:
+    """Elements of the C++ op's opaque saved output (csrc/fused_inner_loop.h, Plan): per task the
+    trajectory W_0..W_{K-1}, the last inner step's gradient, the query gradient, the support
+    activations and loss gradients, and the softmax for cross-entropy; on the CPU for whole task
+    groups of 32 bytes' worth of lanes."""
+    P = _num_params(dims)
+    per_task = ((steps + 2) * P + 2 * Ns * sum(dims[1:])
+                + (Ns * dims[-1] if loss_kind == LOSS_KINDS["cross_entropy"] else 0))
+    if theta.device.type == "cuda":
+        return T * per_task
+    lanes = 32 // theta.element_size()
+    return -(-T // lanes) * lanes * per_task
 
 
 @torch.library.custom_op("metafast::fused_inner_loop_backward", mutates_args=())
@@ -317,6 +336,7 @@ class _EagerFusedInnerLoop(torch.autograd.Function):
         ctx.save_for_backward(theta, lr, sx, sy, qx, qy, out[4])
         ctx.cfg = cfg
         ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient ([T, P] fast...)
         return out
 
     @staticmethod
@@ -429,7 +449,24 @@ def _check(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Tuple[List[int], int
     else:
         raise TypeError(f"{where}: lr must be a float, a list of {steps} floats or a [P] tensor, "
                         f"got {type(lr).__name__}")
-    return dims, steps, kind, torch.tensor(rates, dtype=dtype, device=device), False
+    return dims, steps, kind, _rates_tensor(tuple(rates), dtype, device), False
+
+
+_RATES: dict = {}
+
+
+def _rates_tensor(rates: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The per-step rates as a tensor, made once per (rates, dtype, device): a host-to-device copy
+    per meta-step would cost as much as a small fused step."""
+    if torch.compiler.is_compiling():  # a traced constant, not a global cache
+        return torch.tensor(rates, dtype=dtype, device=device)
+    key = (rates, dtype, device)
+    t = _RATES.get(key)
+    if t is None:
+        if len(_RATES) > 64:
+            _RATES.clear()
+        t = _RATES[key] = torch.tensor(rates, dtype=dtype, device=device)
+    return t
 
 
 def fused_inner_loop(theta: Tensor, lr: LrArg, support_x: Tensor, support_y: Tensor, query_x: Tensor,
