@@ -156,7 +156,7 @@ class BatchedModel:
         return self.adapt_from == 0 and all(hasattr(layer, "rforward") for layer in self.layers)
 
     def hvp(self, tape, gys, out, out_layout: str, target, loss, direction, rc: L.RunCtx,
-            scale: float = 1.0) -> torch.Tensor:
+            scale: float = 1.0) -> List[torch.Tensor]:
         """Per-task Hessian-vector products H_t v_t of each task's support loss at the tape's weights,
         along ``direction`` (per-parameter pieces [T, n_i] of the adapted weights, in flat order): the
         R-operator (Pearlmutter) of the recorded inner gradient. Returns pieces alike.
