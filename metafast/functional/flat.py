@@ -29,12 +29,8 @@ class _ThetaView(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grads, offset = [], 0
-        for shape in ctx.shapes:
-            n = shape.numel()
-            grads.append(grad[offset:offset + n].view(shape))
-            offset += n
-        return (None, *grads)
+        pieces = grad.split([s.numel() for s in ctx.shapes])  # one op for all the views
+        return (None, *[g.view(s) for g, s in zip(pieces, ctx.shapes)])
 
 
 class FlatParams:
