@@ -341,14 +341,14 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
         return steps
 
-    def _check_x(self, x, name: str) -> None:
+    def _check_x(self, x, name: str, ref: Optional[torch.Tensor] = None) -> None:
         if not torch.is_tensor(x):
             raise TypeError(f"{name}: expected a tensor [T, N, ...], got {type(x).__name__}")
         if x.dim() < 2:
             raise ValueError(f"{name}: expected a tensor [T, N, ...] with a leading task dim, got shape {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise ValueError(f"{name}: is empty (shape {tuple(x.shape)}): every task needs at least one sample")
-        ref = self._flat.ensure_bound()
+        ref = self._flat.ensure_bound() if ref is None else ref
         if x.device != ref.device:
             raise ValueError(f"{name}: is on {x.device}, the model is on {ref.device}")
         if x.is_floating_point() and x.dtype != ref.dtype:
@@ -361,7 +361,8 @@ class BatchedMAML(nn.Module):
         for name, t in pairs:
             if not torch.is_tensor(t):
                 raise TypeError(f"{name}: expected a tensor with a leading task dim, got {type(t).__name__}")
-        self._check_x(sx, "support_x")
+        ref = self._flat.ensure_bound()
+        self._check_x(sx, "support_x", ref)
         T = sx.shape[0]
         for name, t in pairs[1:]:
             if t.dim() < 1 or t.shape[0] != T:
@@ -370,7 +371,7 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"support_y: expected {sx.shape[1]} targets per task (support_x.shape[1]), "
                              f"got shape {tuple(sy.shape)}")
         if qx is not None:
-            self._check_x(qx, "query_x")
+            self._check_x(qx, "query_x", ref)
             if qy.dim() < 2 or qy.shape[1] != qx.shape[1]:
                 raise ValueError(f"query_y: expected {qx.shape[1]} targets per task (query_x.shape[1]), "
                                  f"got shape {tuple(qy.shape)}")

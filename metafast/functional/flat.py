@@ -73,13 +73,13 @@ class FlatParams:
                 buffer[slot.offset:slot.offset + slot.numel].copy_(p.reshape(-1))
                 p.data = buffer[slot.offset:slot.offset + slot.numel].view(slot.shape)
         self.buffer = buffer
+        self._ptrs = [p.data_ptr() for p in self.params]
 
     def is_bound(self) -> bool:
-        b = self.buffer
-        if b is None or any(p.device != b.device or p.dtype != b.dtype for p in self.params):
-            return False
-        base, size = b.data_ptr(), b.element_size()
-        return all(p.data_ptr() == base + s.offset * size and p.is_contiguous() for s, p in zip(self.slots, self.params))
+        # module.to(), .double() or an assignment to .data give a parameter fresh storage, so every
+        # parameter must still start where rebind() put it (checked once per meta-step: keep it cheap)
+        return (self.buffer is not None and [p.data_ptr() for p in self.params] == self._ptrs
+                and all(p.is_contiguous() for p in self.params))
 
     def ensure_bound(self) -> torch.Tensor:
         """The buffer, rebuilt first if the parameters moved to new storage."""
