@@ -10,6 +10,7 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <tuple>
@@ -95,6 +96,18 @@ void scatter(S* dst, const TaskVec<S>* src, int64_t n, int64_t stride, int64_t t
   }
 }
 
+// dst[i] = sum of src[i] over the group's real tasks, in lane order (deterministic)
+template <typename S>
+void sum_lanes(S* dst, const TaskVec<S>* src, int64_t n, int64_t t0, int64_t T) {
+  constexpr int W = TaskVec<S>::kW;
+  const int nw = T - t0 < W ? static_cast<int>(T - t0) : W;
+  for (int64_t i = 0; i < n; ++i) {
+    S acc = S(0);
+    for (int w = 0; w < nw; ++w) acc += src[i].v[w];
+    dst[i] = acc;
+  }
+}
+
 // dst[i] = src[i] in every lane (theta, lr: the same for every task)
 template <typename S>
 void broadcast(TaskVec<S>* dst, const S* src, int64_t n) {
@@ -147,6 +160,14 @@ struct GroupIO {
   const void* support_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(sy) : sl; }
   const void* query_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(qy) : ql; }
 };
+
+// Task groups per parallel chunk: a chunk under ~1M multiply-adds (a few hundred microseconds) costs
+// more in thread hand-off than a second thread gives back (the 25-task sinusoid step, 4 groups, ran
+// slower on 2 threads than on 1).
+int64_t group_grain(const Plan& p) {
+  const int64_t work = 3 * p.P * (p.K + 1) * (static_cast<int64_t>(p.Ns) + p.Nq);
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(work, 1));
+}
 
 // The per-task code is compiled twice: for the baseline ISA of the build and, on x86 with GCC or
 // clang, for AVX2 + FMA (picked at run time). flatten inlines the whole task into the entry point, so
@@ -218,7 +239,7 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
     S* qout_p = query_out.data_ptr<S>();
     S* saved_p = mut_or_null<S>(saved);
     const int64_t nout = p.Nq * p.d[p.L];
-    at::parallel_for(0, (T + V::kW - 1) / V::kW, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, (T + V::kW - 1) / V::kW, group_grain(p), [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
       broadcast(io.theta, theta.data_ptr<S>(), p.P);
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
@@ -261,7 +282,7 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
     const S* saved_p = saved.data_ptr<S>();
     S* gt_p = grad_theta_t.data_ptr<S>();
     S* glr_p = mut_or_null<S>(grad_lr_t);
-    at::parallel_for(0, (T + V::kW - 1) / V::kW, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, (T + V::kW - 1) / V::kW, group_grain(p), [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
@@ -280,8 +301,8 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
         a.grad_theta = io.a;
         a.grad_lr = glr_p == nullptr ? nullptr : io.c;
         run_backward_task(p, a, first_order, io.ws);
-        scatter(gt_p, io.a, p.P, p.P, t0, T);
-        if (glr_p != nullptr) scatter(glr_p, io.c, p.P, p.P, t0, T);
+        sum_lanes(gt_p + g * p.P, io.a, p.P, t0, T);
+        if (glr_p != nullptr) sum_lanes(glr_p + g * p.P, io.c, p.P, t0, T);
       }
     });
   });
@@ -358,12 +379,17 @@ Plan check_and_plan(const at::Tensor& theta, const at::Tensor& lr, const at::Ten
   return p;
 }
 
+// Task groups of the CPU launcher: 32 bytes' worth of tasks each (fused_inner_loop_cpu.h).
+int64_t cpu_groups(int64_t T, const at::Tensor& theta) {
+  const int64_t W = 32 / static_cast<int64_t>(theta.element_size());
+  return (T + W - 1) / W;
+}
+
 // Elements of the opaque saved buffer: saved_size per task, in tasks on CUDA and in whole task
 // groups (lane-interleaved, fused_inner_loop_cpu.h) on the CPU.
 int64_t saved_numel(const Plan& p, int64_t T, const at::Tensor& theta) {
   if (theta.is_cuda()) return T * p.saved_size;
-  const int64_t W = 32 / static_cast<int64_t>(theta.element_size());
-  return (T + W - 1) / W * W * p.saved_size;
+  return cpu_groups(T, theta) * (32 / static_cast<int64_t>(theta.element_size())) * p.saved_size;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
@@ -420,15 +446,17 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
                 " elements), got ", saved.sizes());
   }
   const auto opt = theta.options();
-  at::Tensor gt = at::empty({T, p.P}, opt);
-  at::Tensor glr_t = lr_per_param ? at::empty({T, p.P}, opt) : at::Tensor();
+  // per-task shares on CUDA, per task group on the CPU (its launcher sums a group's lanes)
+  const int64_t rows = theta.is_cuda() ? T : cpu_groups(T, theta);
+  at::Tensor gt = at::empty({rows, p.P}, opt);
+  at::Tensor glr_t = lr_per_param ? at::empty({rows, p.P}, opt) : at::Tensor();
   if (T > 0) {
     if (theta.is_cuda())
       backward_cuda(p, grad_query_loss, lr, sx, sy, qx, qy, traj, gt, glr_t, first_order);
     else
       backward_cpu(p, grad_query_loss, lr, sx, sy, qx, qy, traj, gt, glr_t, first_order);
   }
-  // Per-task shares summed here (deterministic, unlike atomics across blocks).
+  // The shares summed here (deterministic, unlike atomics across blocks).
   at::Tensor grad_theta = at::sum(gt, {0});
   at::Tensor grad_lr = lr_per_param ? at::sum(glr_t, {0}) : at::empty({0}, opt);
   return {grad_theta, grad_lr};
