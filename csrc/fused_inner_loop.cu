@@ -72,8 +72,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Plan p, const T* __re
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq, const T* lr, const T* sx,
-                                                            const char* sy, const T* qx, const char* qy,
-                                                            const T* saved, T* gt, T* glr, T* gscratch,
+                                                            const char* sy, const T* saved, T* gt, T* glr, T* gscratch,
                                                             int64_t ysz, bool first_order) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ double red[kWarps];
@@ -85,8 +84,6 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq,
   a.lr = lr;
   a.sx = sx + t * p.Ns * p.d[0];
   a.sy = sy + t * p.Ns * ysz;
-  a.qx = qx + t * p.Nq * p.d[0];
-  a.qy = qy + t * p.Nq * ysz;
   a.saved = saved + t * p.saved_size;
   a.grad_theta = gt + t * p.P;
   a.grad_lr = glr == nullptr ? nullptr : glr + t * p.P;
@@ -139,7 +136,7 @@ void forward_cuda(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, 
 }
 
 void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                   const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& saved,
+                   const at::Tensor& sy, const at::Tensor& saved,
                    const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order) {
   const c10::cuda::CUDAGuard guard(sx.device());
   const int64_t T = sx.size(0);
@@ -152,8 +149,7 @@ void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::T
     const int64_t ysz = label_stride(p, p.loss_kind == kMSE ? sizeof(scalar_t) : sizeof(int64_t));
     kernel<<<static_cast<unsigned>(T), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         p, grad_query_loss.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(),
-        static_cast<const char*>(sy.data_ptr()), qx.data_ptr<scalar_t>(), static_cast<const char*>(qy.data_ptr()),
-        saved.data_ptr<scalar_t>(), grad_theta_t.data_ptr<scalar_t>(),
+        static_cast<const char*>(sy.data_ptr()), saved.data_ptr<scalar_t>(), grad_theta_t.data_ptr<scalar_t>(),
         grad_lr_t.defined() ? grad_lr_t.data_ptr<scalar_t>() : nullptr, smem == 0 ? scratch.data_ptr<scalar_t>() : nullptr,
         ysz, first_order);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

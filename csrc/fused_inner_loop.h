@@ -566,9 +566,7 @@ struct BwdTask {
   const T* lr;
   const T* sx;
   const void* sy;
-  const T* qx;
-  const void* qy;
-  const T* saved;   // [saved_size], as the forward saved it
+  const T* saved;   // [saved_size], as the forward saved it (the query set's part included)
   T* grad_theta;    // [P] (this task's Wbar_0)
   T* grad_lr;       // [P] (this task's share) or null
 };
@@ -638,14 +636,14 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
                  const at::Tensor& support_loss, const at::Tensor& fast, const at::Tensor& query_out,
                  const at::Tensor& saved);
 void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                  const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& saved,
+                  const at::Tensor& sy, const at::Tensor& saved,
                   const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order);
 void forward_cuda(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx,
                   const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& query_loss,
                   const at::Tensor& support_loss, const at::Tensor& fast, const at::Tensor& query_out,
                   const at::Tensor& saved);
 void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                   const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& saved,
+                   const at::Tensor& sy, const at::Tensor& saved,
                    const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order);
 
 }  // namespace fused_inner_loop

@@ -43,11 +43,6 @@ T* thread_workspace(int64_t n) {
 }
 
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 T* mut_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
@@ -87,13 +82,8 @@ void scatter(S* dst, const TaskVec<S>* src, int64_t n, int64_t stride, int64_t t
   S* d[W];
   for (int w = 0; w < nw; ++w) d[w] = dst + (t0 + w) * stride;
   const S* s = reinterpret_cast<const S*>(src);
-  if (nw == W) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int w = 0; w < W; ++w) d[w][i] = s[i * W + w];
-  } else {
-    for (int64_t i = 0; i < n; ++i)
-      for (int w = 0; w < nw; ++w) d[w][i] = s[i * W + w];
-  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int w = 0; w < nw; ++w) d[w][i] = s[i * W + w];
 }
 
 // dst[i] = sum of src[i] over the group's real tasks, in lane order (deterministic)
@@ -143,23 +133,29 @@ struct GroupIO {
     ql = sl + p.Ns * TaskVec<S>::kW;
   }
 
-  // The group's support / query sets (and labels), interleaved.
-  void load_sets(const Plan& p, const S* sx_p, const void* sy_p, const S* qx_p, const void* qy_p, int64_t t0,
-                 int64_t T) {
+  // A group's N-row set x / y (MSE targets or CE labels) into x_dst and y_dst / labels, interleaved.
+  void load_set(const Plan& p, int64_t N, const S* x_p, const void* y_p, TaskVec<S>* x_dst, TaskVec<S>* y_dst,
+                int64_t* labels, int64_t t0, int64_t T) {
     const int64_t d0 = p.d[0], dL = p.d[p.L];
-    gather(sx, sx_p, p.Ns * d0, p.Ns * d0, t0, T);
-    gather(qx, qx_p, p.Nq * d0, p.Nq * d0, t0, T);
-    if (p.loss_kind == kMSE) {
-      gather(sy, static_cast<const S*>(sy_p), p.Ns * dL, p.Ns * dL, t0, T);
-      gather(qy, static_cast<const S*>(qy_p), p.Nq * dL, p.Nq * dL, t0, T);
-    } else {
-      gather_labels(sl, static_cast<const int64_t*>(sy_p), p.Ns, p.Ns, t0, T, TaskVec<S>::kW);
-      gather_labels(ql, static_cast<const int64_t*>(qy_p), p.Nq, p.Nq, t0, T, TaskVec<S>::kW);
-    }
+    gather(x_dst, x_p, N * d0, N * d0, t0, T);
+    if (p.loss_kind == kMSE)
+      gather(y_dst, static_cast<const S*>(y_p), N * dL, N * dL, t0, T);
+    else
+      gather_labels(labels, static_cast<const int64_t*>(y_p), N, N, t0, T, TaskVec<S>::kW);
+  }
+  void load_support(const Plan& p, const S* sx_p, const void* sy_p, int64_t t0, int64_t T) {
+    load_set(p, p.Ns, sx_p, sy_p, sx, sy, sl, t0, T);
+  }
+  void load_query(const Plan& p, const S* qx_p, const void* qy_p, int64_t t0, int64_t T) {
+    load_set(p, p.Nq, qx_p, qy_p, qx, qy, ql, t0, T);
   }
   const void* support_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(sy) : sl; }
   const void* query_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(qy) : ql; }
 };
+
+// Task groups of the CPU launcher: 32 bytes' worth of tasks each (fused_inner_loop_cpu.h).
+int64_t cpu_lanes(const at::Tensor& theta) { return 32 / static_cast<int64_t>(theta.element_size()); }
+int64_t cpu_groups(int64_t T, const at::Tensor& theta) { return (T + cpu_lanes(theta) - 1) / cpu_lanes(theta); }
 
 // Task groups per parallel chunk: a chunk under ~1M multiply-adds (a few hundred microseconds) costs
 // more in thread hand-off than a second thread gives back (the 25-task sinusoid step, 4 groups, ran
@@ -239,13 +235,14 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
     S* qout_p = query_out.data_ptr<S>();
     S* saved_p = mut_or_null<S>(saved);
     const int64_t nout = p.Nq * p.d[p.L];
-    at::parallel_for(0, (T + V::kW - 1) / V::kW, group_grain(p), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, cpu_groups(T, sx), group_grain(p), [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
       broadcast(io.theta, theta.data_ptr<S>(), p.P);
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
-        io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
+        io.load_support(p, sx_p, sy.data_ptr(), t0, T);
+        io.load_query(p, qx_p, qy.data_ptr(), t0, T);
         FwdTask<V> a;
         a.theta = io.theta;
         a.lr = io.lr;
@@ -270,7 +267,7 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
 }
 
 void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                  const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& saved,
+                  const at::Tensor& sy, const at::Tensor& saved,
                   const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order) {
   const int64_t T = sx.size(0);
   AT_DISPATCH_FLOATING_TYPES(sx.scalar_type(), "fused_inner_loop_backward_cxx", [&] {
@@ -278,16 +275,15 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
     using V = TaskVec<S>;
     const S* gq_p = grad_query_loss.data_ptr<S>();
     const S* sx_p = sx.data_ptr<S>();
-    const S* qx_p = qx.data_ptr<S>();
     const S* saved_p = saved.data_ptr<S>();
     S* gt_p = grad_theta_t.data_ptr<S>();
     S* glr_p = mut_or_null<S>(grad_lr_t);
-    at::parallel_for(0, (T + V::kW - 1) / V::kW, group_grain(p), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, cpu_groups(T, sx), group_grain(p), [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
-        io.load_sets(p, sx_p, sy.data_ptr(), qx_p, qy.data_ptr(), t0, T);
+        io.load_support(p, sx_p, sy.data_ptr(), t0, T);  // the query set's part is in saved
         V gq;
         gather(&gq, gq_p, 1, 1, t0, T);
         BwdTask<V> a;
@@ -295,8 +291,6 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
         a.lr = io.lr;
         a.sx = io.sx;
         a.sy = io.support_y(p);
-        a.qx = io.qx;
-        a.qy = io.query_y(p);
         a.saved = reinterpret_cast<const V*>(saved_p) + g * p.saved_size;
         a.grad_theta = io.a;
         a.grad_lr = glr_p == nullptr ? nullptr : io.c;
@@ -379,17 +373,11 @@ Plan check_and_plan(const at::Tensor& theta, const at::Tensor& lr, const at::Ten
   return p;
 }
 
-// Task groups of the CPU launcher: 32 bytes' worth of tasks each (fused_inner_loop_cpu.h).
-int64_t cpu_groups(int64_t T, const at::Tensor& theta) {
-  const int64_t W = 32 / static_cast<int64_t>(theta.element_size());
-  return (T + W - 1) / W;
-}
-
 // Elements of the opaque saved buffer: saved_size per task, in tasks on CUDA and in whole task
 // groups (lane-interleaved, fused_inner_loop_cpu.h) on the CPU.
 int64_t saved_numel(const Plan& p, int64_t T, const at::Tensor& theta) {
   if (theta.is_cuda()) return T * p.saved_size;
-  return cpu_groups(T, theta) * (32 / static_cast<int64_t>(theta.element_size())) * p.saved_size;
+  return cpu_groups(T, theta) * cpu_lanes(theta) * p.saved_size;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
@@ -452,9 +440,9 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
   at::Tensor glr_t = lr_per_param ? at::empty({rows, p.P}, opt) : at::Tensor();
   if (T > 0) {
     if (theta.is_cuda())
-      backward_cuda(p, grad_query_loss, lr, sx, sy, qx, qy, traj, gt, glr_t, first_order);
+      backward_cuda(p, grad_query_loss, lr, sx, sy, traj, gt, glr_t, first_order);
     else
-      backward_cpu(p, grad_query_loss, lr, sx, sy, qx, qy, traj, gt, glr_t, first_order);
+      backward_cpu(p, grad_query_loss, lr, sx, sy, traj, gt, glr_t, first_order);
   }
   // The shares summed here (deterministic, unlike atomics across blocks).
   at::Tensor grad_theta = at::sum(gt, {0});

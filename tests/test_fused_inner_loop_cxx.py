@@ -229,7 +229,7 @@ def test_task_groups_and_threads(dtype, T, case):
         torch.set_num_threads(threads)
     want = reference(*args, dims, 2, kind, True, False)
     check_all(got[:6], want, TOL if dtype == torch.float64 else 2e-4)
-    # per task, not only in the sum: each task's fast weights and query loss
+    # per task, not only in the sum: each task's fast weights
     for t in range(T):
         assert rel_err(got[2][t], want[2][t]) <= (TOL if dtype == torch.float64 else 2e-4), f"task {t}"
 
