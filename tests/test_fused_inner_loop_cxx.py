@@ -170,6 +170,68 @@ def test_float64_matches_autograd(case, steps, first_order, per_param):
         assert rel_err(fo[4], want[4]) > 1e3 * TOL
 
 
+
+# metafast::fused_inner_loop_autograd: the eager op as one C++ autograd node over a flat buffer and its
+# parameter views (what BatchedMAML passes).
+def _views(theta, dims):
+    """A flat leaf buffer's worth of parameters: (buffer, [W_1, b_1, ...] leaves viewing it)."""
+    buf = theta.detach().clone()
+    params = [torch.nn.Parameter(t) for pair in unflatten(buf, dims) for t in pair]
+    return buf, params
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[7]], ids=ids)
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("per_param", [False, True], ids=["lr", "metasgd"])
+def test_autograd_op_gives_each_parameter_its_gradient(case, first_order, per_param):
+    dims, kind = case
+    theta, lr, sx, sy, qx, qy, gq = make_problem(dims, kind, steps=2, per_param=per_param)
+    T = sx.shape[0]
+    buf, params = _views(theta, dims)
+    lr_in = lr.clone().requires_grad_(per_param) if per_param else lr.tolist()
+    loss = "mse" if kind == MSE else "cross_entropy"
+    mean, r = fil.fused_meta_loss(buf, params, lr_in, sx, sy, qx, qy, dims, 2, loss, first_order=first_order)
+    # a loss using both differentiable outputs: the mean and the per-task losses
+    (0.5 * mean + (gq * r.query_loss).sum()).backward()
+    want = reference(theta, lr, sx, sy, qx, qy, gq + 0.5 / T, dims, 2, kind, per_param, first_order)
+    check_all((r.query_loss.detach(), r.support_loss, r.fast, r.query_out), want[:4], TOL)
+    assert abs(mean.item() - want[0].mean().item()) <= TOL * abs(want[0].mean().item())
+    got_g = torch.cat([p.grad.reshape(-1) for p in params])
+    assert rel_err(got_g, want[4]) <= TOL
+    assert all(p.grad.shape == p.shape for p in params)
+    if per_param:
+        assert rel_err(lr_in.grad, want[5]) <= TOL
+
+
+def test_autograd_op_gradcheck_and_no_double_backward():
+    dims, kind = (2, 5, 3), CE
+    theta, lr, sx, sy, qx, qy, _ = make_problem(dims, kind, T=2, Ns=3, Nq=2, steps=2, per_param=True)
+    th = theta.clone().requires_grad_(True)
+    lr = lr.clone().requires_grad_(True)
+
+    def f(th, lr):
+        mean, r = fil.fused_meta_loss(th, [th], lr, sx, sy, qx, qy, dims, 2, "cross_entropy")
+        return mean, r.query_loss
+
+    assert torch.autograd.gradcheck(f, (th, lr))
+    # the public op on the extension takes the same node (theta as its own parameter)
+    ql = fil.fused_inner_loop(th, lr, sx, sy, qx, qy, dims, 2, "cross_entropy", backend="cuda").query_loss
+    (g,) = torch.autograd.grad(ql.sum(), th, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(g.sum(), th)
+
+
+def test_autograd_op_errors_and_no_grad():
+    dims, kind = CASES[1]
+    theta, lr, sx, sy, qx, qy, _ = make_problem(dims, kind)
+    buf, params = _views(theta, dims)
+    with pytest.raises(RuntimeError, match="params must hold theta's"):
+        fil.fused_meta_loss(buf, params[:-1], lr.tolist(), sx, sy, qx, qy, dims, 1, "mse")
+    with torch.no_grad():
+        mean, r = fil.fused_meta_loss(buf, params, lr.tolist(), sx, sy, qx, qy, dims, 1, "mse")
+    assert not mean.requires_grad and not r.query_loss.requires_grad
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[7]], ids=ids)
 def test_recompute_without_saved(case):
     dims, kind = case

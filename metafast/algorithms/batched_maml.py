@@ -144,19 +144,27 @@ class BatchedMAML(nn.Module):
             self._overflow = None  # recorded at capture, not by the replay
             self._finite(task_losses, "query loss", support_losses)
         else:
-            task_losses, acc, support_losses = self._meta_forward(support_x, support_y, query_x, query_y, steps)
+            task_losses, acc, support_losses, mean = self._meta_forward(support_x, support_y, query_x, query_y, steps)
+            if mean is not None:
+                return MetaOutput(mean, task_losses.detach(), acc, support_losses.detach())
         return MetaOutput(task_losses.mean(), task_losses.detach(), acc, support_losses.detach())
 
     def _meta_forward(self, support_x, support_y, query_x, query_y, steps: int):
-        """(per-task query losses, accuracies or None, support losses) - the graph-capturable step."""
-        theta = self._flat.theta()
-        self._prec.check_params(theta.dtype)
+        """(per-task query losses, accuracies or None, support losses, their mean or None) - the
+        graph-capturable step."""
+        buffer = self._flat.buffer  # bound by _check_batch
+        self._prec.check_params(buffer.dtype)
         self._overflow = None
-        dims = self._fused_dims(theta.device) if steps else None
+        dims = self._fused_dims(buffer.device) if steps else None
         if dims is not None:
-            r = self._fused_call(theta, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
-            task_losses, support_losses, out = r.query_loss, r.support_loss, r.query_out
-        elif self.exact_reverse and torch.is_grad_enabled():
+            # the meta-parameters go in as the flat buffer and its parameter views: the fused op's
+            # own autograd node hands each parameter its gradient
+            mean, r = self._fused_call(buffer, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
+            self._finite(r.query_loss, "query loss", r.support_loss, mean)
+            acc = CrossEntropy.accuracy(r.query_out.detach(), query_y) if self.loss_fn.classification else None
+            return r.query_loss, acc, r.support_loss, mean
+        theta = self._flat.theta()
+        if self.exact_reverse and torch.is_grad_enabled():
             report = [] if self._watch_overflow() else None
             plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec, report)
             task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
@@ -170,7 +178,7 @@ class BatchedMAML(nn.Module):
             task_losses = self.loss_fn.value(out, query_y)
         self._finite(task_losses, "query loss", support_losses)
         acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
-        return task_losses, acc, support_losses
+        return task_losses, acc, support_losses, None
 
     def adapt(self, support_x, support_y, steps: Optional[int] = None) -> FastWeights:
         """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
@@ -182,7 +190,7 @@ class BatchedMAML(nn.Module):
         dims = self._fused_dims(theta.device) if steps else None
         if dims is not None:
             with torch.no_grad():
-                r = self._fused_call(theta, support_x, support_y, support_x, support_y, dims, steps, True)
+                r = self._fused_call(theta, support_x, support_y, support_x, support_y, dims, steps, True)[1]
             self._finite(r.support_loss, "support loss")
             return FastWeights(theta, r.fast, 0)
         if self._engine.local_autograd:
@@ -218,7 +226,7 @@ class BatchedMAML(nn.Module):
 
     # -- fused path ------------------------------------------------------------------------------
     def _fused_plan(self, device: torch.device):
-        key = (device.type, self._flat.ensure_bound().dtype)
+        key = (device.type, self._flat.buffer.dtype)  # callers bound the buffer
         if key not in self._fused_plans:
             self._fused_plans[key] = fused_path.plan(self.module, self.loss_fn, self.anil, self.clip_grad_norm,
                                                      key[1], device)
@@ -233,8 +241,9 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"fused=True: the fused inner loop cannot run this configuration: {why}")
         return dims
 
-    def _fused_call(self, theta, sx, sy, qx, qy, dims, steps: int, first_order: bool):
-        from ..ops.fused_inner_loop import fused_inner_loop
+    def _fused_call(self, buffer, sx, sy, qx, qy, dims, steps: int, first_order: bool):
+        """(mean query loss, FusedInnerLoopResult) with the meta-gradient going to the parameters."""
+        from ..ops.fused_inner_loop import fused_meta_loss
 
         for x, y, name in ((sx, sy, "support_y"), (qx, qy, "query_y")):
             # the same target checks as the batched path, against the output shape alone (the op
@@ -242,7 +251,7 @@ class BatchedMAML(nn.Module):
             self.loss_fn.check_target(torch.empty(*x.shape[:2], dims[-1], device="meta"), y, name)
         lr = self.lrs if self.lrs is not None else (self.inner_lrs if len(self.inner_lrs) > 1 else self.inner_lrs[0])
         loss = "cross_entropy" if self.loss_fn.classification else "mse"
-        return fused_inner_loop(theta, lr, sx, sy, qx, qy, dims, steps, loss, first_order=first_order)
+        return fused_meta_loss(buffer, self._flat.params, lr, sx, sy, qx, qy, dims, steps, loss, first_order=first_order)
 
     # -- engine ----------------------------------------------------------------------------------
     def _lr(self, step: int):
@@ -306,9 +315,11 @@ class BatchedMAML(nn.Module):
         return self._prec.name == "fp16" and self.check_finite and not (
             self._flat.buffer.is_cuda and torch.cuda.is_current_stream_capturing())
 
-    def _finite(self, losses: torch.Tensor, what: str, support_losses: Optional[torch.Tensor] = None) -> None:
+    def _finite(self, losses: torch.Tensor, what: str, support_losses: Optional[torch.Tensor] = None,
+                mean: Optional[torch.Tensor] = None) -> None:
         """One check per meta-step: a NaN in the inner loop propagates to the query loss, and is then
-        blamed on the support loss when that is where it started."""
+        blamed on the support loss when that is where it started. ``mean``: the losses' mean, when
+        already computed (it is then the one value read)."""
         if not self.check_finite or (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
             return  # a host sync would break capture; checked on the replayed outputs instead
         if self._overflow is not None and bool(self._overflow.any()):
@@ -328,7 +339,8 @@ class BatchedMAML(nn.Module):
             torch._assert_async(torch.isfinite(losses).all(), f"{what} is NaN/inf")
             return
         # one reduction and one host read; a sum of finite losses that overflows is not an error
-        if not math.isfinite(float(losses.detach().sum())) and not torch.isfinite(losses).all():
+        total = losses.detach().sum() if mean is None else mean.detach()
+        if not math.isfinite(float(total)) and not torch.isfinite(losses).all():
             if support_losses is not None and not torch.isfinite(support_losses).all():
                 losses, what = support_losses, "support loss"
             bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()

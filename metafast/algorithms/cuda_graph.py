@@ -20,7 +20,7 @@ class _MetaStep(nn.Module):
         self.steps = steps
 
     def forward(self, sx, sy, qx, qy):
-        losses, acc, support = self.maml._meta_forward(sx, sy, qx, qy, self.steps)
+        losses, acc, support, _ = self.maml._meta_forward(sx, sy, qx, qy, self.steps)
         support = support.detach()  # reported only: no backward graph for it
         return (losses, support) if acc is None else (losses, support, acc)
 

@@ -19,7 +19,7 @@ class ParamSlot:
     shape: Tuple[int, ...]
 
 
-class _ThetaView(torch.autograd.Function):
+class ThetaView(torch.autograd.Function):
     """θ = the flat buffer itself (zero-copy); backward splits the gradient into per-parameter views."""
 
     @staticmethod
@@ -93,7 +93,7 @@ class FlatParams:
         """θ as a differentiable [P] tensor aliasing the parameters' storage."""
         self.ensure_bound()
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
-            return _ThetaView.apply(self.buffer, *self.params)
+            return ThetaView.apply(self.buffer, *self.params)
         return self.buffer.view(-1)
 
     def offsets(self) -> Dict[int, ParamSlot]:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["fused_inner_loop", "fused_inner_loop_reference", "fused_inner_loop_backward_reference", "eligible",
+__all__ = ["fused_inner_loop", "fused_meta_loss", "fused_inner_loop_reference", "fused_inner_loop_backward_reference", "eligible",
            "FusedInnerLoopResult", "MAX_LAYERS", "MAX_DIM"]
 
 MAX_LAYERS = 4
@@ -372,7 +372,26 @@ class _NoSecondOrder(torch.autograd.Function):
 LrArg = Union[float, Sequence[float], Tensor]
 
 
+_STATIC: dict = {}  # (dims, steps, loss) that passed _check_static -> its result
+
+
 def _check(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Tuple[List[int], int, int, Tensor, bool]:
+    try:  # the same configuration every meta-step: validated once (types in the key: True == 1)
+        key = (tuple(dims), tuple(map(type, dims)), type(steps), steps, loss)
+        static = _STATIC.get(key)
+    except TypeError:  # not iterable / not hashable: _check_static says what is wrong
+        key, static = None, None
+    if static is None:
+        static = _check_static(dims, steps, loss)
+        if key is not None:
+            if len(_STATIC) > 64:
+                _STATIC.clear()
+            _STATIC[key] = static
+    dims, steps, kind = static
+    return _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind)
+
+
+def _check_static(dims, steps, loss) -> Tuple[List[int], int, int]:
     where = "fused_inner_loop"
     if not isinstance(dims, (list, tuple)) or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
                                                        for d in dims):
@@ -386,7 +405,11 @@ def _check(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Tuple[List[int], int
     steps = int(steps)
     if loss not in LOSS_KINDS:
         raise ValueError(f"{where}: loss must be one of {', '.join(map(repr, LOSS_KINDS))}, got {loss!r}")
-    kind = LOSS_KINDS[loss]
+    return dims, steps, LOSS_KINDS[loss]
+
+
+def _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind) -> Tuple[List[int], int, int, Tensor, bool]:
+    where = "fused_inner_loop"
     for name, x in (("theta", theta), ("support_x", sx), ("support_y", sy), ("query_x", qx), ("query_y", qy)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{where}: {name} must be a Tensor, got {type(x).__name__}")
@@ -473,13 +496,40 @@ def fused_inner_loop(theta: Tensor, lr: LrArg, support_x: Tensor, support_y: Ten
                      query_y: Tensor, dims: Sequence[int], steps: int, loss: str, first_order: bool = False,
                      backend: Optional[str] = None) -> FusedInnerLoopResult:
     """The MAML inner loop of an MLP over all tasks at once (see the module docstring)."""
-    dims, steps, kind, lr_t, per_param = _check(theta, lr, support_x, support_y, query_x, query_y, dims, steps, loss)
+    return _run(theta, None, lr, support_x, support_y, query_x, query_y, dims, steps, loss, first_order, backend)[1]
+
+
+def fused_meta_loss(flat: Tensor, params: Sequence[Tensor], lr: LrArg, support_x: Tensor, support_y: Tensor,
+                    query_x: Tensor, query_y: Tensor, dims: Sequence[int], steps: int, loss: str,
+                    first_order: bool = False, backend: Optional[str] = None) -> Tuple[Tensor, FusedInnerLoopResult]:
+    """``fused_inner_loop`` for meta-parameters kept in one flat buffer: ``flat`` [P] is the storage that
+    ``params`` (the leaf tensors, in order) are views of (metafast.functional.flat.FlatParams). Returns
+    (mean query loss, result); the meta-gradient goes to ``params`` (and a tensor ``lr``).
+
+    With the C++ extension this is one autograd node (metafast::fused_inner_loop_autograd) whose
+    backward runs without Python and fills every parameter's gradient; elsewhere the flat buffer is
+    viewed differentiably through ``params``."""
+    return _run(flat, list(params), lr, support_x, support_y, query_x, query_y, dims, steps, loss, first_order,
+                backend)
+
+
+def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order, backend) -> Tuple[Tensor, FusedInnerLoopResult]:
+    dims, steps, kind, lr_t, per_param = _check(theta, lr, sx, sy, qx, qy, dims, steps, loss)
     chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
+    compiling = torch.compiler.is_compiling()
+    if chosen == "cuda" and not compiling:
+        out = torch.ops.metafast.fused_inner_loop_autograd(theta.contiguous(), [theta] if params is None else params,
+                                                           lr_t, sx, sy, qx, qy, dims, steps, kind, per_param,
+                                                           bool(first_order))
+        return out[0], FusedInnerLoopResult(*out[1:])
+    if params is not None and torch.is_grad_enabled():
+        from ..functional.flat import ThetaView
+
+        theta = ThetaView.apply(theta, *params)
     needs_grad = torch.is_grad_enabled() and (theta.requires_grad or (per_param and lr_t.requires_grad))
-    args = (theta.contiguous(), lr_t.contiguous(), support_x.contiguous(), support_y.contiguous(),
-            query_x.contiguous(), query_y.contiguous())
-    if torch.compiler.is_compiling():
+    args = (theta.contiguous(), lr_t.contiguous(), sx.contiguous(), sy.contiguous(), qx.contiguous(), qy.contiguous())
+    if compiling:
         out = _fwd_op(*args, dims, steps, kind, per_param, needs_grad, bool(first_order), chosen)
     else:
         out = _EagerFusedInnerLoop.apply(*args, (dims, steps, kind, per_param, needs_grad, bool(first_order), chosen))
-    return FusedInnerLoopResult(*out[:4])
+    return out[0].mean(), FusedInnerLoopResult(*out[:4])
