@@ -67,7 +67,8 @@ def inner_update_reference(theta: Tensor, grad: Tensor, lr: LrLike, max_norm: Op
     if max_norm is not None:
         norm = torch.linalg.vector_norm(grad, dim=-1, keepdim=True)
         grad = grad * (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
-    out = theta - lr * grad
+    # one pass over [T, P] (theta - lr * grad would write lr * grad first)
+    out = torch.addcmul(theta, lr, grad, value=-1.0) if isinstance(lr, Tensor) else torch.add(theta, grad, alpha=-lr)
     return out if out.dtype == dtype else out.to(dtype)
 
 
