@@ -42,8 +42,19 @@ def running_stats_model():
     return model.eval(), image_batch(), "cross_entropy"
 
 
+def strided_model():
+    """Strided convolutions after the first, whose input gradients the reverse needs: stride 2 on an
+    odd 13x13 map, stride 3 with a 4x4 kernel on 12x12."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 2, padding=3),
+                          nn.Tanh(), nn.Conv2d(3, 3, 4, stride=3, padding=1), nn.Flatten(),
+                          nn.Linear(48, 3)).to(DT)
+    return model, image_batch(H=13), "cross_entropy"
+
+
 def build(kind):
-    extra = {"conv_out": conv_out_model, "no_affine": no_affine_model, "running_stats": running_stats_model}
+    extra = {"conv_out": conv_out_model, "no_affine": no_affine_model, "running_stats": running_stats_model,
+             "strided": strided_model}
     return extra[kind]() if kind in extra else make(kind)
 
 
@@ -62,7 +73,8 @@ def meta_gradient(kind, exact_reverse, steps, first_order, meta_sgd, anil=False)
     return maml, (batch, lr, loss), out, flat(grads), params
 
 
-@pytest.mark.parametrize("kind", ["conv4_bn", "conv4_pool", "mlp_bn", "conv_out", "no_affine", "running_stats"])
+@pytest.mark.parametrize("kind", ["conv4_bn", "conv4_pool", "mlp_bn", "conv_out", "no_affine", "running_stats",
+                                  "strided"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("meta_sgd", [False, True])
@@ -93,4 +105,3 @@ def test_second_order_term_is_nonzero_through_batch_norm():
     g2 = meta_gradient("conv4_bn", True, 1, False, False)[3]
     g1 = meta_gradient("conv4_bn", True, 1, True, False)[3]
     assert rel_err(g1, g2) > 1e-3
-
