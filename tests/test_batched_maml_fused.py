@@ -164,3 +164,20 @@ def test_a_kernel_failing_its_self_check_falls_back_with_a_warning(fused_backend
         dims, why = fused_path.plan(MLP(3, [5], 2), make_loss("mse"), False, None, torch.float32,
                                     torch.device("cpu"), verify=True)
     assert dims is None and "self-check" in why
+
+
+def test_inference_mode_then_training(fused_backend):
+    # a first call in inference mode must not leave inference tensors (e.g. cached rates) that a
+    # later training step would have to save for its backward
+    torch.manual_seed(0)
+    batch = _batch(3, 4, 3, 2, False, seed=7)
+    maml = BatchedMAML(MLP(3, [5], 2).double(), inner_lr=0.0371, inner_steps=2, loss="mse")
+    with torch.inference_mode():
+        first = maml(*batch).loss.item()
+        maml.adapt(*batch[:2])
+    out, grads = _run(maml, batch)
+    assert abs(out.loss.item() - first) <= 1e-12 * abs(first)
+    ref = BatchedMAML(MLP(3, [5], 2).double(), inner_lr=0.0371, inner_steps=2, loss="mse", fused=False)
+    ref.module.load_state_dict(maml.module.state_dict())
+    _, want = _run(ref, batch)
+    assert ((grads - want).norm() / want.norm()).item() <= 1e-10

@@ -488,7 +488,8 @@ def _rates_tensor(rates: Tuple[float, ...], dtype: torch.dtype, device: torch.de
     if t is None:
         if len(_RATES) > 64:
             _RATES.clear()
-        t = _RATES[key] = torch.tensor(rates, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # made in inference mode, it could not be saved for a later backward
+            t = _RATES[key] = torch.tensor(rates, dtype=dtype, device=device)
     return t
 
 
