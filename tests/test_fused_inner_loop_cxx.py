@@ -173,6 +173,10 @@ def test_float64_matches_autograd(case, steps, first_order, per_param):
 
 # metafast::fused_inner_loop_autograd: the eager op as one C++ autograd node over a flat buffer and its
 # parameter views (what BatchedMAML passes).
+def on(dev, args):
+    return [a.to(dev) for a in args]
+
+
 def _views(theta, dims):
     """A flat leaf buffer's worth of parameters: (buffer, [W_1, b_1, ...] leaves viewing it)."""
     buf = theta.detach().clone()
@@ -183,24 +187,26 @@ def _views(theta, dims):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[7]], ids=ids)
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("per_param", [False, True], ids=["lr", "metasgd"])
-def test_autograd_op_gives_each_parameter_its_gradient(case, first_order, per_param):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_autograd_op_gives_each_parameter_its_gradient(case, first_order, per_param, device):
     dims, kind = case
     theta, lr, sx, sy, qx, qy, gq = make_problem(dims, kind, steps=2, per_param=per_param)
     T = sx.shape[0]
-    buf, params = _views(theta, dims)
-    lr_in = lr.clone().requires_grad_(per_param) if per_param else lr.tolist()
+    buf, params = _views(theta.to(device), dims)
+    lr_in = lr.to(device).requires_grad_(per_param) if per_param else lr.tolist()
     loss = "mse" if kind == MSE else "cross_entropy"
-    mean, r = fil.fused_meta_loss(buf, params, lr_in, sx, sy, qx, qy, dims, 2, loss, first_order=first_order)
+    mean, r = fil.fused_meta_loss(buf, params, lr_in, *on(device, (sx, sy, qx, qy)), dims, 2, loss,
+                                  first_order=first_order)
     # a loss using both differentiable outputs: the mean and the per-task losses
-    (0.5 * mean + (gq * r.query_loss).sum()).backward()
+    (0.5 * mean + (gq.to(device) * r.query_loss).sum()).backward()
     want = reference(theta, lr, sx, sy, qx, qy, gq + 0.5 / T, dims, 2, kind, per_param, first_order)
-    check_all((r.query_loss.detach(), r.support_loss, r.fast, r.query_out), want[:4], TOL)
+    check_all([t.detach().cpu() for t in (r.query_loss, r.support_loss, r.fast, r.query_out)], want[:4], TOL)
     assert abs(mean.item() - want[0].mean().item()) <= TOL * abs(want[0].mean().item())
-    got_g = torch.cat([p.grad.reshape(-1) for p in params])
+    got_g = torch.cat([p.grad.reshape(-1) for p in params]).cpu()
     assert rel_err(got_g, want[4]) <= TOL
-    assert all(p.grad.shape == p.shape for p in params)
+    assert all(p.grad.shape == p.shape and p.grad.device == p.device for p in params)
     if per_param:
-        assert rel_err(lr_in.grad, want[5]) <= TOL
+        assert rel_err(lr_in.grad.cpu(), want[5]) <= TOL
 
 
 def test_autograd_op_gradcheck_and_no_double_backward():
@@ -344,10 +350,6 @@ GPU_CASES = CASES + [
     # workspace over the shared-memory limit: runs on the global per-task scratch
     ((32, 256, 256, 256, 10), CE),
 ]
-
-
-def on(dev, args):
-    return [a.to(dev) for a in args]
 
 
 @pytest.mark.gpu
