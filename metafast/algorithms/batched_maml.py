@@ -251,7 +251,8 @@ class BatchedMAML(nn.Module):
             self.loss_fn.check_target(torch.empty(*x.shape[:2], dims[-1], device="meta"), y, name)
         lr = self.lrs if self.lrs is not None else (self.inner_lrs if len(self.inner_lrs) > 1 else self.inner_lrs[0])
         loss = "cross_entropy" if self.loss_fn.classification else "mse"
-        return fused_meta_loss(buffer, self._flat.params, lr, sx, sy, qx, qy, dims, steps, loss, first_order=first_order)
+        return fused_meta_loss(buffer, self._flat.params, lr, sx, sy, qx, qy, dims, steps, loss,
+                               first_order=first_order)
 
     # -- engine ----------------------------------------------------------------------------------
     def _lr(self, step: int):

@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["fused_inner_loop", "fused_meta_loss", "fused_inner_loop_reference", "fused_inner_loop_backward_reference", "eligible",
-           "FusedInnerLoopResult", "MAX_LAYERS", "MAX_DIM"]
+__all__ = ["fused_inner_loop", "fused_meta_loss", "fused_inner_loop_reference", "fused_inner_loop_backward_reference",
+           "eligible", "FusedInnerLoopResult", "MAX_LAYERS", "MAX_DIM"]
 
 MAX_LAYERS = 4
 MAX_DIM = 256
@@ -514,14 +514,15 @@ def fused_meta_loss(flat: Tensor, params: Sequence[Tensor], lr: LrArg, support_x
                 backend)
 
 
-def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order, backend) -> Tuple[Tensor, FusedInnerLoopResult]:
+def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order,
+         backend) -> Tuple[Tensor, FusedInnerLoopResult]:
     dims, steps, kind, lr_t, per_param = _check(theta, lr, sx, sy, qx, qy, dims, steps, loss)
     chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
     compiling = torch.compiler.is_compiling()
     if chosen == "cuda" and not compiling:
         out = torch.ops.metafast.fused_inner_loop_autograd(theta.contiguous(), [theta] if params is None else params,
-                                                           lr_t, sx, sy, qx, qy, dims, steps, kind, per_param,
-                                                           bool(first_order))
+                                                           lr_t.contiguous(), sx, sy, qx, qy, dims, steps, kind,
+                                                           per_param, bool(first_order))
         return out[0], FusedInnerLoopResult(*out[1:])
     if params is not None and torch.is_grad_enabled():
         from ..functional.flat import ThetaView
