@@ -18,7 +18,8 @@ The reverse (see kernels/fused_inner_loop.py for the derivation):
 
 Backends (``backend=``, else metafast._backend.resolve): "triton" (kernels/fused_inner_loop.py, one
 program per task; CPU tensors under TRITON_INTERPRET=1), "cuda" (the C++ extension's
-``metafast::fused_inner_loop_cxx`` / ``fused_inner_loop_backward_cxx``, which also run CPU tensors),
+``metafast::fused_inner_loop_cxx`` / ``fused_inner_loop_backward_cxx``, which also run CPU tensors;
+eager calls go through ``metafast::fused_inner_loop_autograd``, one C++ autograd node around them),
 "torch" (:func:`fused_inner_loop_reference`, batched PyTorch ops, any float dtype).
 """
 import numbers
@@ -325,7 +326,8 @@ _bwd_op.register_autograd(_bwd_grad, setup_context=_bwd_setup)
 
 
 class _EagerFusedInnerLoop(torch.autograd.Function):
-    """The same computation as the custom op, for eager calls: torch.library's Python dispatch costs
+    """The same computation as the custom op, for eager calls on the Triton and PyTorch backends
+    (the extension's eager calls take its C++ autograd node): torch.library's Python dispatch costs
     ~0.5 ms per forward+backward, as much as the whole fused sinusoid meta-step on CPU. The custom op
     stays what torch.compile traces."""
 
