@@ -59,7 +59,7 @@ void gather(TaskVec<S>* dst, const S* src, int64_t n, int64_t stride, int64_t t0
   const S* s[W];
   for (int w = 0; w < W; ++w) s[w] = src + lane_task(t0, w, T) * stride;
   for (int64_t i = 0; i < n; ++i) {
-    alignas(32) S x[W];
+    alignas(kTaskVecBytes) S x[W];
     for (int w = 0; w < W; ++w) x[w] = s[w][i];
     dst[i] = *reinterpret_cast<const TaskVec<S>*>(x);
   }
@@ -153,8 +153,8 @@ struct GroupIO {
   const void* query_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(qy) : ql; }
 };
 
-// Task groups of the CPU launcher: 32 bytes' worth of tasks each (fused_inner_loop_cpu.h).
-int64_t cpu_lanes(const at::Tensor& theta) { return 32 / static_cast<int64_t>(theta.element_size()); }
+// Task groups of the CPU launcher: one task vector's worth of tasks each (fused_inner_loop_cpu.h).
+int64_t cpu_lanes(const at::Tensor& theta) { return kTaskVecBytes / static_cast<int64_t>(theta.element_size()); }
 int64_t cpu_groups(int64_t T, const at::Tensor& theta) { return (T + cpu_lanes(theta) - 1) / cpu_lanes(theta); }
 
 // Task groups per parallel chunk: a chunk under ~1M multiply-adds (a few hundred microseconds) costs

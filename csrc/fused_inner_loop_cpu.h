@@ -14,12 +14,16 @@
 namespace metafast {
 namespace fused_inner_loop {
 
+// Bytes of one task vector (one AVX2 register); the launcher's task groups and the saved buffer's
+// layout follow from it.
+constexpr int kTaskVecBytes = 32;
+
 template <typename S>
 struct TaskVec {
-  static constexpr int kW = static_cast<int>(32 / sizeof(S));
+  static constexpr int kW = static_cast<int>(kTaskVecBytes / sizeof(S));
   // may_alias as for the x86 intrinsic types (the buffers are plain allocations); aligned: without
   // AVX enabled for the whole file, GCC would give the type only 16-byte alignment.
-  typedef S V __attribute__((vector_size(32), __may_alias__, aligned(32)));
+  typedef S V __attribute__((vector_size(kTaskVecBytes), __may_alias__, aligned(kTaskVecBytes)));
   V v;
 
   TaskVec() = default;
@@ -34,7 +38,8 @@ struct TaskVec {
   TaskVec& operator*=(TaskVec o) { v *= o.v; return *this; }
 };
 
-static_assert(alignof(TaskVec<float>) == 32 && sizeof(TaskVec<double>) == 32, "TaskVec must be one 32-byte vector");
+static_assert(alignof(TaskVec<float>) == kTaskVecBytes && sizeof(TaskVec<double>) == kTaskVecBytes,
+              "TaskVec must be one vector of kTaskVecBytes");
 
 template <typename S>
 inline TaskVec<S> operator-(TaskVec<S> a) { return TaskVec<S>::of(-a.v); }

@@ -273,7 +273,7 @@ def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, theta: T
     """Elements of the C++ op's opaque saved output (csrc/fused_inner_loop.h, Plan): per task the
     trajectory W_0..W_{K-1}, the last inner step's gradient, the query gradient, the support
     activations and loss gradients, and the softmax for cross-entropy; on the CPU for whole task
-    groups of 32 bytes' worth of lanes."""
+    groups of one task vector's worth of lanes (kTaskVecBytes = 32, csrc/fused_inner_loop_cpu.h)."""
     P = _num_params(dims)
     per_task = ((steps + 2) * P + 2 * Ns * sum(dims[1:])
                 + (Ns * dims[-1] if loss_kind == LOSS_KINDS["cross_entropy"] else 0))
