@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from . import conv_grad
 from .flat import ParamSlot
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -160,25 +161,26 @@ class Conv2d(Layer):
     def backward(self, ws, batched, saved, gy, need_gx, rc):
         x, wg = saved
         T, n = rc.T, x.shape[0]
-        conv_bwd = torch.ops.aten.convolution_backward
         gx = None
         if wg is None:
             w = ws[0]
             if need_gx:
-                gx = conv_bwd(gy.reshape(n * T, self.cout, *gy.shape[2:]), x.reshape(n * T, self.cin, *x.shape[2:]), w,
-                              None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
-                              [True, False, False])[0].view(x.shape)
-            # Per-task weight grads need the grouped form; only the weight's shape is read here.
-            shape_only = w.new_zeros(()).expand(T * self.cout, *w.shape[1:])
-            gw = conv_bwd(gy, x, shape_only, None, self.stride, self.padding, self.dilation, False, [0, 0],
-                          self.groups * T, [False, True, False])[1]
-        else:
-            gx, gw, _ = conv_bwd(gy, x, wg, None, self.stride, self.padding, self.dilation, False, [0, 0],
-                                 self.groups * T, [need_gx, True, False])
+                gx = self._input_grad(gy.reshape(n * T, self.cout, *gy.shape[2:]),
+                                      x.reshape(n * T, self.cin, *x.shape[2:]), w, self.groups).view(x.shape)
+            # Per-task weight grads need the grouped form; only the weight's shape is read here (an
+            # uninitialised contiguous buffer: an expanded one would be copied to contiguous first).
+            wg = w.new_empty((T * self.cout, *w.shape[1:]))
+        elif need_gx:
+            gx = self._input_grad(gy, x, wg, self.groups * T)
+        gw = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding, self.dilation, False,
+                                                 [0, 0], self.groups * T, [False, True, False])[1]
         grads = [gw.view(T, self.cout, *gw.shape[1:])]
         if len(ws) > 1:
             grads.append(gy.sum((0, 2, 3)).view(T, self.cout))
         return gx, grads
+
+    def _input_grad(self, gy, x, w, groups):
+        return conv_grad.input_grad(gy, x, w, self.stride, self.padding, self.dilation, groups)
 
     def _grouped(self, w, T):
         """Per-task weights [T, Cout, ...] as the weight of the grouped convolution over T tasks."""
@@ -199,14 +201,13 @@ class Conv2d(Layer):
     def rbackward(self, ws, batched, saved, gy, rgy, rx, rws, need_gx, rc):
         T = rc.T
         rgx, grads = self.backward(ws, batched, saved, rgy, need_gx, rc)
-        if rx is not None or need_gx:
-            gx2, gw2, _ = torch.ops.aten.convolution_backward(
-                gy, rx if rx is not None else saved[0], self._grouped(rws[0], T), None, self.stride, self.padding,
-                self.dilation, False, [0, 0], self.groups * T, [need_gx, rx is not None, False])
-            if rx is not None:
-                grads[0] = grads[0] + gw2.view_as(grads[0])
-            if need_gx:
-                rgx = rgx.add_(gx2)
+        rwg = self._grouped(rws[0], T)
+        if rx is not None:
+            gw2 = torch.ops.aten.convolution_backward(gy, rx, rwg, None, self.stride, self.padding, self.dilation,
+                                                      False, [0, 0], self.groups * T, [False, True, False])[1]
+            grads[0] = grads[0] + gw2.view_as(grads[0])
+        if need_gx:
+            rgx = rgx.add_(self._input_grad(gy, saved[0], rwg, self.groups * T))
         return rgx, grads
 
 
