@@ -108,9 +108,13 @@ def _cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-ffp-contract=fast"],  # FMA contraction in the CPU kernels
+            # FMA contraction in the CPU kernels; OpenMP, without which ATen's header-only
+            # at::parallel_for runs every CPU kernel on one thread
+            "cxx": ["-O3", "-ffp-contract=fast", "-fopenmp"],
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        # libgomp.so.1: the OpenMP runtime torch itself loads, so both share one thread pool
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

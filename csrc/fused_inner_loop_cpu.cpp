@@ -157,12 +157,12 @@ struct GroupIO {
 int64_t cpu_lanes(const at::Tensor& theta) { return kTaskVecBytes / static_cast<int64_t>(theta.element_size()); }
 int64_t cpu_groups(int64_t T, const at::Tensor& theta) { return (T + cpu_lanes(theta) - 1) / cpu_lanes(theta); }
 
-// Task groups per parallel chunk: a chunk under ~1M multiply-adds (a few hundred microseconds) costs
-// more in thread hand-off than a second thread gives back (the 25-task sinusoid step, 4 groups, ran
-// slower on 2 threads than on 1).
+// Task groups per parallel chunk: a chunk under ~128k multiply-adds (~30 microseconds) gains less
+// from a second thread than OpenMP's fork and join cost. The 25-task sinusoid step (4 groups of ~211k)
+// takes 223 -> 141 us on 2 threads with one group per chunk allowed, against all 4 in one chunk.
 int64_t group_grain(const Plan& p) {
   const int64_t work = 3 * p.P * (p.K + 1) * (static_cast<int64_t>(p.Ns) + p.Nq);
-  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(work, 1));
+  return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work, 1));
 }
 
 // The per-task code is compiled twice: for the baseline ISA of the build and, on x86 with GCC or
