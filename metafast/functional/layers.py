@@ -195,7 +195,7 @@ class Conv2d(Layer):
         rb = rws[1].reshape(-1) if len(rws) > 1 else None
         ry = F.conv2d(x, self._grouped(rws[0], T), rb, self.stride, self.padding, self.dilation, self.groups * T)
         if rx is not None:
-            ry = ry + self.forward(ws[:1], batched, rx, rc)[0]  # conv(R(x), W), no bias
+            ry = ry.add_(self.forward(ws[:1], batched, rx, rc)[0])  # conv(R(x), W), no bias
         return ry, rx
 
     def rbackward(self, ws, batched, saved, gy, rgy, rx, rws, need_gx, rc):
@@ -205,7 +205,7 @@ class Conv2d(Layer):
         if rx is not None:
             gw2 = torch.ops.aten.convolution_backward(gy, rx, rwg, None, self.stride, self.padding, self.dilation,
                                                       False, [0, 0], self.groups * T, [False, True, False])[1]
-            grads[0] = grads[0] + gw2.view_as(grads[0])
+            grads[0] = grads[0].add_(gw2.view_as(grads[0]))
         if need_gx:
             rgx = rgx.add_(self._input_grad(gy, saved[0], rwg, self.groups * T))
         return rgx, grads
