@@ -390,12 +390,13 @@ class ReLU(Layer):
     def backward(self, ws, batched, y, gy, need_gx, rc):
         return torch.ops.aten.threshold_backward(gy, y, 0.0), []
 
-    # ReLU is piecewise linear: both R-operators apply the same constant mask.
+    # ReLU is piecewise linear: both R-operators apply the same constant mask, in place: R(x) and
+    # R(gy) are fresh outputs of the neighbouring layer that no layer keeps (each keeps its own input).
     def rforward(self, ws, batched, y, rx, rws, rc):
-        return torch.ops.aten.threshold_backward(rx, y, 0.0), None
+        return torch.ops.aten.threshold_backward.grad_input(rx, y, 0.0, grad_input=rx), None
 
     def rbackward(self, ws, batched, y, gy, rgy, rsaved, rws, need_gx, rc):
-        return torch.ops.aten.threshold_backward(rgy, y, 0.0), []
+        return torch.ops.aten.threshold_backward.grad_input(rgy, y, 0.0, grad_input=rgy), []
 
 
 class Tanh(Layer):
