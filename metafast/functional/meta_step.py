@@ -75,7 +75,7 @@ class MetaStep(torch.autograd.Function):
         gq = ctx.dq * scale
         # Wbar is kept as per-parameter pieces [T, n_i] (what the layers return and the R-operators take),
         # so no [T, Pa] tensor is concatenated; the query backward runs in the tape's precision, what it
-        # returns is accumulated in float32
+        # returns is accumulated in float32. The pieces are fresh, so they are updated in place.
         wbar = [w.to(gq.dtype) for w in engine.backward(ctx.tape_q, gq.to(ctx.records_dtype), ctx.layout_q, rc,
                                                          flat=False)]
         sizes = [w.shape[1] for w in wbar]
@@ -94,8 +94,8 @@ class MetaStep(torch.autograd.Function):
                 if ctx.lrs is not None or ctx.records_dtype != gq.dtype:
                     h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, [lr * w for lr, w in zip(lrs, wbar)],
                                    rc, ctx.scale)
-                    wbar = [w - hk for w, hk in zip(wbar, h)]
+                    wbar = [w.sub_(hk) for w, hk in zip(wbar, h)]
                 else:
                     h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale)
-                    wbar = [torch.add(w, hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
+                    wbar = [w.add_(hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
         return torch.cat([w.sum(0) for w in wbar]), lrbar, None, None, None, None, None
