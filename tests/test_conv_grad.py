@@ -59,10 +59,13 @@ def test_small_maps_and_other_dtypes_keep_convolution_backward(monkeypatch):
     assert conv_grad._channels_last_route(x, x.shape, [2, 2]) and not conv_grad._channels_last_route(x, x.shape, [1, 1])
 
 
-def test_conv4_meta_gradient_same_with_and_without_the_route(monkeypatch):
+@pytest.mark.parametrize("exact_reverse", [True, False], ids=["exact-reverse", "autograd"])
+def test_conv4_meta_gradient_same_with_and_without_the_route(exact_reverse, monkeypatch):
+    """Both second-order paths (the exact reverse, and autograd's double backward through the route's
+    transposed convolution) give the same float32 meta-gradient with the route as without."""
     torch.manual_seed(0)
     model = Conv4.omniglot(5)
-    maml = BatchedMAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy")
+    maml = BatchedMAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy", exact_reverse=exact_reverse)
     sx, qx = torch.rand(4, 5, 1, 28, 28), torch.rand(4, 5, 1, 28, 28)
     sy = qy = torch.arange(5).repeat(4, 1)
 
