@@ -2,17 +2,18 @@
 
 oneDNN computes the input gradient of a strided convolution over NCHW tensors up to 2x slower than
 the same product as a transposed convolution over channels_last tensors plus the conversion back
-(bit-identical results; Conv4's 14x14 -> 7x7 layer, inside the meta-step: 12.7 -> 6.6 ms with shared
-weights over 160 images, 18.2 -> 16.5 ms grouped over 32 tasks; bench/NOTES.md). On smaller maps
-the conversions cost more than they save, so the plain ``convolution_backward`` stays the route
-there, on other devices and for other dtypes.
+(bit-identical results). Conv4's 14x14 -> 7x7 layer, inside the meta-step: 9.3 -> 6.7 ms with shared
+weights over 160 images; grouped over 32 tasks about even (14.5 -> 14.8 ms), as converting the 8 MB
+result back costs what the convolution saves (bench/NOTES.md). On smaller maps the conversions cost
+more than they save, so the plain ``convolution_backward`` stays the route there, on other devices
+and for other dtypes.
 """
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-# Input maps below this many pixels take convolution_backward: measured on Conv4's 7x7 and 4x4 maps
+# Input maps below this many pixels take convolution_backward: timed alone on Conv4's 7x7 and 4x4 maps
 # the channels_last route is 10-60% slower there, on 14x14 maps 30-50% faster.
 MIN_PIXELS = 144
 
