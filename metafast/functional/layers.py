@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ..ops import batch_norm_rop
+from ..ops.batch_norm_rop import _affine, _per_channel
 from . import conv_grad
 from .flat import ParamSlot
 
@@ -271,72 +273,24 @@ class BatchNorm(Layer):
         grads = [gw.view(T, -1), gb.view(T, -1)] if self.affine else []
         return gx, grads
 
-    # R-operators. With batch statistics, xhat = (x - mean) invstd and y = w xhat + b, and
-    #   bnb(v) := native_batch_norm_backward(v) = w invstd (v - mean(v) - xhat mean(v xhat))
-    # (with sum(v xhat), sum(v) as its weight/bias grads) is linear in v. Hence
-    #   R(xhat) = invstd (rx - mean(rx) - xhat mean(xhat rx)),  so  w R(xhat) = bnb(rx),
-    #   R(invstd) = -invstd^2 mean(xhat rx),
-    # and every other term is a per-channel coefficient times gy, rx or x (xhat is affine in x):
-    # a few fused full-size passes instead of autograd's double backward of bnb.
+    # R-operators with batch statistics: metafast/ops/batch_norm_rop.py (formulas, the C++ kernels).
     def rforward(self, ws, batched, saved, rx, rws, rc):
         x, w, mean, invstd = saved
         if mean is None:
             return self._rforward_running(x, w, invstd, rx, rws, rc), rx
-        ry, rstats = None, None
-        if rx is not None:
-            ry, sx_rx, s_rx = torch.ops.aten.native_batch_norm_backward(
-                rx, x, self._weight(w, x), None, None, mean, invstd, True, self.eps, [True, True, True])
-            rstats = (rx, sx_rx, s_rx)
-        if rws:  # + R(w) xhat + R(b) = a x + (R(b) - a mean)
-            rw, rb = (r.reshape(-1).to(invstd.dtype) for r in rws)
-            a = rw * invstd
-            ry = _affine(ry, x, a, rb - a * mean)
-        return ry, rstats
+        rw, rb = (rws[0].reshape(-1), rws[1].reshape(-1)) if rws else (None, None)
+        ry, sx_rx, s_rx = batch_norm_rop.rforward(x, w, mean, invstd, rx, rw, rb)
+        return ry, (None if rx is None else (rx, sx_rx, s_rx))
 
     def rbackward(self, ws, batched, saved, gy, rgy, rstats, rws, need_gx, rc):
         x, w, mean, invstd = saved
         T = rc.T
         if mean is None:
             return self._rbackward_running(x, w, invstd, gy, rgy, rstats, rws, need_gx, rc)
-        bn_bwd = torch.ops.aten.native_batch_norm_backward
-        w1 = self._weight(w, x)
-        m = x.numel() // x.shape[1]
-        # the terms linear in gy: bnb(R(gy)), with sum(R(gy) xhat) = part of R(dw), sum(R(gy)) = R(db)
-        rgx, r_gw, r_gb = bn_bwd(rgy, x, w1, None, None, mean, invstd, True, self.eps, [need_gx, True, True])
-        if rstats is None and not rws:
-            return rgx, ([r_gw.view(T, -1), r_gb.view(T, -1)] if self.affine else [])
-        _, gw, gb = bn_bwd(gy, x, w1, None, None, mean, invstd, True, self.eps, [False, True, True])
-        m1, m2 = gb / m, gw / m  # mean(gy), mean(gy xhat)
-        s = invstd
-        r_ws = (rws[0].reshape(-1).to(s.dtype) * s) if rws else torch.zeros_like(s)  # R(w invstd) ...
-        g_rxh = torch.zeros_like(s)  # sum(gy R(xhat))
-        rx = None
-        if rstats is not None:
-            rx, sx_rx, s_rx = rstats
-            a, mr = sx_rx / m, s_rx / m  # mean(xhat rx), mean(rx)
-            r_ws = r_ws - w1 * s * s * a  # ... + w R(invstd)
-            # sum(gy rx) as the "weight grad" of a batch norm with mean 0, invstd 1: one fused reduction
-            s_gy_rx = bn_bwd(gy, rx, None, None, None, torch.zeros_like(s), torch.ones_like(s), True, self.eps,
-                             [False, True, False])[1]
-            g_rxh = s * (s_gy_rx - a * gw - mr * gb)
-        grads = [(r_gw + g_rxh).view(T, -1), r_gb.view(T, -1)] if self.affine else []
-        if not need_gx:
-            return None, grads
-        # dx = w invstd (gy - m1 - xhat m2); R of it beyond bnb(R(gy)):
-        #   R(w invstd) (gy - m1 - xhat m2) - w invstd (xhat sum(gy R(xhat)) / M + m2 R(xhat))
-        ws_ = w1 * s
-        c_xhat = -r_ws * m2 - ws_ * g_rxh / m
-        const = -r_ws * m1
-        rgx = rgx.addcmul_(gy, _per_channel(r_ws, x))
-        if rx is not None:  # R(xhat) = s rx - s mr - s a xhat
-            rgx = rgx.addcmul_(rx, _per_channel(-ws_ * m2 * s, x))
-            c_xhat = c_xhat + ws_ * m2 * s * a
-            const = const + ws_ * m2 * s * mr
-        return _affine(rgx, x, c_xhat * s, const - c_xhat * s * mean), grads
-
-    def _weight(self, w, x):
-        """The affine weight over T*C channels (ones without affine: bnb's sums need one)."""
-        return w if w is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        rx, sx_rx, s_rx = rstats if rstats is not None else (None, None, None)
+        rgx, r_gw, r_gb = batch_norm_rop.rbackward(x, w, mean, invstd, gy, rgy, rx, sx_rx, s_rx,
+                                                   rws[0].reshape(-1) if rws else None, need_gx)
+        return rgx, ([r_gw.view(T, -1), r_gb.view(T, -1)] if self.affine else [])
 
     # Running statistics: y = w invstd (x - rm) + b is affine in x with constant invstd.
     def _running_mean(self, T, dtype):
@@ -368,18 +322,6 @@ class BatchNorm(Layer):
                 r_gw = r_gw + (gy * rx).sum(dims) * s
             grads = [r_gw.view(T, -1), rgy.sum(dims).view(T, -1)]
         return rgx, grads
-
-
-def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A [C] vector viewed to broadcast over the channel dim (dim 1) of ``like``, in its dtype."""
-    return v.to(like.dtype).view((1, -1) + (1,) * (like.dim() - 2))
-
-
-def _affine(y, x, a, c):
-    """y + a x + c with per-channel a, c (y may be None); y is updated in place."""
-    if y is None:
-        return torch.addcmul(_per_channel(c, x), x, _per_channel(a, x))
-    return y.addcmul_(x, _per_channel(a, x)).add_(_per_channel(c, x))
 
 
 class ReLU(Layer):

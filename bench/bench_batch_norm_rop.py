@@ -1,0 +1,98 @@
+"""Microbenchmark: batch norm's R-operators (metafast.ops.batch_norm_rop), the C++ CPU kernels against
+the PyTorch reference (native_batch_norm_backward calls and in-place updates) in the same run.
+
+Shapes: Omniglot Conv4's batch norms inside the meta-step (5 images x 32 tasks x 64 channels in the
+task-grouped layout [5, 2048, H, W], H = W = 14, 7, 4), with every direction present (rx and R(w) for
+rforward; rx, R(w) and R(dx) for rbackward): what MetaStep's reverse calls per step. Bandwidth: the
+bytes the kernel must move (rforward reads x, rx and writes R(y); rbackward reads x, gy, R(gy), rx and
+writes R(dx)) over its time, next to a copy of one map timed in the same run. CPU only (the op has no
+GPU kernel; on CUDA the reference runs).
+
+    python bench/bench_batch_norm_rop.py [--threads N] [--out DIR] [--quick]
+"""
+import argparse
+import os
+import sys
+from typing import Dict, List
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_task_cross_entropy import _keep_freed_memory  # noqa: E402
+from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from metafast import _backend  # noqa: E402
+from metafast.ops import batch_norm_rop as bnr  # noqa: E402
+
+BENCH = "batch_norm_rop"
+
+
+def _case(shape, gen):
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    c = shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dims, correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    w = torch.rand(c, generator=gen) + 0.5
+    maps = {k: torch.randn(shape, generator=gen) for k in ("rx", "gy", "rgy")}
+    rw, rb = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    _, sx, s = bnr.rforward_reference(x, w, mean, invstd, maps["rx"], rw, rb)
+    return x, w, mean, invstd, maps, rw, rb, sx, s
+
+
+def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
+    if torch.device(device).type != "cpu":
+        print(f"   batch_norm_rop has CPU kernels only (GPUs run the reference): nothing to time on {device}")
+        return []
+    device = torch.device("cpu")
+    _keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
+    kernel = _backend.resolve(BENCH, device) == "cuda"
+    if not kernel:
+        print(f"metafast._C has no batch_norm_rop kernel here ({_backend.available()['cuda'][1]}): reference only")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for hw in ((14,) if quick else (14, 7, 4)):
+        shape = (5, 2048, hw, hw)
+        x, w, mean, invstd, m, rw, rb, sx, s = _case(shape, gen)
+        impls = {"reference": "torch"} | ({"metafast[cxx]": "cuda"} if kernel else {})
+        fns = {"copy": lambda: m["rx"].clone()}
+        for name, b in impls.items():
+            fns[f"{name}|rforward"] = lambda b=b: bnr.rforward(x, w, mean, invstd, m["rx"], rw, rb, backend=b)
+            fns[f"{name}|rbackward"] = lambda b=b: bnr.rbackward(x, w, mean, invstd, m["gy"], m["rgy"], m["rx"], sx, s,
+                                                                 rw, True, backend=b)
+        best = {k: float("inf") for k in fns}
+        for _ in range(rounds):  # interleaved; the fastest round's median of each
+            for k, f in fns.items():
+                best[k] = min(best[k], time_ms(f, device, warmup=2, repeats=7))
+        nbytes = x.numel() * x.element_size()
+        copy_gbps = 2 * nbytes / best.pop("copy") / 1e6
+        moved = {"rforward": 3 * nbytes, "rbackward": 5 * nbytes}
+        for key, ms in best.items():
+            name, op = key.split("|")
+            gbps = moved[op] / ms / 1e6
+            rows.append({**base_row(BENCH, device), "impl": name, "op": op, "shape": list(shape), "ms": ms,
+                         "speedup_vs_reference": best[f"reference|{op}"] / ms, "GB/s": gbps,
+                         "copy_GB/s": copy_gbps, "frac_of_copy": gbps / copy_gbps,
+                         "threads": torch.get_num_threads()})
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu (the op's kernels are CPU kernels)")
+    p.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
+    p.add_argument("--quick", action="store_true", help="the 14x14 maps only")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the meta-step bench uses 2)")
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    rows = run(args.device, quick=args.quick)
+    if not rows:
+        return
+    print_table(rows, ["impl", "op", "shape", "ms", "speedup_vs_reference", "GB/s", "frac_of_copy", "threads"])
+    print(f"wrote {write_rows(f'{BENCH}_cpu', rows, out_dir=args.out)}")
+
+
+if __name__ == "__main__":
+    main()

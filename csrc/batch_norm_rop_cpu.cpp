@@ -1,0 +1,336 @@
+// metafast::batch_norm_rforward_cxx / batch_norm_rbackward_cxx: batch norm's R-operators with batch
+// statistics (the directional derivatives of its forward and of its backward that MAML's exact
+// second-order reverse needs; formulas in metafast/ops/batch_norm_rop.py), CPU kernels.
+//
+// Every output element is a per-channel linear combination of the inputs' elements, whose
+// coefficients need per-channel sums over (N, *spatial). One task per channel runs both passes over
+// that channel's N * S elements while they are in cache, so each full-size tensor crosses memory once
+// (the composite PyTorch form reads them 3-4 times: several native_batch_norm_backward calls and
+// in-place updates). Sums accumulate in float64, as ATen's own CPU batch norm does.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+
+namespace metafast {
+namespace batch_norm_rop {
+namespace {
+
+// x viewed as [N, C, S]: channel c of sample n is S contiguous elements at (n * C + c) * S.
+struct Shape {
+  int64_t N, C, S;
+};
+
+Shape check_big(const at::Tensor& x, const char* name, const at::Tensor* like) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, name, " must be [N, C, *spatial], got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous, got strides ", x.strides());
+  if (like != nullptr) {
+    TORCH_CHECK(x.sizes() == like->sizes(), name, " must have x's shape ", like->sizes(), ", got ", x.sizes());
+    TORCH_CHECK(x.scalar_type() == like->scalar_type(), name, " must have x's dtype ", like->scalar_type(),
+                ", got ", x.scalar_type());
+  }
+  return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1))};
+}
+
+// A per-channel vector [C] as float64 (they are C-long: converting costs nothing next to the maps).
+std::vector<double> channel_vec(const c10::optional<at::Tensor>& t, const char* name, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (!t.has_value() || !t->defined()) return v;
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got one on ", t->device());
+  TORCH_CHECK(t->numel() == C, name, " must have C = ", C, " elements, got shape ", t->sizes());
+  at::Tensor d = t->to(at::kDouble).contiguous();
+  const double* p = d.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) v[c] = p[c];
+  return v;
+}
+
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Channels per task: at least ~32k elements of work each, so small maps do not pay a thread per channel.
+int64_t grain(const Shape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.N * s.S)); }
+
+// R(y) = w invstd (rx - mean(rx) - xhat mean(rx xhat)) + R(w) xhat + R(b), xhat = (x - mean) invstd;
+// also returns sum(rx xhat) and sum(rx) (what rbackward needs of this pass).
+template <typename T>
+struct RfArgs {
+  Shape sh;
+  const T *x, *rx;
+  T *ry, *s_rxx, *s_rx;
+  const double *w, *mean, *invstd, *rw, *rb;
+};
+
+template <typename T>
+inline void rforward_channels(const RfArgs<T>& A, int64_t c0, int64_t c1) {
+  const int64_t N = A.sh.N, C = A.sh.C, S = A.sh.S;
+  const double M = static_cast<double>(N * S);
+  const T *x = A.x, *rx = A.rx;
+  T* ry = A.ry;
+  const double *w = A.w, *mean = A.mean, *invstd = A.invstd, *rw = A.rw, *rb = A.rb;
+  {
+    for (int64_t c = c0; c < c1; ++c) {
+      const double mu = mean[c], s = invstd[c];
+      double a_rx = 0, b_xc = 0, k = 0;  // R(y) = a_rx rx + b_xc (x - mean) + k
+      if (rx != nullptr) {
+        double srx = 0, srxc = 0;  // sum(rx), sum(rx (x - mean))
+        for (int64_t n = 0; n < N; ++n) {
+          const T* xp = x + (n * C + c) * S;
+          const T* rp = rx + (n * C + c) * S;
+#pragma omp simd reduction(+ : srx, srxc)
+          for (int64_t i = 0; i < S; ++i) {
+            const double r = rp[i];
+            srx += r;
+            srxc += r * (static_cast<double>(xp[i]) - mu);
+          }
+        }
+        const double srxx = srxc * s;
+        A.s_rxx[c] = static_cast<T>(srxx);
+        A.s_rx[c] = static_cast<T>(srx);
+        a_rx = w[c] * s;
+        b_xc = -a_rx * srxx * s / M;
+        k = -a_rx * srx / M;
+      }
+      if (rw != nullptr) {
+        b_xc += rw[c] * s;
+        k += rb[c];
+      }
+      // the elementwise pass in T, as PyTorch's own ops run it (float32: twice the SIMD width)
+      const T ta = static_cast<T>(a_rx), tb = static_cast<T>(b_xc), tk = static_cast<T>(k), tmu = static_cast<T>(mu);
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xp = x + (n * C + c) * S;
+        const T* rp = rx != nullptr ? rx + (n * C + c) * S : nullptr;
+        T* yp = ry + (n * C + c) * S;
+        if (rp != nullptr) {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) yp[i] = ta * rp[i] + tb * (xp[i] - tmu) + tk;
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) yp[i] = tb * (xp[i] - tmu) + tk;
+        }
+      }
+    }
+  }
+}
+
+// The R-operator of native_batch_norm_backward at gy along (rx, R(w)), applied to rgy:
+//   R(dx) = w s (rgy - mean(rgy) - xhat mean(rgy xhat)) + R(w s) (gy - m1 - xhat m2)
+//           - w s (xhat sum(gy R(xhat)) / M + m2 R(xhat)),
+//   R(dw) = sum(rgy xhat) + sum(gy R(xhat)),  R(db) = sum(rgy),
+// with m1 = mean(gy), m2 = mean(gy xhat), R(xhat) = s (rx - mean(rx) - xhat mean(rx xhat)),
+// R(s) = -s^2 mean(xhat rx), R(w s) = R(w) s + w R(s).
+template <typename T>
+struct RbArgs {
+  Shape sh;
+  const T *x, *gy, *rgy, *rx;
+  T *rgx, *r_gw, *r_gb;
+  const double *w, *mean, *invstd, *s_rxx, *s_rx, *rw;
+};
+
+template <typename T>
+inline void rbackward_channels(const RbArgs<T>& A, int64_t c0, int64_t c1) {
+  const int64_t N = A.sh.N, C = A.sh.C, S = A.sh.S;
+  const double M = static_cast<double>(N * S);
+  const T *x = A.x, *gy = A.gy, *rgy = A.rgy, *rx = A.rx;
+  T* rgx = A.rgx;
+  const double *w = A.w, *mean = A.mean, *invstd = A.invstd, *s_rxx = A.s_rxx, *s_rx = A.s_rx, *rw = A.rw;
+  const bool linear_only = rx == nullptr && rw == nullptr;  // then R(dx) is batch norm's backward of rgy
+  {
+    for (int64_t c = c0; c < c1; ++c) {
+      const double mu = mean[c], s = invstd[c];
+      double srg = 0, srgc = 0, sg = 0, sgc = 0, sgr = 0;  // sums of rgy, rgy xc, gy, gy xc, gy rx
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * S;
+        const T *xp = x + o, *rgp = rgy + o;
+        if (linear_only) {
+#pragma omp simd reduction(+ : srg, srgc)
+          for (int64_t i = 0; i < S; ++i) {
+            const double r = rgp[i];
+            srg += r;
+            srgc += r * (static_cast<double>(xp[i]) - mu);
+          }
+        } else if (rx == nullptr) {
+          const T* gp = gy + o;
+#pragma omp simd reduction(+ : srg, srgc, sg, sgc)
+          for (int64_t i = 0; i < S; ++i) {
+            const double xc = static_cast<double>(xp[i]) - mu, r = rgp[i], g = gp[i];
+            srg += r;
+            srgc += r * xc;
+            sg += g;
+            sgc += g * xc;
+          }
+        } else {
+          const T *gp = gy + o, *rp = rx + o;
+#pragma omp simd reduction(+ : srg, srgc, sg, sgc, sgr)
+          for (int64_t i = 0; i < S; ++i) {
+            const double xc = static_cast<double>(xp[i]) - mu, r = rgp[i], g = gp[i];
+            srg += r;
+            srgc += r * xc;
+            sg += g;
+            sgc += g * xc;
+            sgr += g * static_cast<double>(rp[i]);
+          }
+        }
+      }
+      const double ws = w[c] * s;
+      const double sum_rg_xhat = srgc * s;
+      // R(dx) = a_rg rgy + a_g gy + a_rx rx + b_xhat xhat + k
+      double a_g = 0, a_rx = 0, b_xhat = -ws * sum_rg_xhat / M, k = -ws * srg / M;
+      double g_rxh = 0;  // sum(gy R(xhat))
+      if (!linear_only) {
+        const double gw = sgc * s, m1 = sg / M, m2 = gw / M;
+        double r_ws = rw != nullptr ? rw[c] * s : 0.0;
+        double c_xhat = 0, cst = 0;
+        if (rx != nullptr) {
+          const double a = s_rxx[c] / M, mr = s_rx[c] / M;
+          r_ws -= w[c] * s * s * a;
+          g_rxh = s * (sgr - a * gw - mr * sg);
+          a_rx = -ws * m2 * s;
+          c_xhat += ws * m2 * s * a;
+          cst += ws * m2 * s * mr;
+        }
+        c_xhat += -r_ws * m2 - ws * g_rxh / M;
+        cst += -r_ws * m1;
+        a_g = r_ws;
+        b_xhat += c_xhat;
+        k += cst;
+      }
+      A.r_gw[c] = static_cast<T>(sum_rg_xhat + g_rxh);
+      A.r_gb[c] = static_cast<T>(srg);
+      if (rgx == nullptr) continue;
+      // the elementwise pass in T, as PyTorch's own ops run it (float32: twice the SIMD width)
+      const T t_rg = static_cast<T>(ws), t_g = static_cast<T>(a_g), t_rx = static_cast<T>(a_rx),
+              t_xc = static_cast<T>(b_xhat * s), tk = static_cast<T>(k), tmu = static_cast<T>(mu);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = (n * C + c) * S;
+        const T *xp = x + o, *rgp = rgy + o;
+        T* op = rgx + o;
+        if (linear_only) {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) op[i] = t_rg * rgp[i] + t_xc * (xp[i] - tmu) + tk;
+        } else if (rx == nullptr) {
+          const T* gp = gy + o;
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) op[i] = t_rg * rgp[i] + t_g * gp[i] + t_xc * (xp[i] - tmu) + tk;
+        } else {
+          const T *gp = gy + o, *rp = rx + o;
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i)
+            op[i] = t_rg * rgp[i] + t_g * gp[i] + t_rx * rp[i] + t_xc * (xp[i] - tmu) + tk;
+        }
+      }
+    }
+  }
+}
+
+// The loops above vectorize (omp simd) to the build's baseline ISA (SSE2 on x86-64); an AVX2/FMA copy
+// picked at run time runs them 4 float64 lanes wide (as the fused inner-loop kernel does).
+template <typename T>
+__attribute__((target("avx2,fma"), flatten)) void rforward_channels_avx2(const RfArgs<T>& A, int64_t c0, int64_t c1) {
+  rforward_channels(A, c0, c1);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"), flatten)) void rbackward_channels_avx2(const RbArgs<T>& A, int64_t c0,
+                                                                           int64_t c1) {
+  rbackward_channels(A, c0, c1);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+template <typename T>
+void rforward_kernel(const RfArgs<T>& A) {
+  const bool avx2 = cpu_has_avx2_fma();
+  at::parallel_for(0, A.sh.C, grain(A.sh), [&](int64_t c0, int64_t c1) {
+    avx2 ? rforward_channels_avx2(A, c0, c1) : rforward_channels(A, c0, c1);
+  });
+}
+
+template <typename T>
+void rbackward_kernel(const RbArgs<T>& A) {
+  const bool avx2 = cpu_has_avx2_fma();
+  at::parallel_for(0, A.sh.C, grain(A.sh), [&](int64_t c0, int64_t c1) {
+    avx2 ? rbackward_channels_avx2(A, c0, c1) : rbackward_channels(A, c0, c1);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rforward_cxx(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& rx, const c10::optional<at::Tensor>& rw, const c10::optional<at::Tensor>& rb) {
+  const Shape sh = check_big(x, "x", nullptr);
+  if (given(rx)) check_big(*rx, "rx", &x);
+  TORCH_CHECK(given(rx) || given(rw), "batch_norm_rforward: rx or rw must be given (R(y) is zero otherwise)");
+  TORCH_CHECK(given(rw) == given(rb), "rw and rb must be given together");
+  const auto w = channel_vec(weight, "weight", sh.C, 1.0), mu = channel_vec(mean, "mean", sh.C, 0.0),
+             s = channel_vec(invstd, "invstd", sh.C, 0.0), rwv = channel_vec(rw, "rw", sh.C, 0.0),
+             rbv = channel_vec(rb, "rb", sh.C, 0.0);
+  at::Tensor ry = at::empty_like(x);
+  at::Tensor s_rxx = at::empty({given(rx) ? sh.C : 0}, x.options());
+  at::Tensor s_rx = at::empty({given(rx) ? sh.C : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_rforward_cxx", [&] {
+    rforward_kernel<scalar_t>({sh, x.data_ptr<scalar_t>(), given(rx) ? rx->data_ptr<scalar_t>() : nullptr,
+                               ry.data_ptr<scalar_t>(), given(rx) ? s_rxx.data_ptr<scalar_t>() : nullptr,
+                               given(rx) ? s_rx.data_ptr<scalar_t>() : nullptr, w.data(), mu.data(), s.data(),
+                               given(rw) ? rwv.data() : nullptr, given(rw) ? rbv.data() : nullptr});
+  });
+  return {ry, s_rxx, s_rx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rbackward_cxx(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& gy, const at::Tensor& rgy, const c10::optional<at::Tensor>& rx,
+    const c10::optional<at::Tensor>& sum_rx_xhat, const c10::optional<at::Tensor>& sum_rx,
+    const c10::optional<at::Tensor>& rw, bool need_gx) {
+  const Shape sh = check_big(x, "x", nullptr);
+  check_big(gy, "gy", &x);
+  check_big(rgy, "rgy", &x);
+  if (given(rx)) {
+    check_big(*rx, "rx", &x);
+    TORCH_CHECK(given(sum_rx_xhat) && given(sum_rx), "sum_rx_xhat and sum_rx (from batch_norm_rforward) must be "
+                "given with rx");
+  }
+  const auto w = channel_vec(weight, "weight", sh.C, 1.0), mu = channel_vec(mean, "mean", sh.C, 0.0),
+             s = channel_vec(invstd, "invstd", sh.C, 0.0), srxx = channel_vec(sum_rx_xhat, "sum_rx_xhat", sh.C, 0.0),
+             srx = channel_vec(sum_rx, "sum_rx", sh.C, 0.0), rwv = channel_vec(rw, "rw", sh.C, 0.0);
+  at::Tensor rgx = need_gx ? at::empty_like(x) : at::Tensor();
+  at::Tensor r_gw = at::empty({sh.C}, x.options()), r_gb = at::empty({sh.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_rbackward_cxx", [&] {
+    rbackward_kernel<scalar_t>({sh, x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), rgy.data_ptr<scalar_t>(),
+                                given(rx) ? rx->data_ptr<scalar_t>() : nullptr,
+                                need_gx ? rgx.data_ptr<scalar_t>() : nullptr, r_gw.data_ptr<scalar_t>(),
+                                r_gb.data_ptr<scalar_t>(), w.data(), mu.data(), s.data(), srxx.data(), srx.data(),
+                                given(rw) ? rwv.data() : nullptr});
+  });
+  return {rgx, r_gw, r_gb};
+}
+
+}  // namespace
+}  // namespace batch_norm_rop
+}  // namespace metafast
+
+TORCH_LIBRARY_FRAGMENT(metafast, m) {
+  // (R(y), sum(rx xhat) [C], sum(rx) [C]); the sums are empty without rx.
+  m.def(
+      "batch_norm_rforward_cxx(Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor? rx, Tensor? rw, "
+      "Tensor? rb) -> (Tensor, Tensor, Tensor)");
+  // (R(dx) or undefined when not need_gx, R(dw) [C], R(db) [C]).
+  m.def(
+      "batch_norm_rbackward_cxx(Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor gy, Tensor rgy, "
+      "Tensor? rx, Tensor? sum_rx_xhat, Tensor? sum_rx, Tensor? rw, bool need_gx) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metafast, CPU, m) {
+  m.impl("batch_norm_rforward_cxx", &metafast::batch_norm_rop::batch_norm_rforward_cxx);
+  m.impl("batch_norm_rbackward_cxx", &metafast::batch_norm_rop::batch_norm_rbackward_cxx);
+}
