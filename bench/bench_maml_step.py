@@ -216,8 +216,9 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
               + ("" if ok else f"  worst: {_worst_params(g, ref, model)}"))
 
     # Methods are timed in interleaved rounds (each a time_ms median) so that a change in machine load
-    # during the run hits every method alike; a method's time is the median of its round medians.
-    warmup, repeats, rounds = (1, 3, 1) if quick else (3, wl.repeats, 3)
+    # during the run hits every method alike; a method's time is the median of its round medians. Five
+    # rounds: with three, one bimodal round (page faults, bench/NOTES.md) swung Conv4's ratio 1.28-2.3x.
+    warmup, repeats, rounds = (1, 3, 1) if quick else (3, wl.repeats, 5)
     steps = {}
     for m in methods:
         if m.name in notes and notes[m.name].startswith("failed"):
