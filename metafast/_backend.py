@@ -217,6 +217,16 @@ def resolve(op_name: str, device: DeviceLike = None, backend: Optional[str] = No
     return result
 
 
+def use_cpu_kernel(op_name: str, backend: Optional[str] = None) -> bool:
+    """Whether the extension's CPU kernel of ``op_name`` (registered with ``ext_on_cpu``) runs CPU tensors:
+    as :func:`resolve` decides, except that METAFAST_BACKEND=triton leaves an op without a Triton kernel
+    on torch instead of raising (such ops run inside others, e.g. BatchedMAML's reverse, where raising
+    would rule that setting out for every model using them)."""
+    if backend is None and env_value() and requested() == "triton" and "triton" not in _ops[op_name]["backends"]:
+        return False
+    return resolve(op_name, "cpu", backend) == "cuda"
+
+
 def _resolve(op_name: str, device: torch.device, backend: Optional[str]) -> str:
     if backend is None:
         choice = requested()

@@ -3,8 +3,8 @@
 oneDNN computes the input gradient of a strided convolution over NCHW tensors up to 2x slower than
 the same product as a transposed convolution over channels_last tensors plus the conversion back
 (bit-identical results). Conv4's 14x14 -> 7x7 layer, inside the meta-step: 9.3 -> 6.7 ms with shared
-weights over 160 images; grouped over 32 tasks about even (14.5 -> 14.8 ms), as converting the 8 MB
-result back costs what the convolution saves (bench/NOTES.md). On smaller maps the conversions cost
+weights over 160 images; grouped over 32 tasks it only gains since the conversion back goes through
+metafast.ops.to_nchw (PyTorch's copy of the 8 MB result cost what the convolution saved; NOTES). On smaller maps the conversions cost
 more than they save, so the plain ``convolution_backward`` stays the route there, on other devices
 and for other dtypes.
 """
@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..ops.to_nchw import to_nchw
 
 # Input maps below this many pixels take convolution_backward: timed alone on Conv4's 7x7 and 4x4 maps
 # the channels_last route is 10-60% slower there, on 14x14 maps 30-50% faster.
@@ -35,4 +37,4 @@ def input_grad(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: Seque
                                  + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(2)]
     gx = F.conv_transpose2d(gy.contiguous(memory_format=torch.channels_last), w, None, stride, padding, out_pad,
                             groups, dilation)
-    return gx.contiguous()
+    return to_nchw(gx)

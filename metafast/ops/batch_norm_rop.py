@@ -101,9 +101,8 @@ def rbackward_reference(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw
 
 
 def _kernel_ok(maps, backend: Optional[str]) -> bool:
-    """The C++ kernels serve these maps (CPU, contiguous, float32/64, no autograd) and the backend allows it.
-    METAFAST_BACKEND=triton leaves this op on torch (it has no Triton kernel; it runs inside BatchedMAML's
-    reverse, where raising would rule that setting out for every CPU model with batch norm)."""
+    """The C++ kernels serve these maps (CPU, contiguous, float32/64, no autograd) and the backend allows it
+    (METAFAST_BACKEND=triton leaves this op on torch: _backend.use_cpu_kernel)."""
     x = maps[0]
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
         return False
@@ -111,9 +110,7 @@ def _kernel_ok(maps, backend: Optional[str]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in maps):
         return False
-    if backend is None and _backend.env_value() and _backend.requested() == "triton":
-        return False
-    return _backend.resolve("batch_norm_rop", x.device, backend) == "cuda"
+    return _backend.use_cpu_kernel("batch_norm_rop", backend)
 
 
 def rforward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, rx: Optional[Tensor],
