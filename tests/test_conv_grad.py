@@ -49,13 +49,13 @@ def test_small_maps_and_other_dtypes_keep_convolution_backward(monkeypatch):
     real = F.conv_transpose2d
     monkeypatch.setattr(conv_grad.F, "conv_transpose2d", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(4, 4, 3, 3)
-    for x in (torch.randn(2, 4, 7, 7), torch.randn(2, 4, 14, 14, dtype=torch.float64)):  # 49 pixels; float64
+    for x in (torch.randn(2, 4, 6, 8), torch.randn(2, 4, 14, 14, dtype=torch.float64)):  # 48 pixels; float64
         gy = torch.randn_like(F.conv2d(x, w.to(x.dtype), None, 2, 1))
         gx = conv_grad.input_grad(gy, x, w.to(x.dtype), [2, 2], [1, 1], [1, 1], 1)
         ref = _ref(gy, x, w, [2, 2], [1, 1], [1, 1], 1)
         assert ((gx.double() - ref).norm() / ref.norm()).item() < 1e-6
     assert not calls
-    x = torch.randn(2, 4, 14, 14)
+    x = torch.randn(2, 4, 7, 7)  # 49 pixels: Conv4's 7x7 layer takes the route
     assert conv_grad._channels_last_route(x, x.shape, [2, 2]) and not conv_grad._channels_last_route(x, x.shape, [1, 1])
 
 

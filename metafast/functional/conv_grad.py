@@ -3,10 +3,10 @@
 oneDNN computes the input gradient of a strided convolution over NCHW tensors up to 2x slower than
 the same product as a transposed convolution over channels_last tensors plus the conversion back
 (bit-identical results). Conv4's 14x14 -> 7x7 layer, inside the meta-step: 9.3 -> 6.7 ms with shared
-weights over 160 images; grouped over 32 tasks it only gains since the conversion back goes through
-metafast.ops.to_nchw (PyTorch's copy of the 8 MB result cost what the convolution saved; NOTES). On smaller maps the conversions cost
-more than they save, so the plain ``convolution_backward`` stays the route there, on other devices
-and for other dtypes.
+weights over 160 images; grouped over 32 tasks it gains since the conversion back goes through
+metafast.ops.to_nchw (PyTorch's own copy of the 8 MB result cost what the convolution saved; NOTES).
+On maps below MIN_PIXELS the plain ``convolution_backward`` stays the route, as on other devices and
+for other dtypes.
 """
 from typing import Sequence
 
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from ..ops.to_nchw import to_nchw
 
-# Input maps below this many pixels take convolution_backward: timed alone on Conv4's 7x7 and 4x4 maps
-# the channels_last route is 10-60% slower there, on 14x14 maps 30-50% faster.
-MIN_PIXELS = 144
+# Input maps below this many pixels take convolution_backward. Timed alone (2 threads, Conv4's layers,
+# conversion by to_nchw): 14x14 maps 30-50% faster by the route, 7x7 10-25%, 4x4 about even or slower.
+MIN_PIXELS = 49
 
 
 def _channels_last_route(gy: torch.Tensor, x_shape: Sequence[int], stride: Sequence[int]) -> bool:
