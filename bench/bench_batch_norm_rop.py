@@ -10,7 +10,6 @@ GPU kernel; on CUDA the reference runs).
 
     python bench/bench_batch_norm_rop.py [--threads N] [--out DIR] [--quick]
 """
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -20,8 +19,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_task_cross_entropy import _keep_freed_memory  # noqa: E402
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import base_row, cpu_bench_main, keep_freed_memory, time_interleaved  # noqa: E402
 from metafast import _backend  # noqa: E402
 from metafast.ops import batch_norm_rop as bnr  # noqa: E402
 
@@ -46,7 +44,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
         print(f"   batch_norm_rop has CPU kernels only (GPUs run the reference): nothing to time on {device}")
         return []
     device = torch.device("cpu")
-    _keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
+    keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
     kernel = _backend.resolve(BENCH, device) == "cuda"
     if not kernel:
         print(f"metafast._C has no batch_norm_rop kernel here ({_backend.available()['cuda'][1]}): reference only")
@@ -61,10 +59,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
             fns[f"{name}|rforward"] = lambda b=b: bnr.rforward(x, w, mean, invstd, m["rx"], rw, rb, backend=b)
             fns[f"{name}|rbackward"] = lambda b=b: bnr.rbackward(x, w, mean, invstd, m["gy"], m["rgy"], m["rx"], sx, s,
                                                                  rw, True, backend=b)
-        best = {k: float("inf") for k in fns}
-        for _ in range(rounds):  # interleaved; the fastest round's median of each
-            for k, f in fns.items():
-                best[k] = min(best[k], time_ms(f, device, warmup=2, repeats=7))
+        best = time_interleaved(fns, device, rounds, warmup=2, repeats=7)
         nbytes = x.numel() * x.element_size()
         copy_gbps = 2 * nbytes / best.pop("copy") / 1e6
         moved = {"rforward": 3 * nbytes, "rbackward": 5 * nbytes}
@@ -79,19 +74,8 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu (the op's kernels are CPU kernels)")
-    p.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
-    p.add_argument("--quick", action="store_true", help="the 14x14 maps only")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (the meta-step bench uses 2)")
-    args = p.parse_args(argv)
-    if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(args.threads)
-    rows = run(args.device, quick=args.quick)
-    if not rows:
-        return
-    print_table(rows, ["impl", "op", "shape", "ms", "speedup_vs_reference", "GB/s", "frac_of_copy", "threads"])
-    print(f"wrote {write_rows(f'{BENCH}_cpu', rows, out_dir=args.out)}")
+    cpu_bench_main(argv, __doc__, BENCH, run, ["impl", "op", "shape", "ms", "speedup_vs_reference", "GB/s", "frac_of_copy", "threads"],
+                   quick_help="the 14x14 maps only")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_task_cross_entropy import _keep_freed_memory  # noqa: E402
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    base_row,
+    keep_freed_memory,
+    print_table,
+    time_interleaved,
+    write_rows,
+)
 from metafast import _backend  # noqa: E402
 from metafast.ops.kd_loss import kd_loss  # noqa: E402
 
@@ -76,7 +82,7 @@ def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
 def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
     device = torch.device(device)
     if device.type == "cpu":
-        _keep_freed_memory()  # multi-MB temporaries: page faults of fresh mappings would dominate
+        keep_freed_memory()  # multi-MB temporaries: page faults of fresh mappings would dominate
         return _run(device, quick, rounds)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
     os.environ["METAFAST_CHECK_LABELS"] = "0"  # time the kernels, not a host sync
@@ -105,10 +111,7 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
                 loss = fn(x, t, y)
                 torch.autograd.grad(loss, x, g.to(loss.dtype))
             fns[name] = fwd_bwd
-        best = {k: float("inf") for k in fns}
-        for _ in range(1 if device.type == "cuda" else rounds):
-            for k, f in fns.items():
-                best[k] = min(best[k], time_ms(f, device))
+        best = time_interleaved(fns, device, rounds)
         peaks = {k: _peak_mb(f, device) for k, f in fns.items()} if device.type == "cuda" else {}
         for name in fns:
             row = dict(base_row(BENCH, device), impl=name, mode="fwd+bwd", B=B, C=C,

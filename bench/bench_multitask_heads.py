@@ -25,7 +25,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import RESULTS_DIR, base_row, print_table, time_interleaved, write_rows  # noqa: E402
 from metafast import _backend  # noqa: E402
 from metafast.ops.multitask_heads import (  # noqa: E402
     multitask_heads_cross_entropy,
@@ -97,14 +97,6 @@ def _mode_fns(x, w, b, y, g, impls) -> Dict[str, Callable]:
     return fns
 
 
-def _time_all(fns: Dict[str, Callable], device: torch.device, rounds: int) -> Dict[str, float]:
-    best = {k: float("inf") for k in fns}
-    for _ in range(1 if device.type == "cuda" else rounds):
-        for k, f in fns.items():
-            best[k] = min(best[k], time_ms(f, device))
-    return best
-
-
 def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
     device = torch.device(device)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
@@ -131,7 +123,7 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         b = torch.randn(H, O, generator=gen).to(device=device, dtype=dtype)
         y = torch.randint(0, O, (H, N), generator=gen).to(device)
         g = (torch.rand(H, generator=gen) + 0.5).to(device)  # grad_out != 1
-        measured = _time_all(_mode_fns(x, w, b, y, g, impls), device, rounds)
+        measured = time_interleaved(_mode_fns(x, w, b, y, g, impls), device, rounds)
         times: Dict[str, Dict[str, float]] = {}
         for key, ms in measured.items():
             name, mode = key.split("|")

@@ -29,7 +29,14 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    base_row,
+    keep_freed_memory,
+    print_table,
+    time_interleaved,
+    write_rows,
+)
 from metafast import _backend  # noqa: E402
 from metafast.ops.task_cross_entropy import (  # noqa: E402
     _check_label_range,
@@ -91,34 +98,10 @@ def _mode_fns(fn, x, y, g):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
-def _time_all(fns: Dict[str, Callable], device: torch.device, rounds: int) -> Dict[str, float]:
-    """Median time of each callable; on CPU the minimum over ``rounds`` interleaved rounds, so that
-    load from other processes hits every implementation alike and a quiet round wins."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(1 if device.type == "cuda" else rounds):
-        for k, f in fns.items():
-            best[k] = min(best[k], time_ms(f, device))
-    return best
-
-
-def _keep_freed_memory() -> bool:
-    """CPU: make glibc keep freed blocks for reuse instead of returning them to the OS. Otherwise a
-    multi-MB temporary may be a fresh mapping whose page faults (slow on some VMs) dominate its
-    timing, depending on the allocator's history rather than on the implementation."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 25))
-    except (OSError, AttributeError):
-        return False
-
-
 def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
     device = torch.device(device)
     if device.type == "cpu":
-        _keep_freed_memory()
+        keep_freed_memory()
         return _run(device, quick, rounds)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
     os.environ["METAFAST_CHECK_LABELS"] = "0"  # time the kernels; "+labelcheck" adds the check back
@@ -150,7 +133,7 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         for name, fn in impls.items():
             for mode, f in _mode_fns(fn, x, y, g).items():
                 fns[f"{name}|{mode}"] = f
-        measured = _time_all(fns, device, rounds)
+        measured = time_interleaved(fns, device, rounds)
         copy_gbps = 2 * x.numel() * es / measured.pop("copy") / 1e6
         times: Dict[str, Dict[str, float]] = {}
         for key, ms in measured.items():

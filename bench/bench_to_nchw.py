@@ -5,7 +5,6 @@ Bandwidth: 2 x the map's bytes over the time, next to a plain copy of the same m
 
     python bench/bench_to_nchw.py [--threads N] [--out DIR] [--quick]
 """
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -15,8 +14,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_task_cross_entropy import _keep_freed_memory  # noqa: E402
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import base_row, cpu_bench_main, keep_freed_memory, time_interleaved  # noqa: E402
 from metafast import _backend  # noqa: E402
 from metafast.ops.to_nchw import to_nchw  # noqa: E402
 
@@ -28,7 +26,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
         print(f"   to_nchw has a CPU kernel only: nothing to time on {device}")
         return []
     device = torch.device("cpu")
-    _keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
+    keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
     kernel = _backend.use_cpu_kernel(BENCH)
     if not kernel:
         print(f"metafast._C has no to_nchw kernel here ({_backend.available()['cuda'][1]}): torch only")
@@ -41,10 +39,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
         fns = {"copy": lambda: plain.clone(), "torch": lambda: x.contiguous()}
         if kernel:
             fns["metafast[cxx]"] = lambda: to_nchw(x, backend="cuda")
-        best = {k: float("inf") for k in fns}
-        for _ in range(rounds):  # interleaved; the fastest round's median of each
-            for k, f in fns.items():
-                best[k] = min(best[k], time_ms(f, device, warmup=2, repeats=9))
+        best = time_interleaved(fns, device, rounds, warmup=2, repeats=9)
         gb = 2 * x.numel() * x.element_size() / 1e6
         copy_gbps = gb / best.pop("copy")
         for name, ms in best.items():
@@ -55,19 +50,8 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="cpu (the op's kernel is a CPU kernel)")
-    p.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
-    p.add_argument("--quick", action="store_true", help="the grouped 14x14 map only")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (the meta-step bench uses 2)")
-    args = p.parse_args(argv)
-    if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(args.threads)
-    rows = run(args.device, quick=args.quick)
-    if not rows:
-        return
-    print_table(rows, ["impl", "shape", "ms", "speedup_vs_torch", "GB/s", "copy_GB/s", "threads"])
-    print(f"wrote {write_rows(f'{BENCH}_cpu', rows, out_dir=args.out)}")
+    cpu_bench_main(argv, __doc__, BENCH, run, ["impl", "shape", "ms", "speedup_vs_torch", "GB/s", "copy_GB/s", "threads"],
+                   quick_help="the grouped 14x14 map only")
 
 
 if __name__ == "__main__":

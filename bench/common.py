@@ -50,6 +50,52 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     return statistics.median(samples)
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int, warmup: int = 3,
+                     repeats: int = 7) -> Dict[str, float]:
+    """Median time of each callable; on CPU the minimum over ``rounds`` interleaved rounds, so that
+    load from other processes hits every implementation alike and a quiet round wins."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(1 if device.type == "cuda" else rounds):
+        for k, f in fns.items():
+            best[k] = min(best[k], time_ms(f, device, warmup=warmup, repeats=repeats))
+    return best
+
+
+def keep_freed_memory() -> bool:
+    """CPU: make glibc keep freed blocks for reuse instead of returning them to the OS. Otherwise a
+    multi-MB temporary may be a fresh mapping whose page faults (slow on some VMs) dominate its
+    timing, depending on the allocator's history rather than on the implementation."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 25))
+    except (OSError, AttributeError):
+        return False
+
+
+def cpu_bench_main(argv, doc: str, bench: str, run: Callable[..., List[Dict[str, object]]], columns: List[str],
+                   quick_help: str) -> None:
+    """The command line of a benchmark of CPU kernels: --threads (default 2, as the meta-step bench),
+    --quick, --out; ``run(device, quick=...)`` gives the rows, written to ``<out>/<bench>_cpu.json``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu (the op's kernels are CPU kernels)")
+    p.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the meta-step bench uses 2)")
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    rows = run(args.device, quick=args.quick)
+    if not rows:
+        return
+    print_table(rows, columns)
+    print(f"wrote {write_rows(f'{bench}_cpu', rows, out_dir=args.out)}")
+
+
 def base_row(bench: str, device: torch.device) -> Dict[str, object]:
     return {
         "bench": bench,
