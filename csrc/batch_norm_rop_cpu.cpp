@@ -69,53 +69,48 @@ struct RfArgs {
   const double *w, *mean, *invstd, *rw, *rb;
 };
 
-template <typename T>
+// kRx: rx is given (else R(y) comes from R(w), R(b) alone). One loop per pass; the variants are
+// compile-time so that no map that is absent is read.
+template <typename T, bool kRx>
 inline void rforward_channels(const RfArgs<T>& A, int64_t c0, int64_t c1) {
   const int64_t N = A.sh.N, C = A.sh.C, S = A.sh.S;
   const double M = static_cast<double>(N * S);
-  const T *x = A.x, *rx = A.rx;
-  T* ry = A.ry;
-  const double *w = A.w, *mean = A.mean, *invstd = A.invstd, *rw = A.rw, *rb = A.rb;
-  {
-    for (int64_t c = c0; c < c1; ++c) {
-      const double mu = mean[c], s = invstd[c];
-      double a_rx = 0, b_xc = 0, k = 0;  // R(y) = a_rx rx + b_xc (x - mean) + k
-      if (rx != nullptr) {
-        double srx = 0, srxc = 0;  // sum(rx), sum(rx (x - mean))
-        for (int64_t n = 0; n < N; ++n) {
-          const T* xp = x + (n * C + c) * S;
-          const T* rp = rx + (n * C + c) * S;
-#pragma omp simd reduction(+ : srx, srxc)
-          for (int64_t i = 0; i < S; ++i) {
-            const double r = rp[i];
-            srx += r;
-            srxc += r * (static_cast<double>(xp[i]) - mu);
-          }
-        }
-        const double srxx = srxc * s;
-        A.s_rxx[c] = static_cast<T>(srxx);
-        A.s_rx[c] = static_cast<T>(srx);
-        a_rx = w[c] * s;
-        b_xc = -a_rx * srxx * s / M;
-        k = -a_rx * srx / M;
-      }
-      if (rw != nullptr) {
-        b_xc += rw[c] * s;
-        k += rb[c];
-      }
-      // the elementwise pass in T, as PyTorch's own ops run it (float32: twice the SIMD width)
-      const T ta = static_cast<T>(a_rx), tb = static_cast<T>(b_xc), tk = static_cast<T>(k), tmu = static_cast<T>(mu);
+  for (int64_t c = c0; c < c1; ++c) {
+    const double mu = A.mean[c], s = A.invstd[c];
+    double a_rx = 0, b_xc = 0, k = 0;  // R(y) = a_rx rx + b_xc (x - mean) + k
+    if constexpr (kRx) {
+      double srx = 0, srxc = 0;  // sum(rx), sum(rx (x - mean))
       for (int64_t n = 0; n < N; ++n) {
-        const T* xp = x + (n * C + c) * S;
-        const T* rp = rx != nullptr ? rx + (n * C + c) * S : nullptr;
-        T* yp = ry + (n * C + c) * S;
-        if (rp != nullptr) {
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i) yp[i] = ta * rp[i] + tb * (xp[i] - tmu) + tk;
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i) yp[i] = tb * (xp[i] - tmu) + tk;
+        const T *xp = A.x + (n * C + c) * S, *rp = A.rx + (n * C + c) * S;
+#pragma omp simd reduction(+ : srx, srxc)
+        for (int64_t i = 0; i < S; ++i) {
+          const double r = rp[i];
+          srx += r;
+          srxc += r * (static_cast<double>(xp[i]) - mu);
         }
+      }
+      const double srxx = srxc * s;
+      A.s_rxx[c] = static_cast<T>(srxx);
+      A.s_rx[c] = static_cast<T>(srx);
+      a_rx = A.w[c] * s;
+      b_xc = -a_rx * srxx * s / M;
+      k = -a_rx * srx / M;
+    }
+    if (A.rw != nullptr) {
+      b_xc += A.rw[c] * s;
+      k += A.rb[c];
+    }
+    // the elementwise pass in T, as PyTorch's own ops run it (float32: twice the SIMD width)
+    const T ta = static_cast<T>(a_rx), tb = static_cast<T>(b_xc), tk = static_cast<T>(k), tmu = static_cast<T>(mu);
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xp = A.x + (n * C + c) * S;
+      const T* rp = kRx ? A.rx + (n * C + c) * S : nullptr;
+      T* yp = A.ry + (n * C + c) * S;
+#pragma omp simd
+      for (int64_t i = 0; i < S; ++i) {
+        T v = tb * (xp[i] - tmu) + tk;
+        if constexpr (kRx) v += ta * rp[i];
+        yp[i] = v;
       }
     }
   }
@@ -135,97 +130,71 @@ struct RbArgs {
   const double *w, *mean, *invstd, *s_rxx, *s_rx, *rw;
 };
 
-template <typename T>
+// kGy: the terms in gy are needed (rx or R(w) given; else R(dx) is batch norm's backward of rgy);
+// kRx: rx is given. One loop per pass; the variants are compile-time so that no absent map is read.
+template <typename T, bool kGy, bool kRx>
 inline void rbackward_channels(const RbArgs<T>& A, int64_t c0, int64_t c1) {
+  static_assert(kGy || !kRx, "rx brings the gy terms");
   const int64_t N = A.sh.N, C = A.sh.C, S = A.sh.S;
   const double M = static_cast<double>(N * S);
-  const T *x = A.x, *gy = A.gy, *rgy = A.rgy, *rx = A.rx;
-  T* rgx = A.rgx;
-  const double *w = A.w, *mean = A.mean, *invstd = A.invstd, *s_rxx = A.s_rxx, *s_rx = A.s_rx, *rw = A.rw;
-  const bool linear_only = rx == nullptr && rw == nullptr;  // then R(dx) is batch norm's backward of rgy
-  {
-    for (int64_t c = c0; c < c1; ++c) {
-      const double mu = mean[c], s = invstd[c];
-      double srg = 0, srgc = 0, sg = 0, sgc = 0, sgr = 0;  // sums of rgy, rgy xc, gy, gy xc, gy rx
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = (n * C + c) * S;
-        const T *xp = x + o, *rgp = rgy + o;
-        if (linear_only) {
-#pragma omp simd reduction(+ : srg, srgc)
-          for (int64_t i = 0; i < S; ++i) {
-            const double r = rgp[i];
-            srg += r;
-            srgc += r * (static_cast<double>(xp[i]) - mu);
-          }
-        } else if (rx == nullptr) {
-          const T* gp = gy + o;
-#pragma omp simd reduction(+ : srg, srgc, sg, sgc)
-          for (int64_t i = 0; i < S; ++i) {
-            const double xc = static_cast<double>(xp[i]) - mu, r = rgp[i], g = gp[i];
-            srg += r;
-            srgc += r * xc;
-            sg += g;
-            sgc += g * xc;
-          }
-        } else {
-          const T *gp = gy + o, *rp = rx + o;
+  for (int64_t c = c0; c < c1; ++c) {
+    const double mu = A.mean[c], s = A.invstd[c];
+    double srg = 0, srgc = 0, sg = 0, sgc = 0, sgr = 0;  // sums of rgy, rgy xc, gy, gy xc, gy rx
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = (n * C + c) * S;
+      const T *xp = A.x + o, *rgp = A.rgy + o, *gp = kGy ? A.gy + o : nullptr, *rp = kRx ? A.rx + o : nullptr;
 #pragma omp simd reduction(+ : srg, srgc, sg, sgc, sgr)
-          for (int64_t i = 0; i < S; ++i) {
-            const double xc = static_cast<double>(xp[i]) - mu, r = rgp[i], g = gp[i];
-            srg += r;
-            srgc += r * xc;
-            sg += g;
-            sgc += g * xc;
-            sgr += g * static_cast<double>(rp[i]);
-          }
+      for (int64_t i = 0; i < S; ++i) {
+        const double xc = static_cast<double>(xp[i]) - mu, r = rgp[i];
+        srg += r;
+        srgc += r * xc;
+        if constexpr (kGy) {
+          const double g = gp[i];
+          sg += g;
+          sgc += g * xc;
+          if constexpr (kRx) sgr += g * static_cast<double>(rp[i]);
         }
       }
-      const double ws = w[c] * s;
-      const double sum_rg_xhat = srgc * s;
-      // R(dx) = a_rg rgy + a_g gy + a_rx rx + b_xhat xhat + k
-      double a_g = 0, a_rx = 0, b_xhat = -ws * sum_rg_xhat / M, k = -ws * srg / M;
-      double g_rxh = 0;  // sum(gy R(xhat))
-      if (!linear_only) {
-        const double gw = sgc * s, m1 = sg / M, m2 = gw / M;
-        double r_ws = rw != nullptr ? rw[c] * s : 0.0;
-        double c_xhat = 0, cst = 0;
-        if (rx != nullptr) {
-          const double a = s_rxx[c] / M, mr = s_rx[c] / M;
-          r_ws -= w[c] * s * s * a;
-          g_rxh = s * (sgr - a * gw - mr * sg);
-          a_rx = -ws * m2 * s;
-          c_xhat += ws * m2 * s * a;
-          cst += ws * m2 * s * mr;
-        }
-        c_xhat += -r_ws * m2 - ws * g_rxh / M;
-        cst += -r_ws * m1;
-        a_g = r_ws;
-        b_xhat += c_xhat;
-        k += cst;
+    }
+    const double ws = A.w[c] * s;
+    const double sum_rg_xhat = srgc * s;
+    // R(dx) = ws rgy + a_g gy + a_rx rx + b_xhat xhat + k
+    double a_g = 0, a_rx = 0, b_xhat = -ws * sum_rg_xhat / M, k = -ws * srg / M;
+    double g_rxh = 0;  // sum(gy R(xhat))
+    if constexpr (kGy) {
+      const double gw = sgc * s, m1 = sg / M, m2 = gw / M;
+      double r_ws = A.rw != nullptr ? A.rw[c] * s : 0.0;
+      double c_xhat = 0, cst = 0;
+      if constexpr (kRx) {
+        const double a = A.s_rxx[c] / M, mr = A.s_rx[c] / M;
+        r_ws -= A.w[c] * s * s * a;
+        g_rxh = s * (sgr - a * gw - mr * sg);
+        a_rx = -ws * m2 * s;
+        c_xhat += ws * m2 * s * a;
+        cst += ws * m2 * s * mr;
       }
-      A.r_gw[c] = static_cast<T>(sum_rg_xhat + g_rxh);
-      A.r_gb[c] = static_cast<T>(srg);
-      if (rgx == nullptr) continue;
-      // the elementwise pass in T, as PyTorch's own ops run it (float32: twice the SIMD width)
-      const T t_rg = static_cast<T>(ws), t_g = static_cast<T>(a_g), t_rx = static_cast<T>(a_rx),
-              t_xc = static_cast<T>(b_xhat * s), tk = static_cast<T>(k), tmu = static_cast<T>(mu);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = (n * C + c) * S;
-        const T *xp = x + o, *rgp = rgy + o;
-        T* op = rgx + o;
-        if (linear_only) {
+      c_xhat += -r_ws * m2 - ws * g_rxh / M;
+      cst += -r_ws * m1;
+      a_g = r_ws;
+      b_xhat += c_xhat;
+      k += cst;
+    }
+    A.r_gw[c] = static_cast<T>(sum_rg_xhat + g_rxh);
+    A.r_gb[c] = static_cast<T>(srg);
+    if (A.rgx == nullptr) continue;
+    // the elementwise pass in T, as PyTorch's own ops run it (float32: twice the SIMD width)
+    const T t_rg = static_cast<T>(ws), t_g = static_cast<T>(a_g), t_rx = static_cast<T>(a_rx),
+            t_xc = static_cast<T>(b_xhat * s), tk = static_cast<T>(k), tmu = static_cast<T>(mu);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = (n * C + c) * S;
+      const T *xp = A.x + o, *rgp = A.rgy + o, *gp = kGy ? A.gy + o : nullptr, *rp = kRx ? A.rx + o : nullptr;
+      T* op = A.rgx + o;
 #pragma omp simd
-          for (int64_t i = 0; i < S; ++i) op[i] = t_rg * rgp[i] + t_xc * (xp[i] - tmu) + tk;
-        } else if (rx == nullptr) {
-          const T* gp = gy + o;
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i) op[i] = t_rg * rgp[i] + t_g * gp[i] + t_xc * (xp[i] - tmu) + tk;
-        } else {
-          const T *gp = gy + o, *rp = rx + o;
-#pragma omp simd
-          for (int64_t i = 0; i < S; ++i)
-            op[i] = t_rg * rgp[i] + t_g * gp[i] + t_rx * rp[i] + t_xc * (xp[i] - tmu) + tk;
-        }
+      for (int64_t i = 0; i < S; ++i) {
+        T v = t_rg * rgp[i] + t_xc * (xp[i] - tmu) + tk;
+        if constexpr (kGy) v += t_g * gp[i];
+        if constexpr (kRx) v += t_rx * rp[i];
+        op[i] = v;
       }
     }
   }
@@ -233,15 +202,15 @@ inline void rbackward_channels(const RbArgs<T>& A, int64_t c0, int64_t c1) {
 
 // The loops above vectorize (omp simd) to the build's baseline ISA (SSE2 on x86-64); an AVX2/FMA copy
 // picked at run time runs them 4 float64 lanes wide (as the fused inner-loop kernel does).
-template <typename T>
+template <typename T, bool kRx>
 __attribute__((target("avx2,fma"), flatten)) void rforward_channels_avx2(const RfArgs<T>& A, int64_t c0, int64_t c1) {
-  rforward_channels(A, c0, c1);
+  rforward_channels<T, kRx>(A, c0, c1);
 }
 
-template <typename T>
+template <typename T, bool kGy, bool kRx>
 __attribute__((target("avx2,fma"), flatten)) void rbackward_channels_avx2(const RbArgs<T>& A, int64_t c0,
                                                                            int64_t c1) {
-  rbackward_channels(A, c0, c1);
+  rbackward_channels<T, kGy, kRx>(A, c0, c1);
 }
 
 bool cpu_has_avx2_fma() {
@@ -249,19 +218,19 @@ bool cpu_has_avx2_fma() {
   return yes;
 }
 
-template <typename T>
+template <typename T, bool kRx>
 void rforward_kernel(const RfArgs<T>& A) {
   const bool avx2 = cpu_has_avx2_fma();
   at::parallel_for(0, A.sh.C, grain(A.sh), [&](int64_t c0, int64_t c1) {
-    avx2 ? rforward_channels_avx2(A, c0, c1) : rforward_channels(A, c0, c1);
+    avx2 ? rforward_channels_avx2<T, kRx>(A, c0, c1) : rforward_channels<T, kRx>(A, c0, c1);
   });
 }
 
-template <typename T>
+template <typename T, bool kGy, bool kRx>
 void rbackward_kernel(const RbArgs<T>& A) {
   const bool avx2 = cpu_has_avx2_fma();
   at::parallel_for(0, A.sh.C, grain(A.sh), [&](int64_t c0, int64_t c1) {
-    avx2 ? rbackward_channels_avx2(A, c0, c1) : rbackward_channels(A, c0, c1);
+    avx2 ? rbackward_channels_avx2<T, kGy, kRx>(A, c0, c1) : rbackward_channels<T, kGy, kRx>(A, c0, c1);
   });
 }
 
@@ -279,10 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rforward_cxx(
   at::Tensor s_rxx = at::empty({given(rx) ? sh.C : 0}, x.options());
   at::Tensor s_rx = at::empty({given(rx) ? sh.C : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_rforward_cxx", [&] {
-    rforward_kernel<scalar_t>({sh, x.data_ptr<scalar_t>(), given(rx) ? rx->data_ptr<scalar_t>() : nullptr,
-                               ry.data_ptr<scalar_t>(), given(rx) ? s_rxx.data_ptr<scalar_t>() : nullptr,
-                               given(rx) ? s_rx.data_ptr<scalar_t>() : nullptr, w.data(), mu.data(), s.data(),
-                               given(rw) ? rwv.data() : nullptr, given(rw) ? rbv.data() : nullptr});
+    const RfArgs<scalar_t> args{sh, x.data_ptr<scalar_t>(), given(rx) ? rx->data_ptr<scalar_t>() : nullptr,
+                                ry.data_ptr<scalar_t>(), given(rx) ? s_rxx.data_ptr<scalar_t>() : nullptr,
+                                given(rx) ? s_rx.data_ptr<scalar_t>() : nullptr, w.data(), mu.data(), s.data(),
+                                given(rw) ? rwv.data() : nullptr, given(rw) ? rbv.data() : nullptr};
+    given(rx) ? rforward_kernel<scalar_t, true>(args) : rforward_kernel<scalar_t, false>(args);
   });
   return {ry, s_rxx, s_rx};
 }
@@ -306,11 +276,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rbackward_cxx(
   at::Tensor rgx = need_gx ? at::empty_like(x) : at::Tensor();
   at::Tensor r_gw = at::empty({sh.C}, x.options()), r_gb = at::empty({sh.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_rbackward_cxx", [&] {
-    rbackward_kernel<scalar_t>({sh, x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), rgy.data_ptr<scalar_t>(),
+    const RbArgs<scalar_t> args{sh, x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), rgy.data_ptr<scalar_t>(),
                                 given(rx) ? rx->data_ptr<scalar_t>() : nullptr,
                                 need_gx ? rgx.data_ptr<scalar_t>() : nullptr, r_gw.data_ptr<scalar_t>(),
                                 r_gb.data_ptr<scalar_t>(), w.data(), mu.data(), s.data(), srxx.data(), srx.data(),
-                                given(rw) ? rwv.data() : nullptr});
+                                given(rw) ? rwv.data() : nullptr};
+    if (given(rx))
+      rbackward_kernel<scalar_t, true, true>(args);
+    else if (given(rw))
+      rbackward_kernel<scalar_t, true, false>(args);
+    else  // R(dx) is batch norm's backward of rgy
+      rbackward_kernel<scalar_t, false, false>(args);
   });
   return {rgx, r_gw, r_gb};
 }

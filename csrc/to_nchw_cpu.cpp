@@ -65,10 +65,9 @@ void row_block(const float* src, float* dst, int64_t C, int64_t HW, int64_t r0, 
   for (int64_t c0 = c_full; c0 < C; c0 += kCols) tile_scalar(src, dst, C, HW, r0, r1, c0, std::min(C, c0 + kCols));
 }
 
-template <bool kAvx2>
 __attribute__((target("avx2"), flatten)) void row_block_avx2(const float* src, float* dst, int64_t C, int64_t HW,
-                                                   int64_t r0, int64_t r1) {
-  row_block<kAvx2>(src, dst, C, HW, r0, r1);
+                                                            int64_t r0, int64_t r1) {
+  row_block<true>(src, dst, C, HW, r0, r1);
 }
 
 bool cpu_has_avx2() {
@@ -97,7 +96,7 @@ at::Tensor to_nchw_cxx(const at::Tensor& x) {
                        const float* s = src + n * HW * C;
                        float* d = dst + n * C * HW;
                        if (avx2)
-                         row_block_avx2<true>(s, d, C, HW, r0, r1);
+                         row_block_avx2(s, d, C, HW, r0, r1);
                        else
                          row_block<false>(s, d, C, HW, r0, r1);
                      }
