@@ -71,7 +71,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Plan p, const T* __re
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq, const T* lr, const T* sx,
+__global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq, int64_t gq_stride, const T* theta,
+                                                            const T* lr, const T* sx,
                                                             const char* sy, const T* saved, T* gt, T* glr, T* gscratch,
                                                             int64_t ysz, bool first_order) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq,
   T* ws = gscratch != nullptr ? gscratch + t * p.size : reinterpret_cast<T*>(smem_raw);
   const CudaExec ex{static_cast<int>(threadIdx.x), red};
   BwdTask<T> a;
-  a.gq = gq[t];
+  a.gq = gq[t * gq_stride];
+  a.theta = theta;
   a.lr = lr;
   a.sx = sx + t * p.Ns * p.d[0];
   a.sy = sy + t * p.Ns * ysz;
@@ -135,8 +137,8 @@ void forward_cuda(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, 
   });
 }
 
-void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                   const at::Tensor& sy, const at::Tensor& saved,
+void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& theta, const at::Tensor& lr,
+                   const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& saved,
                    const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order) {
   const c10::cuda::CUDAGuard guard(sx.device());
   const int64_t T = sx.size(0);
@@ -148,7 +150,8 @@ void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::T
     if (smem == 0) scratch = at::empty({T, p.size}, sx.options());
     const int64_t ysz = label_stride(p, p.loss_kind == kMSE ? sizeof(scalar_t) : sizeof(int64_t));
     kernel<<<static_cast<unsigned>(T), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-        p, grad_query_loss.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(),
+        p, grad_query_loss.data_ptr<scalar_t>(), grad_query_loss.numel() == 1 ? 0 : 1, theta.data_ptr<scalar_t>(),
+        lr.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(),
         static_cast<const char*>(sy.data_ptr()), saved.data_ptr<scalar_t>(), grad_theta_t.data_ptr<scalar_t>(),
         grad_lr_t.defined() ? grad_lr_t.data_ptr<scalar_t>() : nullptr, smem == 0 ? scratch.data_ptr<scalar_t>() : nullptr,
         ysz, first_order);

@@ -63,9 +63,10 @@ struct Plan {
   int64_t prob;                 // CE: softmax of the support logits [Ns, d_L]
   int64_t size;                 // total elements per task
   // What the forward saves per task for the backward (offsets into the task's saved [saved_size]):
-  // the trajectory W_0..W_{K-1} at k * P, then the last inner step's tape: its gradient G_{K-1}
-  // (tg), the query gradient grad L_q(W_K) (tgq), the support activations and loss gradients (tsa,
-  // tsdz) and the CE softmax (tprob). The backward starts from these instead of recomputing them.
+  // the trajectory W_1..W_{K-1} at (k - 1) * P (W_0 is theta, which the backward gets), then the
+  // last inner step's tape: the query gradient grad L_q(W_K) (tgq), its gradient G_{K-1} (tg; only
+  // Meta-SGD's lr gradient reads it), the support activations and loss gradients (tsa, tsdz) and
+  // the CE softmax (tprob). The backward starts from these instead of recomputing them.
   int64_t tg, tgq, tsa[kMaxLayers], tsdz[kMaxLayers], tprob;
   int64_t saved_size;
 };
@@ -114,10 +115,11 @@ inline Plan make_plan(const int64_t* dims, int ndims, int Ns, int Nq, int K, int
   }
   p.prob = take(loss_kind == kCE ? static_cast<int64_t>(Ns) * p.d[p.L] : 0);
   p.size = at;
-  int64_t so = static_cast<int64_t>(K) * p.P;
+  int64_t so = static_cast<int64_t>(K - 1) * p.P;
+  p.tgq = so;
+  so += p.P;
   p.tg = so;
-  p.tgq = so + p.P;
-  so += 2 * p.P;
+  if (lr_per_param) so += p.P;
   for (int l = 1; l <= p.L; ++l) {
     p.tsa[l - 1] = so;
     p.tsdz[l - 1] = so + static_cast<int64_t>(Ns) * p.d[l];
@@ -142,7 +144,7 @@ MF_HD T mf_max(T a, T b) { return a > b ? a : b; }
 // max(0, x), and x where m > 0 else 0 (relu'(z) read off the post-ReLU activation m). The CPU's
 // task-vector type has its own overloads (found by argument-dependent lookup).
 template <typename T>
-MF_HD T relu_of(T x) { return x > T(0) ? x : T(0); }
+MF_HD T relu_of(T x) { return x < T(0) ? T(0) : x; }  // NaN stays NaN, as in torch.relu
 template <typename T>
 MF_HD T where_pos(T m, T x) { return m > T(0) ? x : T(0); }
 
@@ -481,9 +483,10 @@ MF_HD void sgd_step(const Ex& ex, const Plan& p, T* dst, const T* W, const T* G,
 }
 
 // (workspace offset, saved offset, length) of the i-th piece of the last inner step's tape: its
-// gradient G, then per layer the support activations and loss gradients, then the CE softmax.
+// gradient G (Meta-SGD only), then per layer the support activations and loss gradients, then the CE softmax.
 // Returns false past the last piece.
 MF_HD bool tape_piece(const Plan& p, int i, int64_t& wo, int64_t& so, int64_t& n) {
+  if (!p.lr_per_param) ++i;  // no G
   if (i == 0) {
     wo = p.g, so = p.tg, n = p.P;
     return true;
@@ -540,7 +543,7 @@ MF_HD void forward_task(const Ex& ex, const Plan& p, const FwdTask<T>& a, T* ws)
   const bool save = a.saved != nullptr;
   for (int k = 0; k < p.K; ++k) {
     const bool last = k == p.K - 1;
-    if (save) copy(ex, a.saved + static_cast<int64_t>(k) * p.P, (const T*)W, p.P);
+    if (save && k > 0) copy(ex, a.saved + static_cast<int64_t>(k - 1) * p.P, (const T*)W, p.P);
     sl = support_pass(ex, p, a.sx, a.sy, ws, true, save && last && p.loss_kind == kCE);
     if (save && last) save_tape(ex, p, (const T*)ws, a.saved);  // each thread its own indices
     sgd_step(ex, p, W, W, ws + p.g, a.lr, k);  // elementwise: in place is safe
@@ -563,6 +566,7 @@ MF_HD void forward_task(const Ex& ex, const Plan& p, const FwdTask<T>& a, T* ws)
 template <typename T>
 struct BwdTask {
   T gq;             // grad_query_loss[t]
+  const T* theta;   // [P] (W_0)
   const T* lr;
   const T* sx;
   const void* sy;
@@ -570,6 +574,12 @@ struct BwdTask {
   T* grad_theta;    // [P] (this task's Wbar_0)
   T* grad_lr;       // [P] (this task's share) or null
 };
+
+// W_k of the inner loop: theta for k = 0, then as the forward saved it
+template <typename T>
+MF_HD const T* trajectory(const Plan& p, const BwdTask<T>& a, int k) {
+  return k == 0 ? a.theta : a.saved + static_cast<int64_t>(k - 1) * p.P;
+}
 
 template <typename Ex, typename T>
 MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool first_order, T* ws) {
@@ -580,8 +590,8 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
   T* HV = ws + p.hv;
   const int K = p.K;
   const bool ce_prob = p.loss_kind == kCE && !first_order;
-  // The last inner step's W, tape and gradient, and Wbar_K = gq * grad L_q(W_K), as saved.
-  copy(ex, W, a.saved + static_cast<int64_t>(K - 1) * p.P, p.P);
+  // The last inner step's W and tape (with its gradient for Meta-SGD), and Wbar_K = gq * grad L_q(W_K), as saved.
+  copy(ex, W, trajectory(p, a, K - 1), p.P);
   load_tape(ex, p, ws, a.saved);
   for (int64_t i = ex.tid; i < p.P; i += ex.nthreads) Wbar[i] = a.gq * a.saved[p.tgq + i];
   ex.sync();
@@ -590,7 +600,7 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
   for (int k = K - 1; k >= 0; --k) {
     const bool need_tape = !first_order || p.lr_per_param;
     if (k < K - 1 && need_tape) {
-      copy(ex, W, a.saved + static_cast<int64_t>(k) * p.P, p.P);
+      copy(ex, W, trajectory(p, a, k), p.P);
       ex.sync();
       support_pass(ex, p, a.sx, a.sy, ws, p.lr_per_param, ce_prob);
     }
@@ -625,7 +635,7 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
 // Launchers (host). The op functions in fused_inner_loop_cpu.cpp check the arguments, allocate the
 // outputs and call these for the tensors' device. Tensors are contiguous, of one floating dtype
 // (labels int64); saved holds saved_size elements per task (CUDA: [T, saved_size]; CPU: per task
-// group, lane-interleaved).
+// group, lane-interleaved); grad_query_loss is [T], or [1] for the same value for every task.
 #include <ATen/core/Tensor.h>
 
 namespace metafast {
@@ -635,15 +645,15 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
                  const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& query_loss,
                  const at::Tensor& support_loss, const at::Tensor& fast, const at::Tensor& query_out,
                  const at::Tensor& saved);
-void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                  const at::Tensor& sy, const at::Tensor& saved,
+void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& theta, const at::Tensor& lr,
+                  const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& saved,
                   const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order);
 void forward_cuda(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx,
                   const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& query_loss,
                   const at::Tensor& support_loss, const at::Tensor& fast, const at::Tensor& query_out,
                   const at::Tensor& saved);
-void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                   const at::Tensor& sy, const at::Tensor& saved,
+void backward_cuda(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& theta, const at::Tensor& lr,
+                   const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& saved,
                    const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order);
 
 }  // namespace fused_inner_loop

@@ -105,8 +105,9 @@ struct FusedInnerLoopFn : public torch::autograd::Function<FusedInnerLoopFn> {
     {
       at::NoGradGuard no_grad;
       const int64_t T = sx.size(0);
-      at::Tensor gq = g_query.defined() ? g_query.detach() : theta.new_zeros({T});
-      if (g_mean.defined()) gq = gq.add(g_mean.detach().div(static_cast<double>(T)));
+      // [1] when only the mean has a gradient: the op spreads one value over every task
+      at::Tensor gq = g_mean.defined() ? g_mean.detach().div(static_cast<double>(T)).reshape({1}) : at::Tensor();
+      if (g_query.defined()) gq = gq.defined() ? g_query.detach().add(gq) : g_query.detach();
       std::tie(g_theta, g_lr) = bwd_op().call(gq.to(theta.scalar_type()).contiguous(), theta, lr, sx, saved[3],
                                               saved[4], saved[5], saved[6], dims, cfg[0], cfg[1], lr_per_param,
                                               cfg[3] != 0);

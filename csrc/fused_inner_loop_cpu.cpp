@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -266,8 +267,8 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
   });
 }
 
-void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& lr, const at::Tensor& sx,
-                  const at::Tensor& sy, const at::Tensor& saved,
+void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Tensor& theta, const at::Tensor& lr,
+                  const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& saved,
                   const at::Tensor& grad_theta_t, const at::Tensor& grad_lr_t, bool first_order) {
   const int64_t T = sx.size(0);
   AT_DISPATCH_FLOATING_TYPES(sx.scalar_type(), "fused_inner_loop_backward_cxx", [&] {
@@ -280,14 +281,16 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
     S* glr_p = mut_or_null<S>(grad_lr_t);
     at::parallel_for(0, cpu_groups(T, sx), group_grain(p), [&](int64_t begin, int64_t end) {
       GroupIO<S> io(p);
+      broadcast(io.theta, theta.data_ptr<S>(), p.P);
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
         io.load_support(p, sx_p, sy.data_ptr(), t0, T);  // the query set's part is in saved
-        V gq;
-        gather(&gq, gq_p, 1, 1, t0, T);
+        V gq(gq_p[0]);
+        if (grad_query_loss.numel() > 1) gather(&gq, gq_p, 1, 1, t0, T);
         BwdTask<V> a;
         a.gq = gq;
+        a.theta = io.theta;
         a.lr = io.lr;
         a.sx = io.sx;
         a.sy = io.support_y(p);
@@ -299,6 +302,11 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
         if (glr_p != nullptr) sum_lanes(glr_p + g * p.P, io.c, p.P, t0, T);
       }
     });
+    // the groups' shares into the first row, in group order (deterministic; cheaper than an op)
+    const int64_t groups = cpu_groups(T, sx);
+    for (S* d : {gt_p, glr_p})
+      for (int64_t g = 1; d != nullptr && g < groups; ++g)
+        for (int64_t i = 0; i < p.P; ++i) d[i] += d[g * p.P + i];
   });
 }
 
@@ -419,8 +427,9 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
   CHECK_CONTIGUOUS(grad_query_loss);
   TORCH_CHECK(grad_query_loss.device() == theta.device(), "grad_query_loss must be on ", theta.device(), ", got ",
               grad_query_loss.device());
-  TORCH_CHECK(grad_query_loss.dim() == 1 && grad_query_loss.size(0) == T, "grad_query_loss must be [T] = [", T,
-              "], got ", grad_query_loss.sizes());
+  TORCH_CHECK(grad_query_loss.dim() == 1 && (grad_query_loss.size(0) == T || grad_query_loss.size(0) == 1),
+              "grad_query_loss must be [T] = [", T, "], or [1] for one value for every task, got ",
+              grad_query_loss.sizes());
   at::Tensor traj = saved;
   if (!saved.defined() || saved.numel() == 0) {
     // Nothing saved: run the forward again for what it saves.
@@ -434,19 +443,21 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
                 " elements), got ", saved.sizes());
   }
   const auto opt = theta.options();
-  // per-task shares on CUDA, per task group on the CPU (its launcher sums a group's lanes)
+  // per-task shares on CUDA, per task group on the CPU (its launcher sums a group's lanes, then the
+  // groups into the first row)
   const int64_t rows = theta.is_cuda() ? T : cpu_groups(T, theta);
   at::Tensor gt = at::empty({rows, p.P}, opt);
   at::Tensor glr_t = lr_per_param ? at::empty({rows, p.P}, opt) : at::Tensor();
   if (T > 0) {
     if (theta.is_cuda())
-      backward_cuda(p, grad_query_loss, lr, sx, sy, traj, gt, glr_t, first_order);
+      backward_cuda(p, grad_query_loss, theta, lr, sx, sy, traj, gt, glr_t, first_order);
     else
-      backward_cpu(p, grad_query_loss, lr, sx, sy, traj, gt, glr_t, first_order);
+      backward_cpu(p, grad_query_loss, theta, lr, sx, sy, traj, gt, glr_t, first_order);
   }
-  // The shares summed here (deterministic, unlike atomics across blocks).
-  at::Tensor grad_theta = at::sum(gt, {0});
-  at::Tensor grad_lr = lr_per_param ? at::sum(glr_t, {0}) : at::empty({0}, opt);
+  // CUDA's shares summed here (deterministic, unlike atomics across blocks).
+  auto total = [&](const at::Tensor& shares) { return theta.is_cuda() ? at::sum(shares, {0}) : shares[0]; };
+  at::Tensor grad_theta = T > 0 ? total(gt) : at::zeros({p.P}, opt);
+  at::Tensor grad_lr = !lr_per_param ? at::empty({0}, opt) : T > 0 ? total(glr_t) : at::zeros({p.P}, opt);
   return {grad_theta, grad_lr};
 }
 
@@ -462,7 +473,8 @@ TORCH_LIBRARY_FRAGMENT(metafast, m) {
       "fused_inner_loop_cxx(Tensor theta, Tensor lr, Tensor sx, Tensor sy, Tensor qx, Tensor qy, "
       "int[] dims, int steps, int loss_kind, bool lr_per_param, bool save_for_backward) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // (grad_theta [P], grad_lr [P] or empty); saved may be empty (the forward is run again).
+  // (grad_theta [P], grad_lr [P] or empty); saved may be empty (the forward is run again);
+  // grad_query_loss is [T], or [1] for one value for every task.
   m.def(
       "fused_inner_loop_backward_cxx(Tensor grad_query_loss, Tensor theta, Tensor lr, Tensor sx, "
       "Tensor sy, Tensor qx, Tensor qy, Tensor saved, int[] dims, int steps, int loss_kind, "

@@ -55,7 +55,7 @@ inline TaskVec<S> operator/(TaskVec<S> a, TaskVec<S> b) { return TaskVec<S>::of(
 template <typename S>
 inline TaskVec<S> relu_of(TaskVec<S> x) {
   using V = typename TaskVec<S>::V;
-  return TaskVec<S>::of(x.v > V{} ? x.v : V{});
+  return TaskVec<S>::of(x.v < V{} ? V{} : x.v);  // NaN stays NaN, as in torch.relu
 }
 template <typename S>
 inline TaskVec<S> where_pos(TaskVec<S> m, TaskVec<S> x) {

@@ -104,7 +104,7 @@ def _mm(a_ptr, sam, sak, b_ptr, sbk, sbn, a2_ptr, sa2m, sa2k, b2_ptr, sb2k, sb2n
                 tl.store(c_ptr + offs, acc, mask=cm)
             elif EPI == 1:
                 tl.store(c_ptr + offs, acc, mask=cm)
-                tl.store(c2_ptr + offs, tl.maximum(acc, 0.0), mask=cm)
+                tl.store(c2_ptr + offs, tl.where(acc < 0, 0.0, acc), mask=cm)  # NaN stays NaN, as in torch.relu
             elif EPI == 2:
                 z = tl.load(z_ptr + offs, mask=cm, other=0.0)
                 tl.store(c_ptr + offs, tl.where(z > 0, acc, 0.0), mask=cm)

@@ -181,3 +181,50 @@ def test_inference_mode_then_training(fused_backend):
     ref.module.load_state_dict(maml.module.state_dict())
     _, want = _run(ref, batch)
     assert ((grads - want).norm() / want.norm()).item() <= 1e-10
+
+
+def test_repeated_calls_check_once_per_signature(fused_backend, monkeypatch):
+    # BatchedMAML checks a batch signature (shapes, dtypes, devices, configuration) once; later calls
+    # with it go straight to the kernel, yet every per-call check and every change still counts
+    if fused_backend != "cxx":
+        pytest.skip("only the C++ autograd node path memoises its checks")
+    torch.manual_seed(0)
+    model = MLP(3, [6], 4).double()
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=2, loss="cross_entropy")
+    ref = BatchedMAML(MLP(3, [6], 4).double(), inner_lr=0.3, inner_steps=2, loss="cross_entropy", fused=False)
+    ref.module.load_state_dict(model.state_dict())
+    batch = _batch(5, 4, 3, 4, True)
+    out1, g1 = _run(maml, batch)
+    calls = []
+    real = maml._check_batch
+    monkeypatch.setattr(maml, "_check_batch", lambda *a: calls.append(1) or real(*a))
+    out2, g2 = _run(maml, batch)
+    assert calls == [] and torch.equal(g1, g2) and torch.equal(out1.task_accuracies, out2.task_accuracies)
+    assert _rel(g2, _run(ref, batch)[1]) < 1e-10
+    # label values are checked on every call
+    sx, sy, qx, qy = batch
+    bad = qy.clone()
+    bad[1, 2] = 4
+    with pytest.raises(ValueError, match="query_y: labels must lie in"):
+        maml(sx, sy, qx, bad)
+    # so is the loss being finite
+    with pytest.raises(FloatingPointError, match="is NaN/inf"):
+        maml(sx.clone().fill_(float("nan")), sy, qx, qy)
+    # a new signature is checked again: other task count, wrong shapes
+    with pytest.raises(ValueError, match="query_x: expected 5 tasks"):
+        maml(sx, sy, qx[:3], qy)
+    assert len(calls) == 1  # the label and NaN calls above were checked on the short path
+    # a changed configuration is checked again and takes effect
+    for m in (maml, ref):
+        m.first_order = True
+    _, g_fo = _run(maml, batch)
+    assert len(calls) == 2 and _rel(g_fo, _run(ref, batch)[1]) < 1e-10 and _rel(g_fo, g2) > 1e-6
+    out3 = maml(*batch, inner_steps=3)
+    assert len(calls) == 3 and _rel(out3.loss.detach(), ref(*batch, inner_steps=3).loss.detach()) < 1e-12
+    # parameters moved to new storage (module.float() here) are rebound and checked again
+    for m in (maml, ref):
+        m.module.float()
+        m.first_order = False
+    batch32 = tuple(t.float() if t.is_floating_point() else t for t in batch)
+    _, g32 = _run(maml, batch32)
+    assert len(calls) == 4 and _rel(g32.double(), _run(ref, batch32)[1].double()) < 1e-5

@@ -418,7 +418,7 @@ BAD = {
     "theta_dtype": (TypeError, "theta must be float32 or float64"),
     "sx_shape": (ValueError, r"support_x must have shape \[T, Ns, d0\]"),
     "qx_tasks": (ValueError, r"query_x must have shape \[T, Nq, d0\] = \(2, Nq, 3\)"),
-    "labels_range": (ValueError, r"support_y labels must lie in \[0, 2\)"),
+    "labels_range": (ValueError, r"support_y: labels must lie in \[0, 2\)"),
     "labels_dtype": (TypeError, "query_y must hold int64 class labels"),
     "labels_shape": (ValueError, r"query_y must have shape \[T, N\] = \(2, 3\)"),
     "mse_target": (TypeError, "support_y must have theta's dtype"),

@@ -163,12 +163,40 @@ def test_float64_matches_autograd(case, steps, first_order, per_param):
     want = reference(*args, dims, steps, kind, per_param, first_order)
     check_all(got[:6], want, TOL)
     saved = got[6]  # opaque: what the backward reads, for the shapes the fake implementation gives
-    assert saved.shape == (fil._cxx_saved_numel(dims, *args[2].shape[:2], steps, kind, args[0]),)
+    assert saved.shape == (fil._cxx_saved_numel(dims, *args[2].shape[:2], steps, kind, per_param, args[0]),)
     # the gradient really differs between orders (the second-order term is exercised)
     if not first_order:
         fo = reference(*args, dims, steps, kind, per_param, True)
         assert rel_err(fo[4], want[4]) > 1e3 * TOL
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_input_reaches_the_losses(dtype):
+    # ReLU keeps a NaN as torch.relu does (a NaN input must not vanish into a finite loss that a
+    # NaN check would pass)
+    dims = (3, 17, 9, 5)
+    args = make_problem(dims, MSE, dtype=dtype)
+    args[2] = args[2].clone()
+    args[2][1].fill_(float("nan"))  # task 1's support inputs
+    ql, sl = fused(*args, dims, 1, MSE, False, False)[:2]
+    assert torch.isnan(sl[1]) and torch.isnan(ql[1])
+    assert torch.isfinite(ql[[0, 2]]).all() and torch.isfinite(sl[[0, 2]]).all()
+
+
+def test_grad_query_loss_of_one_value_is_spread_over_the_tasks():
+    dims = (3, 17, 9, 5)
+    args = make_problem(dims, CE, steps=2)
+    gq = args[6]
+    one = torch.full((1,), 0.37, dtype=DT)
+    ql, sl, fast, qout, saved = torch.ops.metafast.fused_inner_loop_cxx(*args[:6], list(dims), 2, CE, False, True)
+    got = torch.ops.metafast.fused_inner_loop_backward_cxx(one, *args[:6], saved, list(dims), 2, CE, False, False)[0]
+    want = torch.ops.metafast.fused_inner_loop_backward_cxx(one.expand_as(gq).contiguous(), *args[:6], saved,
+                                                            list(dims), 2, CE, False, False)[0]
+    assert rel_err(got, want) < 1e-14
+    with pytest.raises(RuntimeError, match=r"grad_query_loss must be \[T\] = \[3\], or \[1\]"):
+        torch.ops.metafast.fused_inner_loop_backward_cxx(torch.ones(2, dtype=DT), *args[:6], saved, list(dims), 2,
+                                                         CE, False, False)
 
 
 # metafast::fused_inner_loop_autograd: the eager op as one C++ autograd node over a flat buffer and its

@@ -12,6 +12,7 @@ from ..functional.flat import FlatParams
 from ..functional.layers import RunCtx
 from ..functional.losses import CrossEntropy, make_loss
 from ..functional.meta_step import MetaStep
+from .. import _backend
 from . import fused_path
 from . import precision as _precision
 from .cuda_graph import GraphedMetaSteps
@@ -121,6 +122,7 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         self.fused = fused
         self._fused_plans = {}
+        self._fused_checked = (None, None)  # (_fused_key, checked op arguments) of the last fused call
         if fused and self._prec.mixed:
             raise ValueError(f"fused=True: the fused inner loop runs float32/float64 only; precision={precision!r} "
                              "runs on the batched path (use fused=None or False)")
@@ -135,6 +137,12 @@ class BatchedMAML(nn.Module):
     # -- public API ------------------------------------------------------------------------------
     def forward(self, support_x, support_y, query_x, query_y, inner_steps: Optional[int] = None) -> MetaOutput:
         """Adapt to every task on its support set, then return the query loss (mean over tasks)."""
+        same = inner_steps is None or (type(inner_steps) is int and inner_steps == self.inner_steps)
+        key = self._fused_key(support_x, support_y, query_x, query_y, None if same else inner_steps)
+        if key is not None and self._fused_checked[0] == key:
+            # the configuration and these shapes passed every check before: only the per-call ones remain
+            out = self._fused_step(self._flat.buffer, self._fused_checked[1], support_x, support_y, query_x, query_y)
+            return MetaOutput(out[3], out[0].detach(), out[1], out[2].detach())
         self._check_batch(support_x, support_y, query_x, query_y)
         steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
         graphed = self._graphs(support_x, support_y, query_x, query_y, steps) if self._graphs is not None else None
@@ -157,12 +165,16 @@ class BatchedMAML(nn.Module):
         self._overflow = None
         dims = self._fused_dims(buffer.device) if steps else None
         if dims is not None:
-            # the meta-parameters go in as the flat buffer and its parameter views: the fused op's
-            # own autograd node hands each parameter its gradient
+            from ..ops import fused_inner_loop as op
+
+            key = self._fused_key(support_x, support_y, query_x, query_y, None if steps == self.inner_steps else steps)
+            if key is not None and op.runs_eager_node(buffer.device):
+                # checked once per batch signature; later calls with it skip straight to _fused_step
+                self._fused_checked = (key, self._fused_args(buffer, support_x, support_y, query_x, query_y, dims,
+                                                             steps))
+                return self._fused_step(buffer, self._fused_checked[1], support_x, support_y, query_x, query_y)
             mean, r = self._fused_call(buffer, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
-            self._finite(r.query_loss, "query loss", r.support_loss, mean)
-            acc = CrossEntropy.accuracy(r.query_out.detach(), query_y) if self.loss_fn.classification else None
-            return r.query_loss, acc, r.support_loss, mean
+            return self._fused_outputs(mean, r, query_y)
         theta = self._flat.theta()
         if self.exact_reverse and torch.is_grad_enabled():
             report = [] if self._watch_overflow() else None
@@ -241,18 +253,62 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"fused=True: the fused inner loop cannot run this configuration: {why}")
         return dims
 
-    def _fused_call(self, buffer, sx, sy, qx, qy, dims, steps: int, first_order: bool):
-        """(mean query loss, FusedInnerLoopResult) with the meta-gradient going to the parameters."""
-        from ..ops.fused_inner_loop import fused_meta_loss
-
+    def _fused_op_args(self, sx, sy, qx, qy, dims):
+        """(lr, loss) of the fused op, after the batched path's target checks."""
         for x, y, name in ((sx, sy, "support_y"), (qx, qy, "query_y")):
             # the same target checks as the batched path, against the output shape alone (the op
             # itself checks label ranges on every device)
             self.loss_fn.check_target(torch.empty(*x.shape[:2], dims[-1], device="meta"), y, name)
         lr = self.lrs if self.lrs is not None else (self.inner_lrs if len(self.inner_lrs) > 1 else self.inner_lrs[0])
-        loss = "cross_entropy" if self.loss_fn.classification else "mse"
+        return lr, "cross_entropy" if self.loss_fn.classification else "mse"
+
+    def _fused_call(self, buffer, sx, sy, qx, qy, dims, steps: int, first_order: bool):
+        """(mean query loss, FusedInnerLoopResult) with the meta-gradient going to the parameters."""
+        from ..ops.fused_inner_loop import fused_meta_loss
+
+        lr, loss = self._fused_op_args(sx, sy, qx, qy, dims)
         return fused_meta_loss(buffer, self._flat.params, lr, sx, sy, qx, qy, dims, steps, loss,
                                first_order=first_order)
+
+    def _fused_args(self, buffer, sx, sy, qx, qy, dims, steps: int):
+        """The fused op's checked arguments for this batch (errors name the argument)."""
+        from ..ops.fused_inner_loop import check_args
+
+        lr, loss = self._fused_op_args(sx, sy, qx, qy, dims)
+        return check_args(buffer, lr, sx, sy, qx, qy, dims, steps, loss)
+
+    def _fused_key(self, sx, sy, qx, qy, steps: Optional[int]):
+        """What the checks of a fused meta-step depend on beyond the module, or None when they must run
+        (parameters moved to new storage, a non-tensor argument, a compiling or graphed call)."""
+        if self._graphs is not None or torch.compiler.is_compiling() or not self._flat.is_bound():
+            return None
+        try:
+            shapes = (sx.shape, sy.shape, qx.shape, qy.shape, sx.dtype, sy.dtype, qx.dtype, qy.dtype,
+                      sx.device, sy.device, qx.device, qy.device)
+        except AttributeError:
+            return None
+        buffer = self._flat.buffer
+        return (shapes, buffer.dtype, buffer.device, steps, self.inner_steps, tuple(self.inner_lrs), id(self.lrs),
+                self.first_order, self.fused, _backend.env_value())
+
+    def _fused_step(self, buffer, checked, sx, sy, qx, qy):
+        """The fused meta-step through the C++ autograd node, for arguments that passed every check."""
+        from ..ops.fused_inner_loop import check_labels, eager_meta_loss
+
+        if checked.kind == 1:  # label values: checked on every call (the kernels index logits by them)
+            check_labels(sy, checked.dims[-1], "support_y")
+            check_labels(qy, checked.dims[-1], "query_y")
+        self._overflow = None
+        # the meta-parameters go in as the flat buffer and its parameter views: the op's own
+        # autograd node hands each parameter its gradient
+        mean, r = eager_meta_loss(buffer, self._flat.params, checked, sx, sy, qx, qy, self.first_order)
+        return self._fused_outputs(mean, r, qy)
+
+    def _fused_outputs(self, mean, r, query_y):
+        """_meta_forward's outputs of a fused step, after the finite check."""
+        self._finite(r.query_loss, "query loss", r.support_loss, mean)
+        acc = CrossEntropy.accuracy(r.query_out.detach(), query_y) if self.loss_fn.classification else None
+        return r.query_loss, acc, r.support_loss, mean
 
     # -- engine ----------------------------------------------------------------------------------
     def _lr(self, step: int):

@@ -263,19 +263,19 @@ def _(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_
     if not save_for_backward:
         saved = theta.new_empty(0)
     elif backend == "cuda":
-        saved = theta.new_empty(_cxx_saved_numel(dims, T, sx.shape[1], steps, loss_kind, theta))
+        saved = theta.new_empty(_cxx_saved_numel(dims, T, sx.shape[1], steps, loss_kind, lr_per_param, theta))
     else:
         saved = theta.new_empty(T, steps, P)
     return (theta.new_empty(T), theta.new_empty(T), theta.new_empty(T, P), theta.new_empty(T, Nq, dims[-1]), saved)
 
 
-def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, theta: Tensor) -> int:
+def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, lr_per_param: bool, theta: Tensor) -> int:
     """Elements of the C++ op's opaque saved output (csrc/fused_inner_loop.h, Plan): per task the
-    trajectory W_0..W_{K-1}, the last inner step's gradient, the query gradient, the support
-    activations and loss gradients, and the softmax for cross-entropy; on the CPU for whole task
-    groups of one task vector's worth of lanes (kTaskVecBytes = 32, csrc/fused_inner_loop_cpu.h)."""
+    trajectory W_1..W_{K-1}, the query gradient, the last inner step's gradient (Meta-SGD only), the
+    support activations and loss gradients, and the softmax for cross-entropy; on the CPU for whole
+    task groups of one task vector's worth of lanes (kTaskVecBytes = 32, csrc/fused_inner_loop_cpu.h)."""
     P = _num_params(dims)
-    per_task = ((steps + 2) * P + 2 * Ns * sum(dims[1:])
+    per_task = ((steps + bool(lr_per_param)) * P + 2 * Ns * sum(dims[1:])
                 + (Ns * dims[-1] if loss_kind == LOSS_KINDS["cross_entropy"] else 0))
     if theta.device.type == "cuda":
         return T * per_task
@@ -377,7 +377,17 @@ LrArg = Union[float, Sequence[float], Tensor]
 _STATIC: dict = {}  # (dims, steps, loss) that passed _check_static -> its result
 
 
-def _check(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Tuple[List[int], int, int, Tensor, bool]:
+class Checked(NamedTuple):
+    """The op's configuration after :func:`check_args`: what the kernels take."""
+    dims: List[int]
+    steps: int
+    kind: int        # LOSS_KINDS value
+    lr: Tensor       # [steps] rates, or [P] (Meta-SGD)
+    per_param: bool  # lr is [P]
+
+
+def check_args(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Checked:
+    """Validate the arguments of :func:`fused_inner_loop` (errors name the argument)."""
     try:  # the same configuration every meta-step: validated once (types in the key: True == 1)
         key = (tuple(dims), tuple(map(type, dims)), type(steps), steps, loss)
         static = _STATIC.get(key)
@@ -390,7 +400,7 @@ def _check(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Tuple[List[int], int
                 _STATIC.clear()
             _STATIC[key] = static
     dims, steps, kind = static
-    return _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind)
+    return Checked(*_check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind))
 
 
 def _check_static(dims, steps, loss) -> Tuple[List[int], int, int]:
@@ -448,14 +458,7 @@ def _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind) -> Tuple[List[i
                 raise TypeError(f"{where}: {name} must hold int64 class labels for cross_entropy, got {y.dtype}")
             if y.shape != (T, n):
                 raise ValueError(f"{where}: {name} must have shape [T, N] = ({T}, {n}), got {tuple(y.shape)}")
-            # the kernels index logits by label, so every device is checked; skipped while torch.compile
-            # traces or a CUDA graph captures (a host sync would break either)
-            if y.numel() and not torch.compiler.is_compiling() and not (
-                    y.is_cuda and torch.cuda.is_current_stream_capturing()):
-                lo, hi = int(y.min()), int(y.max())
-                if lo < 0 or hi >= dL:
-                    raise ValueError(f"{where}: {name} labels must lie in [0, {dL}) for {dL} classes, "
-                                     f"got values in [{lo}, {hi}]")
+            check_labels(y, dL, f"{where}: {name}")
     if isinstance(lr, Tensor):
         if lr.shape != (P,):
             raise ValueError(f"{where}: a tensor lr must have shape [P] = ({P},) (Meta-SGD), got {tuple(lr.shape)}; "
@@ -475,6 +478,16 @@ def _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind) -> Tuple[List[i
         raise TypeError(f"{where}: lr must be a float, a list of {steps} floats or a [P] tensor, "
                         f"got {type(lr).__name__}")
     return dims, steps, kind, _rates_tensor(tuple(rates), dtype, device), False
+
+
+def check_labels(y: Tensor, classes: int, name: str) -> None:
+    """Class labels in [0, classes) (the error names ``name``): the kernels index logits by label, so every device is checked;
+    skipped while torch.compile traces or a CUDA graph captures (a host sync would break either)."""
+    if y.numel() and not torch.compiler.is_compiling() and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"{name}: labels must lie in [0, {classes}) for {classes} classes, "
+                             f"got values in [{lo}, {hi}]")
 
 
 _RATES: dict = {}
@@ -516,16 +529,28 @@ def fused_meta_loss(flat: Tensor, params: Sequence[Tensor], lr: LrArg, support_x
                 backend)
 
 
+def runs_eager_node(device: torch.device, backend: Optional[str] = None) -> bool:
+    """Whether calls on ``device`` go through the C++ autograd node (:func:`eager_meta_loss`)."""
+    return _backend.resolve("fused_inner_loop", device, backend) == "cuda" and not torch.compiler.is_compiling()
+
+
+def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tensor, sy: Tensor, qx: Tensor,
+                    qy: Tensor, first_order: bool) -> Tuple[Tensor, FusedInnerLoopResult]:
+    """:func:`fused_meta_loss` through the C++ autograd node, for arguments that passed :func:`check_args`
+    (BatchedMAML calls it directly once a batch signature has been checked)."""
+    out = torch.ops.metafast.fused_inner_loop_autograd(flat.contiguous(), params, c.lr.contiguous(), sx, sy, qx, qy,
+                                                       c.dims, c.steps, c.kind, c.per_param, bool(first_order))
+    return out[0], FusedInnerLoopResult(*out[1:])
+
+
 def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order,
          backend) -> Tuple[Tensor, FusedInnerLoopResult]:
-    dims, steps, kind, lr_t, per_param = _check(theta, lr, sx, sy, qx, qy, dims, steps, loss)
+    c = check_args(theta, lr, sx, sy, qx, qy, dims, steps, loss)
+    if runs_eager_node(theta.device, backend):
+        return eager_meta_loss(theta, [theta] if params is None else params, c, sx, sy, qx, qy, first_order)
+    dims, steps, kind, lr_t, per_param = c
     chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
     compiling = torch.compiler.is_compiling()
-    if chosen == "cuda" and not compiling:
-        out = torch.ops.metafast.fused_inner_loop_autograd(theta.contiguous(), [theta] if params is None else params,
-                                                           lr_t.contiguous(), sx, sy, qx, qy, dims, steps, kind,
-                                                           per_param, bool(first_order))
-        return out[0], FusedInnerLoopResult(*out[1:])
     if params is not None and torch.is_grad_enabled():
         from ..functional.flat import ThetaView
 
