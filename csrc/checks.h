@@ -29,3 +29,21 @@
 
 #define CHECK_SAME_DEVICE(x, y) \
   TORCH_CHECK((x).device() == (y).device(), #x " must be on ", (y).device(), " like " #y ", got ", (x).device())
+
+namespace metafast {
+// Whether each x[t] (t along dim 0) is one contiguous block, whatever the stride between them: e.g.
+// support and query sets sliced from one [T, N, ...] tensor.
+inline bool task_slices_contiguous(const at::Tensor& x) {
+  int64_t expected = 1;
+  for (int64_t d = x.dim() - 1; d >= 1; --d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return true;
+}
+}  // namespace metafast
+
+// CUDA: contiguous; CPU: each task's slice contiguous (the CPU launchers read task by task).
+#define CHECK_TASK_SLICES(x)                                                                            \
+  TORCH_CHECK((x).is_cuda() ? (x).is_contiguous() : metafast::task_slices_contiguous(x), #x " must be " \
+              "contiguous (on the CPU, each task's slice " #x "[t]), got strides ", (x).strides())

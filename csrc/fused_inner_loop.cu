@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Plan p, const T* __re
   a.qy = qy + t * p.Nq * ysz;
   a.query_loss = ql + t;
   a.support_loss = sl + t;
-  a.fast = fast + t * p.P;
+  a.fast = fast == nullptr ? nullptr : fast + t * p.P;
   a.query_out = qout + t * p.Nq * p.d[p.L];
   a.saved = saved == nullptr ? nullptr : saved + t * p.saved_size;
   forward_task(ex, p, a, ws);
@@ -130,7 +130,8 @@ void forward_cuda(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, 
     kernel<<<static_cast<unsigned>(T), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         p, theta.data_ptr<scalar_t>(), lr.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(),
         static_cast<const char*>(sy.data_ptr()), qx.data_ptr<scalar_t>(), static_cast<const char*>(qy.data_ptr()),
-        query_loss.data_ptr<scalar_t>(), support_loss.data_ptr<scalar_t>(), fast.data_ptr<scalar_t>(),
+        query_loss.data_ptr<scalar_t>(), support_loss.data_ptr<scalar_t>(),
+        fast.numel() > 0 ? fast.data_ptr<scalar_t>() : nullptr,
         query_out.data_ptr<scalar_t>(), saved.numel() > 0 ? saved.data_ptr<scalar_t>() : nullptr,
         smem == 0 ? scratch.data_ptr<scalar_t>() : nullptr, ysz);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -8,12 +8,16 @@
 // lone differentiable theta passes itself as params = [theta]). Outputs: (mean query loss, query
 // loss [T], support loss [T], fast [T, P], query out [T, Nq, dL]); the first two are differentiable
 // w.r.t. params and, with lr_per_param, lr.
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
+
+#include "checks.h"
 
 namespace metafast {
 namespace fused_inner_loop {
@@ -28,7 +32,7 @@ constexpr const char* kSecondOrder =
 
 using FwdOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, at::IntArrayRef, int64_t, int64_t, bool, bool);
+    const at::Tensor&, at::IntArrayRef, int64_t, int64_t, bool, bool, bool);
 using BwdOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t,
@@ -58,15 +62,39 @@ struct NoSecondOrder : public torch::autograd::Function<NoSecondOrder> {
   static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kSecondOrder); }
 };
 
+// x.mean() of a 1-D tensor, summed in double on the CPU: a reduction op's dispatch costs more than
+// the sum of a meta-batch's losses
+at::Tensor mean_of(const at::Tensor& x) {
+  if (x.is_cuda() || x.numel() == 0) return x.mean();
+  at::Tensor out = at::empty({}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mean_of", [&] {
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    double s = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) s += static_cast<double>(p[i]);
+    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(s / static_cast<double>(x.numel()));
+  });
+  return out;
+}
+
+// (x * a) as a [1] tensor of x's dtype, x one element (by hand on the CPU, as mean_of)
+at::Tensor scaled(const at::Tensor& x, double a) {
+  if (x.is_cuda()) return x.mul(a).reshape({1});
+  at::Tensor out = at::empty({1}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaled", [&] {
+    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(static_cast<double>(x.item<scalar_t>()) * a);
+  });
+  return out;
+}
+
 struct FusedInnerLoopFn : public torch::autograd::Function<FusedInnerLoopFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& theta, at::TensorList params,
                                const at::Tensor& lr, const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& qx,
                                const at::Tensor& qy, at::IntArrayRef dims, int64_t steps, int64_t loss_kind,
-                               bool lr_per_param, bool first_order, bool save) {
+                               bool lr_per_param, bool first_order, bool save, bool need_fast) {
     at::Tensor query_loss, support_loss, fast, query_out, saved;
     std::tie(query_loss, support_loss, fast, query_out, saved) =
-        fwd_op().call(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save);
-    at::Tensor mean = query_loss.mean();
+        fwd_op().call(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save, need_fast);
+    at::Tensor mean = mean_of(query_loss);
     if (save) {
       ctx->save_for_backward({theta, lr, sx, sy, qx, qy, saved, params[0]});
       std::vector<int64_t> numels, shapes, ranks;
@@ -96,8 +124,8 @@ struct FusedInnerLoopFn : public torch::autograd::Function<FusedInnerLoopFn> {
     const auto ranks = ctx->saved_data["ranks"].toIntVector();
     const bool lr_per_param = cfg[2] != 0;
     const size_t n_params = numels.size();
-    // forward inputs: theta, params..., lr, sx, sy, qx, qy and six non-tensor arguments
-    variable_list out(1 + n_params + 1 + 4 + 6);
+    // forward inputs: theta, params..., lr, sx, sy, qx, qy and seven non-tensor arguments
+    variable_list out(1 + n_params + 1 + 4 + 7);
     const at::Tensor &g_mean = grads[0], &g_query = grads[1];
     if (!g_mean.defined() && !g_query.defined()) return out;
     const bool create_graph = at::GradMode::is_enabled();
@@ -106,7 +134,7 @@ struct FusedInnerLoopFn : public torch::autograd::Function<FusedInnerLoopFn> {
       at::NoGradGuard no_grad;
       const int64_t T = sx.size(0);
       // [1] when only the mean has a gradient: the op spreads one value over every task
-      at::Tensor gq = g_mean.defined() ? g_mean.detach().div(static_cast<double>(T)).reshape({1}) : at::Tensor();
+      at::Tensor gq = g_mean.defined() ? scaled(g_mean.detach(), 1.0 / static_cast<double>(T)) : at::Tensor();
       if (g_query.defined()) gq = gq.defined() ? g_query.detach().add(gq) : g_query.detach();
       std::tie(g_theta, g_lr) = bwd_op().call(gq.to(theta.scalar_type()).contiguous(), theta, lr, sx, saved[3],
                                               saved[4], saved[5], saved[6], dims, cfg[0], cfg[1], lr_per_param,
@@ -134,7 +162,7 @@ std::vector<at::Tensor> fused_inner_loop_autograd(const at::Tensor& theta, at::T
                                                   const at::Tensor& lr, const at::Tensor& sx, const at::Tensor& sy,
                                                   const at::Tensor& qx, const at::Tensor& qy, at::IntArrayRef dims,
                                                   int64_t steps, int64_t loss_kind, bool lr_per_param,
-                                                  bool first_order) {
+                                                  bool first_order, bool need_fast) {
   TORCH_CHECK(!params.empty(), "params must list the tensors theta's storage backs, got none");
   int64_t total = 0;
   bool needs_grad = lr_per_param && lr.requires_grad();
@@ -147,8 +175,10 @@ std::vector<at::Tensor> fused_inner_loop_autograd(const at::Tensor& theta, at::T
   TORCH_CHECK(total == theta.numel(), "params must hold theta's ", theta.numel(), " elements (the tensors theta's "
               "storage backs), got ", total);
   needs_grad = needs_grad && at::GradMode::is_enabled();
-  return FusedInnerLoopFn::apply(theta, params, lr, sx.contiguous(), sy.contiguous(), qx.contiguous(),
-                                 qy.contiguous(), dims, steps, loss_kind, lr_per_param, first_order, needs_grad);
+  // CPU tensors whose task slices are contiguous go in as they are (e.g. support / query slices of one tensor)
+  auto tasks = [](const at::Tensor& x) { return x.is_cuda() || !task_slices_contiguous(x) ? x.contiguous() : x; };
+  return FusedInnerLoopFn::apply(theta, params, lr, tasks(sx), tasks(sy), tasks(qx), tasks(qy), dims, steps,
+                                 loss_kind, lr_per_param, first_order, needs_grad, need_fast);
 }
 
 }  // namespace
@@ -158,7 +188,8 @@ std::vector<at::Tensor> fused_inner_loop_autograd(const at::Tensor& theta, at::T
 TORCH_LIBRARY_FRAGMENT(metafast, m) {
   m.def(
       "fused_inner_loop_autograd(Tensor theta, Tensor[] params, Tensor lr, Tensor sx, Tensor sy, Tensor qx, "
-      "Tensor qy, int[] dims, int steps, int loss_kind, bool lr_per_param, bool first_order) -> Tensor[]");
+      "Tensor qy, int[] dims, int steps, int loss_kind, bool lr_per_param, bool first_order, bool need_fast=True) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(metafast, CompositeImplicitAutograd, m) {

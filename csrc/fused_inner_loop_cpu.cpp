@@ -134,21 +134,22 @@ struct GroupIO {
     ql = sl + p.Ns * TaskVec<S>::kW;
   }
 
-  // A group's N-row set x / y (MSE targets or CE labels) into x_dst and y_dst / labels, interleaved.
-  void load_set(const Plan& p, int64_t N, const S* x_p, const void* y_p, TaskVec<S>* x_dst, TaskVec<S>* y_dst,
-                int64_t* labels, int64_t t0, int64_t T) {
+  // A group's N-row set x / y (MSE targets or CE labels) into x_dst and y_dst / labels, interleaved;
+  // task slices x[t], y[t] are contiguous, any stride apart.
+  void load_set(const Plan& p, int64_t N, const at::Tensor& x, const at::Tensor& y, TaskVec<S>* x_dst,
+                TaskVec<S>* y_dst, int64_t* labels, int64_t t0, int64_t T) {
     const int64_t d0 = p.d[0], dL = p.d[p.L];
-    gather(x_dst, x_p, N * d0, N * d0, t0, T);
+    gather(x_dst, x.data_ptr<S>(), N * d0, x.stride(0), t0, T);
     if (p.loss_kind == kMSE)
-      gather(y_dst, static_cast<const S*>(y_p), N * dL, N * dL, t0, T);
+      gather(y_dst, y.data_ptr<S>(), N * dL, y.stride(0), t0, T);
     else
-      gather_labels(labels, static_cast<const int64_t*>(y_p), N, N, t0, T, TaskVec<S>::kW);
+      gather_labels(labels, y.data_ptr<int64_t>(), N, y.stride(0), t0, T, TaskVec<S>::kW);
   }
-  void load_support(const Plan& p, const S* sx_p, const void* sy_p, int64_t t0, int64_t T) {
-    load_set(p, p.Ns, sx_p, sy_p, sx, sy, sl, t0, T);
+  void load_support(const Plan& p, const at::Tensor& sx_t, const at::Tensor& sy_t, int64_t t0, int64_t T) {
+    load_set(p, p.Ns, sx_t, sy_t, sx, sy, sl, t0, T);
   }
-  void load_query(const Plan& p, const S* qx_p, const void* qy_p, int64_t t0, int64_t T) {
-    load_set(p, p.Nq, qx_p, qy_p, qx, qy, ql, t0, T);
+  void load_query(const Plan& p, const at::Tensor& qx_t, const at::Tensor& qy_t, int64_t t0, int64_t T) {
+    load_set(p, p.Nq, qx_t, qy_t, qx, qy, ql, t0, T);
   }
   const void* support_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(sy) : sl; }
   const void* query_y(const Plan& p) const { return p.loss_kind == kMSE ? static_cast<const void*>(qy) : ql; }
@@ -228,11 +229,9 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fused_inner_loop_cxx", [&] {
     using S = scalar_t;
     using V = TaskVec<S>;
-    const S* sx_p = sx.data_ptr<S>();
-    const S* qx_p = qx.data_ptr<S>();
     S* ql_p = query_loss.data_ptr<S>();
     S* sl_p = support_loss.data_ptr<S>();
-    S* fast_p = fast.data_ptr<S>();
+    S* fast_p = mut_or_null<S>(fast);
     S* qout_p = query_out.data_ptr<S>();
     S* saved_p = mut_or_null<S>(saved);
     const int64_t nout = p.Nq * p.d[p.L];
@@ -242,8 +241,8 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
-        io.load_support(p, sx_p, sy.data_ptr(), t0, T);
-        io.load_query(p, qx_p, qy.data_ptr(), t0, T);
+        io.load_support(p, sx, sy, t0, T);
+        io.load_query(p, qx, qy, t0, T);
         FwdTask<V> a;
         a.theta = io.theta;
         a.lr = io.lr;
@@ -253,14 +252,14 @@ void forward_cpu(const Plan& p, const at::Tensor& theta, const at::Tensor& lr, c
         a.qy = io.query_y(p);
         a.query_loss = io.loss;
         a.support_loss = io.loss + 1;
-        a.fast = io.a;
+        a.fast = fast_p == nullptr ? nullptr : io.a;
         // saved stays in the group's lane layout: only this op's backward reads it
         a.saved = saved_p == nullptr ? nullptr : reinterpret_cast<V*>(saved_p) + g * p.saved_size;
         a.query_out = io.c;
         run_forward_task(p, a, io.ws);
         scatter(ql_p, io.loss, 1, 1, t0, T);
         scatter(sl_p, io.loss + 1, 1, 1, t0, T);
-        scatter(fast_p, io.a, p.P, p.P, t0, T);
+        if (fast_p != nullptr) scatter(fast_p, io.a, p.P, p.P, t0, T);
         scatter(qout_p, io.c, nout, nout, t0, T);
       }
     });
@@ -275,7 +274,6 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
     using S = scalar_t;
     using V = TaskVec<S>;
     const S* gq_p = grad_query_loss.data_ptr<S>();
-    const S* sx_p = sx.data_ptr<S>();
     const S* saved_p = saved.data_ptr<S>();
     S* gt_p = grad_theta_t.data_ptr<S>();
     S* glr_p = mut_or_null<S>(grad_lr_t);
@@ -285,7 +283,7 @@ void backward_cpu(const Plan& p, const at::Tensor& grad_query_loss, const at::Te
       broadcast(io.lr, lr.data_ptr<S>(), lr.numel());
       for (int64_t g = begin; g < end; ++g) {
         const int64_t t0 = g * V::kW;
-        io.load_support(p, sx_p, sy.data_ptr(), t0, T);  // the query set's part is in saved
+        io.load_support(p, sx, sy, t0, T);  // the query set's part is in saved
         V gq(gq_p[0]);
         if (grad_query_loss.numel() > 1) gather(&gq, gq_p, 1, 1, t0, T);
         BwdTask<V> a;
@@ -341,10 +339,10 @@ Plan check_and_plan(const at::Tensor& theta, const at::Tensor& lr, const at::Ten
                 t->device());
   CHECK_CONTIGUOUS(theta);
   CHECK_CONTIGUOUS(lr);
-  CHECK_CONTIGUOUS(sx);
-  CHECK_CONTIGUOUS(sy);
-  CHECK_CONTIGUOUS(qx);
-  CHECK_CONTIGUOUS(qy);
+  CHECK_TASK_SLICES(sx);
+  CHECK_TASK_SLICES(sy);
+  CHECK_TASK_SLICES(qx);
+  CHECK_TASK_SLICES(qy);
   CHECK_DIM(sx, 3);
   CHECK_DIM(qx, 3);
   const int64_t T = sx.size(0), Ns = sx.size(1), Nq = qx.size(1), d0 = dims[0], dL = dims.back();
@@ -390,12 +388,12 @@ int64_t saved_numel(const Plan& p, int64_t T, const at::Tensor& theta) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const Plan& p, const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx, const at::Tensor& sy,
-    const at::Tensor& qx, const at::Tensor& qy, bool save) {
+    const at::Tensor& qx, const at::Tensor& qy, bool save, bool need_fast = true) {
   const int64_t T = sx.size(0);
   const auto opt = theta.options();
   at::Tensor query_loss = at::empty({T}, opt);
   at::Tensor support_loss = at::empty({T}, opt);
-  at::Tensor fast = at::empty({T, p.P}, opt);
+  at::Tensor fast = at::empty({need_fast ? T : 0, p.P}, opt);
   at::Tensor query_out = at::empty({T, p.Nq, p.d[p.L]}, opt);
   at::Tensor saved = at::empty({save ? saved_numel(p, T, theta) : 0}, opt);
   if (T > 0) {
@@ -410,10 +408,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forwa
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_inner_loop_cxx(
     const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& qx,
     const at::Tensor& qy, at::IntArrayRef dims, int64_t steps, int64_t loss_kind, bool lr_per_param,
-    bool save_for_backward) {
+    bool save_for_backward, bool need_fast) {
   TORCH_CHECK(theta.is_cpu() || theta.is_cuda(), "theta must be a CPU or CUDA tensor, got ", theta.device());
   const Plan p = check_and_plan(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param);
-  return run_forward(p, theta, lr, sx, sy, qx, qy, save_for_backward);
+  return run_forward(p, theta, lr, sx, sy, qx, qy, save_for_backward, need_fast);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
@@ -466,12 +464,12 @@ std::tuple<at::Tensor, at::Tensor> fused_inner_loop_backward_cxx(
 }  // namespace metafast
 
 TORCH_LIBRARY_FRAGMENT(metafast, m) {
-  // (query_loss [T], support_loss [T], fast [T, P], query_out [T, Nq, dL], saved or empty); saved is
-  // a 1-D buffer for the backward: per task the trajectory W_0..W_{K-1} and the last inner step's
-  // tape (see Plan), laid out as the device's kernel runs tasks.
+  // (query_loss [T], support_loss [T], fast [T, P] (or [0, P] without need_fast), query_out [T, Nq, dL],
+  // saved or empty); saved is a 1-D buffer for the backward: per task the trajectory W_1..W_{K-1} and
+  // the last inner step's tape (see Plan), laid out as the device's kernel runs tasks.
   m.def(
       "fused_inner_loop_cxx(Tensor theta, Tensor lr, Tensor sx, Tensor sy, Tensor qx, Tensor qy, "
-      "int[] dims, int steps, int loss_kind, bool lr_per_param, bool save_for_backward) "
+      "int[] dims, int steps, int loss_kind, bool lr_per_param, bool save_for_backward, bool need_fast=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // (grad_theta [P], grad_lr [P] or empty); saved may be empty (the forward is run again);
   // grad_query_loss is [T], or [1] for one value for every task.

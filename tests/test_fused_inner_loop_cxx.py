@@ -351,6 +351,46 @@ def test_empty_batch():
     assert torch.equal(gt, torch.zeros(num_params(dims), dtype=DT)) and glr.numel() == 0
 
 
+@pytest.mark.parametrize("kind", [MSE, CE], ids=["mse", "ce"])
+def test_task_sliced_inputs_read_in_place(kind):
+    # support and query sliced from one [T, Ns + Nq, ...] tensor (task slices contiguous, a task
+    # stride of Ns + Nq rows): the CPU launcher reads them as they are, with the same results
+    dims, Ns, Nq = (3, 17, 9, 5), 7, 5
+    theta, lr, _, _, _, _, gq = make_problem(dims, kind, steps=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, Ns + Nq, dims[0], generator=g, dtype=DT)
+    y = (torch.randn(3, Ns + Nq, dims[-1], generator=g, dtype=DT) if kind == MSE
+         else torch.randint(0, dims[-1], (3, Ns + Nq), generator=g))
+    sliced = [x[:, :Ns], y[:, :Ns], x[:, Ns:], y[:, Ns:]]
+    assert not any(t.is_contiguous() for t in sliced)
+    got = fused(theta, lr, *sliced, gq, dims, 2, kind, False, False)
+    want = fused(theta, lr, *[t.contiguous() for t in sliced], gq, dims, 2, kind, False, False)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # the autograd node takes them as they are too
+    loss = "mse" if kind == MSE else "cross_entropy"
+    grads = []
+    for batch in (sliced, [t.contiguous() for t in sliced]):
+        buf, params = _views(theta, dims)
+        fil.fused_meta_loss(buf, params, lr.tolist(), *batch, dims, 2, loss)[0].backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_without_fast_weights():
+    dims = (3, 17, 9, 5)
+    args = make_problem(dims, CE, steps=2)
+    full = torch.ops.metafast.fused_inner_loop_cxx(*args[:6], list(dims), 2, CE, False, True)
+    lean = torch.ops.metafast.fused_inner_loop_cxx(*args[:6], list(dims), 2, CE, False, True, False)
+    assert lean[2].shape == (0, num_params(dims))
+    for i in (0, 1, 3, 4):
+        assert torch.equal(lean[i], full[i])
+    buf, params = _views(args[0], dims)
+    c = fil.check_args(buf, args[1].tolist(), *args[2:6], dims, 2, "cross_entropy")
+    mean, r = fil.eager_meta_loss(buf, params, c, *args[2:6], False, need_fast=False)
+    assert r.fast.shape == (0, num_params(dims)) and torch.equal(r.query_loss, full[0])
+
+
 def test_argument_errors():
     dims = (3, 4, 2)
     theta, lr, sx, sy, qx, qy, gq = make_problem(dims, MSE, steps=1)

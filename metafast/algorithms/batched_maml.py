@@ -301,7 +301,8 @@ class BatchedMAML(nn.Module):
         self._overflow = None
         # the meta-parameters go in as the flat buffer and its parameter views: the op's own
         # autograd node hands each parameter its gradient
-        mean, r = eager_meta_loss(buffer, self._flat.params, checked, sx, sy, qx, qy, self.first_order)
+        mean, r = eager_meta_loss(buffer, self._flat.params, checked, sx, sy, qx, qy, self.first_order,
+                                  need_fast=False)
         return self._fused_outputs(mean, r, qy)
 
     def _fused_outputs(self, mean, r, query_y):

@@ -535,11 +535,13 @@ def runs_eager_node(device: torch.device, backend: Optional[str] = None) -> bool
 
 
 def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tensor, sy: Tensor, qx: Tensor,
-                    qy: Tensor, first_order: bool) -> Tuple[Tensor, FusedInnerLoopResult]:
+                    qy: Tensor, first_order: bool, need_fast: bool = True) -> Tuple[Tensor, FusedInnerLoopResult]:
     """:func:`fused_meta_loss` through the C++ autograd node, for arguments that passed :func:`check_args`
-    (BatchedMAML calls it directly once a batch signature has been checked)."""
+    (BatchedMAML calls it directly once a batch signature has been checked). Without ``need_fast`` the
+    result's ``fast`` is empty ([0, P]: not written, which saves a [T, P] store per call)."""
     out = torch.ops.metafast.fused_inner_loop_autograd(flat.contiguous(), params, c.lr.contiguous(), sx, sy, qx, qy,
-                                                       c.dims, c.steps, c.kind, c.per_param, bool(first_order))
+                                                       c.dims, c.steps, c.kind, c.per_param, bool(first_order),
+                                                       need_fast)
     return out[0], FusedInnerLoopResult(*out[1:])
 
 
