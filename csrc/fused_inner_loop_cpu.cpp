@@ -52,18 +52,17 @@ T* mut_or_null(const at::Tensor& t) {
 // are dropped), so every lane computes on valid data.
 inline int64_t lane_task(int64_t t0, int w, int64_t T) { return t0 + w < T ? t0 + w : T - 1; }
 
-// dst[i] lane w = src[task(w) * stride + i] for i < n: one vector store per i, read from W
-// sequential streams.
+// dst[i] lane w = src[task(w) * stride + i] for i < n, read from W sequential streams. Lane by lane
+// into dst's memory (TaskVec may alias its scalars): a vector assembled on the stack and reloaded
+// stalls on store forwarding in the baseline-ISA build of this file.
 template <typename S>
 void gather(TaskVec<S>* dst, const S* src, int64_t n, int64_t stride, int64_t t0, int64_t T) {
   constexpr int W = TaskVec<S>::kW;
   const S* s[W];
   for (int w = 0; w < W; ++w) s[w] = src + lane_task(t0, w, T) * stride;
-  for (int64_t i = 0; i < n; ++i) {
-    alignas(kTaskVecBytes) S x[W];
-    for (int w = 0; w < W; ++w) x[w] = s[w][i];
-    dst[i] = *reinterpret_cast<const TaskVec<S>*>(x);
-  }
+  S* d = reinterpret_cast<S*>(dst);
+  for (int64_t i = 0; i < n; ++i)
+    for (int w = 0; w < W; ++w) d[i * W + w] = s[w][i];
 }
 
 // int64 labels into [n, W]
@@ -99,10 +98,14 @@ void sum_lanes(S* dst, const TaskVec<S>* src, int64_t n, int64_t t0, int64_t T) 
   }
 }
 
-// dst[i] = src[i] in every lane (theta, lr: the same for every task)
+// dst[i] = src[i] in every lane (theta, lr: the same for every task); lane stores as in gather (the
+// TaskVec(S) form was a sixth of the sinusoid forward in the baseline-ISA build)
 template <typename S>
 void broadcast(TaskVec<S>* dst, const S* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = TaskVec<S>(src[i]);
+  constexpr int W = TaskVec<S>::kW;
+  S* d = reinterpret_cast<S*>(dst);
+  for (int64_t i = 0; i < n; ++i)
+    for (int w = 0; w < W; ++w) d[i * W + w] = src[i];
 }
 
 // A group's interleaved inputs (and outputs), after the task workspace in the same buffer.
