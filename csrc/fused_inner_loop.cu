@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Plan p, const T* __re
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(Plan p, const T* gq, int64_t gq_stride, const T* theta,
-                                                            const T* lr, const T* sx,
-                                                            const char* sy, const T* saved, T* gt, T* glr, T* gscratch,
-                                                            int64_t ysz, bool first_order) {
+                                                            const T* lr, const T* sx, const char* sy, const T* saved,
+                                                            T* gt, T* glr, T* gscratch, int64_t ysz,
+                                                            bool first_order) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ double red[kWarps];
   const int64_t t = blockIdx.x;

@@ -293,9 +293,9 @@ class BatchedMAML(nn.Module):
 
     def _fused_step(self, buffer, checked, sx, sy, qx, qy):
         """The fused meta-step through the C++ autograd node, for arguments that passed every check."""
-        from ..ops.fused_inner_loop import check_labels, eager_meta_loss
+        from ..ops.fused_inner_loop import LOSS_KINDS, check_labels, eager_meta_loss
 
-        if checked.kind == 1:  # label values: checked on every call (the kernels index logits by them)
+        if checked.kind == LOSS_KINDS["cross_entropy"]:  # label values: every call (the kernels index logits by them)
             check_labels(sy, checked.dims[-1], "support_y")
             check_labels(qy, checked.dims[-1], "query_y")
         self._overflow = None

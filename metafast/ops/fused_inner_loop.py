@@ -481,8 +481,9 @@ def _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind) -> Tuple[List[i
 
 
 def check_labels(y: Tensor, classes: int, name: str) -> None:
-    """Class labels in [0, classes) (the error names ``name``): the kernels index logits by label, so every device is checked;
-    skipped while torch.compile traces or a CUDA graph captures (a host sync would break either)."""
+    """Class labels in [0, classes) (the error names ``name``): the kernels index logits by label, so
+    every device is checked; skipped while torch.compile traces or a CUDA graph captures (a host sync
+    would break either)."""
     if y.numel() and not torch.compiler.is_compiling() and not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= classes:
