@@ -14,6 +14,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from metafast.train.allocator import keep_freed_memory  # noqa: F401  (the CPU benches' allocator setting)
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -59,20 +61,6 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
         for k, f in fns.items():
             best[k] = min(best[k], time_ms(f, device, warmup=warmup, repeats=repeats))
     return best
-
-
-def keep_freed_memory() -> bool:
-    """CPU: make glibc keep freed blocks for reuse instead of returning them to the OS. Otherwise a
-    multi-MB temporary may be a fresh mapping whose page faults (slow on some VMs) dominate its
-    timing, depending on the allocator's history rather than on the implementation."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 25))
-    except (OSError, AttributeError):
-        return False
 
 
 def cpu_bench_main(argv, doc: str, bench: str, run: Callable[..., List[Dict[str, object]]], columns: List[str],
