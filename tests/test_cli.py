@@ -29,6 +29,7 @@ def test_default_job_smoke(tmp_path, capsys):
     rc, out, err = _run(capsys, "train", "--iterations", "20", "--out", str(out_dir), "--no-progress")
     assert rc == 0, err
     metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["diverged"] == {k: {s: 0 for s in ("1", "5", "10")} for k in ("5", "10")}
     for key in ("mse", "ci95"):
         assert sorted(metrics[key], key=int) == ["5", "10"]
         for k in ("5", "10"):

@@ -153,7 +153,8 @@ class _ConstantPredictor:
 def test_evaluate_mse_and_ci_against_float64_reference():
     batch = sinusoid_data.sample(37, 10, 11, _gen(5))
     fake = _ConstantPredictor()
-    mse, ci95 = job.evaluate(fake, batch, shots=(5, 10), steps=(1, 5, 10))
+    mse, ci95, diverged = job.evaluate(fake, batch, shots=(5, 10), steps=(1, 5, 10))
+    assert diverged == {"5": {"1": 0, "5": 0, "10": 0}, "10": {"1": 0, "5": 0, "10": 0}}
     assert fake.calls == [(5, 1), (5, 5), (5, 10), (10, 1), (10, 5), (10, 10)]
     assert list(mse) == list(ci95) == ["5", "10"]
     for k in (5, 10):
@@ -164,5 +165,24 @@ def test_evaluate_mse_and_ci_against_float64_reference():
             assert mse[str(k)][str(s)] == pytest.approx(per_task.mean().item(), rel=1e-6)
             expected_ci = 1.96 * per_task.std(unbiased=True).item() / math.sqrt(37)
             assert ci95[str(k)][str(s)] == pytest.approx(expected_ci, rel=1e-6)
-    text = job.format_results(mse, ci95, tasks=37)
+    text = job.format_results(mse, ci95, diverged, tasks=37)
     assert "37 tasks" in text and "K=5" in text and "K=10" in text and "10 steps" in text
+    assert "diverged" not in text
+
+
+def test_evaluate_reports_diverged_tasks():
+    # a task whose adaptation blows up (non-finite MSE) is counted, and its cell has no mean or CI
+    batch = sinusoid_data.sample(9, 10, 4, _gen(6))
+
+    class Diverging(_ConstantPredictor):
+        def adapt(self, support_x, support_y, steps):
+            fast = super().adapt(support_x, support_y, steps).clone()
+            if steps == 10:
+                fast[[2, 7]] = float("inf")
+            return fast
+
+    mse, ci95, diverged = job.evaluate(Diverging(), batch, shots=(5,), steps=(1, 10))
+    assert diverged == {"5": {"1": 0, "10": 2}}
+    assert mse["5"]["10"] is None and ci95["5"]["10"] is None and math.isfinite(mse["5"]["1"])
+    text = job.format_results(mse, ci95, diverged, tasks=9)
+    assert "diverged (2/9)" in text and "K=5, 10 steps" in text
