@@ -633,9 +633,10 @@ MF_HD void backward_task(const Ex& ex, const Plan& p, const BwdTask<T>& a, bool 
 
 // ---------------------------------------------------------------------------------------------
 // Launchers (host). The op functions in fused_inner_loop_cpu.cpp check the arguments, allocate the
-// outputs and call these for the tensors' device. Tensors are contiguous, of one floating dtype
-// (labels int64); saved holds saved_size elements per task (CUDA: [T, saved_size]; CPU: per task
-// group, lane-interleaved); grad_query_loss is [T], or [1] for the same value for every task.
+// outputs and call these for the tensors' device. Tensors are contiguous (on the CPU, sx / sy / qx /
+// qy only per task slice: any task stride), of one floating dtype (labels int64); saved holds
+// saved_size elements per task (CUDA: [T, saved_size]; CPU: per task group, lane-interleaved);
+// grad_query_loss is [T], or [1] for the same value for every task.
 #include <ATen/core/Tensor.h>
 
 namespace metafast {
