@@ -6,8 +6,9 @@
 //
 // theta is the flat [P] buffer that `params` are views of (metafast.functional.flat.FlatParams; a
 // lone differentiable theta passes itself as params = [theta]). Outputs: (mean query loss, query
-// loss [T], support loss [T], fast [T, P], query out [T, Nq, dL]); the first two are differentiable
-// w.r.t. params and, with lr_per_param, lr.
+// loss [T], support loss [T], fast [T, P] ([0, P] unless need_fast), query out [T, Nq, dL]); the
+// first two are differentiable w.r.t. params and, with lr_per_param, lr. CPU inputs whose task slices
+// are contiguous are read in place.
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
