@@ -19,8 +19,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_row, cpu_bench_main, keep_freed_memory, time_interleaved  # noqa: E402
-from metafast import _backend  # noqa: E402
+from bench.common import base_row, cpu_bench_main, cpu_kernel_start, time_interleaved  # noqa: E402
 from metafast.ops import batch_norm_rop as bnr  # noqa: E402
 
 BENCH = "batch_norm_rop"
@@ -40,14 +39,10 @@ def _case(shape, gen):
 
 
 def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
-    if torch.device(device).type != "cpu":
-        print(f"   batch_norm_rop has CPU kernels only (GPUs run the reference): nothing to time on {device}")
+    kernel = cpu_kernel_start(device, BENCH, "CPU kernels only (GPUs run the reference)", "reference")
+    if kernel is None:
         return []
     device = torch.device("cpu")
-    keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
-    kernel = _backend.resolve(BENCH, device) == "cuda"
-    if not kernel:
-        print(f"metafast._C has no batch_norm_rop kernel here ({_backend.available()['cuda'][1]}): reference only")
     rows = []
     gen = torch.Generator().manual_seed(0)
     for hw in ((14,) if quick else (14, 7, 4)):

@@ -14,22 +14,17 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_row, cpu_bench_main, keep_freed_memory, time_interleaved  # noqa: E402
-from metafast import _backend  # noqa: E402
+from bench.common import base_row, cpu_bench_main, cpu_kernel_start, time_interleaved  # noqa: E402
 from metafast.ops.to_nchw import to_nchw  # noqa: E402
 
 BENCH = "to_nchw"
 
 
 def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
-    if torch.device(device).type != "cpu":
-        print(f"   to_nchw has a CPU kernel only: nothing to time on {device}")
+    kernel = cpu_kernel_start(device, BENCH, "a CPU kernel only", "torch")
+    if kernel is None:
         return []
     device = torch.device("cpu")
-    keep_freed_memory()  # 8 MB outputs: fresh mappings' page faults would otherwise dominate
-    kernel = _backend.use_cpu_kernel(BENCH)
-    if not kernel:
-        print(f"metafast._C has no to_nchw kernel here ({_backend.available()['cuda'][1]}): torch only")
     rows = []
     gen = torch.Generator().manual_seed(0)
     shapes = [(5, 2048, 14, 14)] if quick else [(5, 2048, 14, 14), (160, 64, 14, 14), (5, 2048, 7, 7)]

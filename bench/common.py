@@ -10,7 +10,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -61,6 +61,23 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
         for k, f in fns.items():
             best[k] = min(best[k], time_ms(f, device, warmup=warmup, repeats=repeats))
     return best
+
+
+def cpu_kernel_start(device, op: str, only: str, fallback: str) -> Optional[bool]:
+    """Start of a microbenchmark of an op that has C++ CPU kernels only: None (after saying so) when
+    ``device`` is not the CPU; else keeps freed memory (multi-MB outputs: fresh mappings' page faults
+    would otherwise dominate) and returns whether the extension's kernel runs the op, as the op
+    itself decides (``_backend.use_cpu_kernel``). ``only`` / ``fallback`` complete the messages."""
+    from metafast import _backend
+
+    if torch.device(device).type != "cpu":
+        print(f"   {op} has {only}: nothing to time on {device}")
+        return None
+    keep_freed_memory()
+    kernel = _backend.use_cpu_kernel(op)
+    if not kernel:
+        print(f"metafast._C has no {op} kernel here ({_backend.available()['cuda'][1]}): {fallback} only")
+    return kernel
 
 
 def cpu_bench_main(argv, doc: str, bench: str, run: Callable[..., List[Dict[str, object]]], columns: List[str],

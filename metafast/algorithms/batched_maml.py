@@ -137,8 +137,10 @@ class BatchedMAML(nn.Module):
     # -- public API ------------------------------------------------------------------------------
     def forward(self, support_x, support_y, query_x, query_y, inner_steps: Optional[int] = None) -> MetaOutput:
         """Adapt to every task on its support set, then return the query loss (mean over tasks)."""
+        # only a model whose fused call was checked before can take the short path (no key otherwise)
         same = inner_steps is None or (type(inner_steps) is int and inner_steps == self.inner_steps)
-        key = self._fused_key(support_x, support_y, query_x, query_y, None if same else inner_steps)
+        key = None if self._fused_checked[0] is None else self._fused_key(support_x, support_y, query_x, query_y,
+                                                                          None if same else inner_steps)
         if key is not None and self._fused_checked[0] == key:
             # the configuration and these shapes passed every check before: only the per-call ones remain
             out = self._fused_step(self._flat.buffer, self._fused_checked[1], support_x, support_y, query_x, query_y)

@@ -549,11 +549,11 @@ def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tens
 def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order,
          backend) -> Tuple[Tensor, FusedInnerLoopResult]:
     c = check_args(theta, lr, sx, sy, qx, qy, dims, steps, loss)
-    if runs_eager_node(theta.device, backend):
-        return eager_meta_loss(theta, [theta] if params is None else params, c, sx, sy, qx, qy, first_order)
-    dims, steps, kind, lr_t, per_param = c
     chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
     compiling = torch.compiler.is_compiling()
+    if chosen == "cuda" and not compiling:  # as runs_eager_node
+        return eager_meta_loss(theta, [theta] if params is None else params, c, sx, sy, qx, qy, first_order)
+    dims, steps, kind, lr_t, per_param = c
     if params is not None and torch.is_grad_enabled():
         from ..functional.flat import ThetaView
 
