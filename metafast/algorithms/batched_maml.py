@@ -348,7 +348,7 @@ class BatchedMAML(nn.Module):
             with nullcontext() if second else torch.no_grad():
                 g = prec.unscale(engine.backward(tape, prec.grad_seed(dout), out_layout, rc), theta.dtype)
             if watch:  # a finite loss with a non-finite gradient: the scale S overflowed fp16
-                bad = prec.overflowed(g, loss)
+                bad = prec.overflowed([g], loss)
                 self._overflow = bad if self._overflow is None else self._overflow | bad
             if not second:
                 g = g.detach()

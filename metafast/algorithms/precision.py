@@ -9,7 +9,7 @@ fp16 scales the support loss by ``inner_loss_scale`` S before the low-precision 
 inner gradient and divides it out in float32, so small gradients do not flush to zero.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -43,9 +43,10 @@ class Precision:
         return g / self.scale if self.scale != 1 else g
 
     @staticmethod
-    def overflowed(g: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """[T] tasks whose loss is finite but whose (scaled) inner gradient [T, P] is not."""
-        return ~torch.isfinite(g.detach()).all(1) & torch.isfinite(loss.detach())
+    def overflowed(g: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """[T] tasks whose loss is finite but whose (scaled) inner gradient (pieces [T, n_i]) is not."""
+        finite = torch.stack([torch.isfinite(p.detach()).all(1) for p in g]).all(0)
+        return ~finite & torch.isfinite(loss.detach())
 
     def check_params(self, dtype: torch.dtype) -> None:
         if self.mixed and dtype != torch.float32:

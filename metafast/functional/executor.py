@@ -105,11 +105,17 @@ class BatchedModel:
         # backward that zero-fills a full-size gradient.
         need_theta = fast is None or start < self.adapt_from
         theta_parts = theta.split(self._slot_sizes) if need_theta else None
-        fast_parts = fast.split(self._slot_sizes[self._first_adapted_slot:], dim=1) if fast is not None else None
-        return theta_parts, fast_parts
+        if fast is None or isinstance(fast, list):  # a list: contiguous per-parameter pieces [T, n_i] already
+            return theta_parts, fast
+        return theta_parts, fast.split(self.slot_sizes(), dim=1)
+
+    def slot_sizes(self) -> List[int]:
+        """Sizes of the adapted parameters' pieces, in flat order."""
+        return self._slot_sizes[self._first_adapted_slot:]
 
     def forward(self, start: int, stop: int, theta, fast, x, layout: str, rc: L.RunCtx, record: bool):
-        """Run layers [start, stop). Returns (output, layout, tape)."""
+        """Run layers [start, stop) with fast weights ``fast`` (None: θ everywhere; [T, Pa]; or its pieces as
+        a list). Returns (output, layout, tape)."""
         tape = []
         parts = self._split(theta, fast, start, stop)
         for i in range(start, stop):

@@ -21,9 +21,21 @@ divided by S in float32.
 """
 import torch
 
-from ..ops.inner_update import inner_update
 from ..algorithms.precision import FP32
 from .layers import RunCtx
+
+
+def _update(base, g, lr):
+    """The inner update W_{k+1} = W_k - lr * g_k per parameter piece: base pieces [n_i] (theta) or [T, n_i],
+    g pieces [T, n_i], lr a float or pieces [n_i] (Meta-SGD). Each result is a contiguous [T, n_i], so the
+    layers view it as per-task weights without the copies (and the [T, P] concatenation) a flat buffer needs."""
+    if isinstance(lr, (list, tuple)):
+        return [torch.addcmul(b, l, gk, value=-1.0) for b, l, gk in zip(base, lr, g)]
+    return [torch.add(b, gk, alpha=-lr) for b, gk in zip(base, g)]
+
+
+def _low(low, fast):
+    return None if fast is None else [low(p) for p in fast]
 
 
 class MetaStep(torch.autograd.Function):
@@ -40,21 +52,22 @@ class MetaStep(torch.autograd.Function):
         records, fast = [], None
         support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
         theta_c, sx, qx = low(theta), low(sx), low(qx)
+        sizes = engine.slot_sizes()
+        lr_parts = lrs.split(sizes) if lrs is not None else None
         for k in range(steps):
-            out, layout, tape = engine.forward(0, n, theta_c, low(fast), sx, "tn", rc, record=True)
+            out, layout, tape = engine.forward(0, n, theta_c, _low(low, fast), sx, "tn", rc, record=True)
             out = engine.output(out, layout, T)
             if k == 0:
                 loss_fn.check_target(out, sy, "support_y")
             support_losses, dout = loss_fn.value_and_grad(out.to(theta.dtype), sy, False)
-            g, gys = engine.backward(tape, prec.grad_seed(dout), layout, rc, record_gy=True)
-            g = prec.unscale(g, theta.dtype)
+            g, gys = engine.backward(tape, prec.grad_seed(dout), layout, rc, record_gy=True, flat=False)
+            g = [prec.unscale(p, theta.dtype) for p in g]
             if report is not None:  # which tasks' scaled inner gradient overflowed, for the caller
                 bad = prec.overflowed(g, support_losses)
                 overflow = bad if overflow is None else overflow | bad
             records.append((tape, gys, out, layout, g))
-            lr = lrs if lrs is not None else lr_of(k)
-            fast = inner_update(theta if fast is None else fast, g, lr)
-        out_q, layout_q, tape_q = engine.forward(0, n, theta_c, low(fast), qx, "tn", rc, record=True)
+            fast = _update(theta.split(sizes) if fast is None else fast, g, lr_parts if lrs is not None else lr_of(k))
+        out_q, layout_q, tape_q = engine.forward(0, n, theta_c, _low(low, fast), qx, "tn", rc, record=True)
         out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
         if report is not None and overflow is not None:
             report.append(overflow)
@@ -85,7 +98,7 @@ class MetaStep(torch.autograd.Function):
         for k in range(steps - 1, -1, -1):
             tape, gys, out, layout, g = ctx.records[k]
             if lrbar is not None:
-                lrbar -= torch.cat([(w * gk).sum(0) for w, gk in zip(wbar, g.split(sizes, dim=1))])
+                lrbar -= torch.cat([(w * gk).sum(0) for w, gk in zip(wbar, g)])
             if not first_order:
                 lrs = ctx.lrs.split(sizes) if ctx.lrs is not None else [lr_of(k)] * len(wbar)
                 # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar.
