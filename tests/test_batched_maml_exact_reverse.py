@@ -91,6 +91,21 @@ def test_exact_reverse_matches_reference_and_autograd_path(kind, steps, first_or
     assert err <= TOL, f"meta-gradient rel. err vs the autograd path {err:.2e}"
 
 
+def test_in_place_relu_leaves_the_inputs_alone():
+    # ReLU runs in place only on fresh tensors of the layer before, never on the inputs (negative entries)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(75, 3)).to(DT)
+    batch, loss = image_batch(), "cross_entropy"
+    before = [t.clone() for t in batch]
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=2, loss=loss)
+    maml(*batch).loss.backward()
+    maml.adapt(batch[0], batch[1], steps=2)
+    assert (batch[0] < 0).any()
+    for t, b in zip(batch, before):
+        assert torch.equal(t, b)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_anil_conv4_takes_autograd_path_and_matches_reference(first_order):
     # the exact reverse gives no gradient for the body's features, so ANIL runs autograd

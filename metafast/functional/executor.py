@@ -118,6 +118,8 @@ class BatchedModel:
         a list). Returns (output, layout, tape)."""
         tape = []
         parts = self._split(theta, fast, start, stop)
+        no_grad = not torch.is_grad_enabled()
+        fresh = False  # x is the output of the layer before, run in this call, which does not keep it
         for i in range(start, stop):
             layer = self.layers[i]
             converted = None
@@ -125,7 +127,11 @@ class BatchedModel:
                 x = L.to_g(x, rc.T) if layer.layout == "g" else L.to_tn(x, rc.T)
                 converted, layout = layout, layer.layout
             ws, batched = self._weights(layer, parts, rc.T)
-            x, saved = layer.forward(ws, batched, x, rc)
+            if fresh and no_grad and converted is None and isinstance(layer, L.ReLU):
+                x, saved = layer.forward_in_place(x)
+            else:
+                x, saved = layer.forward(ws, batched, x, rc)
+            fresh = layer.fresh_output
             layout = layer.out_layout(layout)
             if record:
                 tape.append((layer, ws, batched, saved, converted))
@@ -142,12 +148,18 @@ class BatchedModel:
         first = next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         gys = [None] * len(tape)
+        no_grad = not torch.is_grad_enabled()
+        fresh = False  # gy is the input gradient of the layer after, which does not keep it
         for k in range(len(tape) - 1, first - 1, -1):
             layer, ws, batched, saved, converted = tape[k]
-            gys[k] = gy
+            gys[k] = gy  # ReLU's R-backward, the only reader of a gy its backward overwrites, does not read it
             need_gx = k > first
-            gx, grads = layer.backward(ws, batched, saved, gy, need_gx, rc)
+            if fresh and no_grad and isinstance(layer, L.ReLU):
+                gx, grads = layer.backward_in_place(saved, gy)
+            else:
+                gx, grads = layer.backward(ws, batched, saved, gy, need_gx, rc)
             pieces.extend(g.reshape(rc.T, -1) for g in reversed(grads))
+            fresh = layer.fresh_grad_input and converted is None
             if need_gx:
                 gy = gx
                 if converted is not None:
