@@ -17,47 +17,18 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "channel_maps.h"
 
 namespace metafast {
 namespace batch_norm_rop {
 namespace {
 
-// x viewed as [N, C, S]: channel c of sample n is S contiguous elements at (n * C + c) * S.
-struct Shape {
-  int64_t N, C, S;
-};
-
-Shape check_big(const at::Tensor& x, const char* name, const at::Tensor* like) {
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 2, name, " must be [N, C, *spatial], got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous, got strides ", x.strides());
-  if (like != nullptr) {
-    TORCH_CHECK(x.sizes() == like->sizes(), name, " must have x's shape ", like->sizes(), ", got ", x.sizes());
-    TORCH_CHECK(x.scalar_type() == like->scalar_type(), name, " must have x's dtype ", like->scalar_type(),
-                ", got ", x.scalar_type());
-  }
-  return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1))};
-}
-
-// A per-channel vector [C] as float64 (they are C-long: converting costs nothing next to the maps).
-std::vector<double> channel_vec(const c10::optional<at::Tensor>& t, const char* name, int64_t C, double fill) {
-  std::vector<double> v(C, fill);
-  if (!t.has_value() || !t->defined()) return v;
-  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got one on ", t->device());
-  TORCH_CHECK(t->numel() == C, name, " must have C = ", C, " elements, got shape ", t->sizes());
-  at::Tensor d = t->to(at::kDouble).contiguous();
-  const double* p = d.data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) v[c] = p[c];
-  return v;
-}
-
-bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// Channels per task: at least ~32k elements of work each, so small maps do not pay a thread per channel.
-int64_t grain(const Shape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.N * s.S)); }
+using channel_maps::channel_vec;
+using channel_maps::check_map;
+using channel_maps::cpu_has_avx2_fma;
+using channel_maps::given;
+using channel_maps::grain;
+using channel_maps::Shape;
 
 // R(y) = w invstd (rx - mean(rx) - xhat mean(rx xhat)) + R(w) xhat + R(b), xhat = (x - mean) invstd;
 // also returns sum(rx xhat) and sum(rx) (what rbackward needs of this pass).
@@ -200,8 +171,7 @@ inline void rbackward_channels(const RbArgs<T>& A, int64_t c0, int64_t c1) {
   }
 }
 
-// The loops above vectorize (omp simd) to the build's baseline ISA (SSE2 on x86-64); an AVX2/FMA copy
-// picked at run time runs them 4 float64 lanes wide (as the fused inner-loop kernel does).
+// AVX2/FMA copies of the loops above (channel_maps.h)
 template <typename T, bool kRx>
 __attribute__((target("avx2,fma"), flatten)) void rforward_channels_avx2(const RfArgs<T>& A, int64_t c0, int64_t c1) {
   rforward_channels<T, kRx>(A, c0, c1);
@@ -211,11 +181,6 @@ template <typename T, bool kGy, bool kRx>
 __attribute__((target("avx2,fma"), flatten)) void rbackward_channels_avx2(const RbArgs<T>& A, int64_t c0,
                                                                            int64_t c1) {
   rbackward_channels<T, kGy, kRx>(A, c0, c1);
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
 }
 
 template <typename T, bool kRx>
@@ -237,8 +202,8 @@ void rbackward_kernel(const RbArgs<T>& A) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rforward_cxx(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
     const c10::optional<at::Tensor>& rx, const c10::optional<at::Tensor>& rw, const c10::optional<at::Tensor>& rb) {
-  const Shape sh = check_big(x, "x", nullptr);
-  if (given(rx)) check_big(*rx, "rx", &x);
+  const Shape sh = check_map(x, "x", nullptr);
+  if (given(rx)) check_map(*rx, "rx", &x);
   TORCH_CHECK(given(rx) || given(rw), "batch_norm_rforward: rx or rw must be given (R(y) is zero otherwise)");
   TORCH_CHECK(given(rw) == given(rb), "rw and rb must be given together");
   const auto w = channel_vec(weight, "weight", sh.C, 1.0), mu = channel_vec(mean, "mean", sh.C, 0.0),
@@ -262,11 +227,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_rbackward_cxx(
     const at::Tensor& gy, const at::Tensor& rgy, const c10::optional<at::Tensor>& rx,
     const c10::optional<at::Tensor>& sum_rx_xhat, const c10::optional<at::Tensor>& sum_rx,
     const c10::optional<at::Tensor>& rw, bool need_gx) {
-  const Shape sh = check_big(x, "x", nullptr);
-  check_big(gy, "gy", &x);
-  check_big(rgy, "rgy", &x);
+  const Shape sh = check_map(x, "x", nullptr);
+  check_map(gy, "gy", &x);
+  check_map(rgy, "rgy", &x);
   if (given(rx)) {
-    check_big(*rx, "rx", &x);
+    check_map(*rx, "rx", &x);
     TORCH_CHECK(given(sum_rx_xhat) && given(sum_rx), "sum_rx_xhat and sum_rx (from batch_norm_rforward) must be "
                 "given with rx");
   }

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..ops import batch_norm_rop
+from ..ops import batch_norm, batch_norm_rop
 from ..ops.batch_norm_rop import _affine, _per_channel
 from . import conv_grad
 from .flat import ParamSlot
@@ -259,7 +259,7 @@ class BatchNorm(Layer):
             # affine in x: dx = gy * w / sqrt(rv + eps)
             y = F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
             return y, (x, w, None, torch.rsqrt(rv + self.eps))
-        y, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, self.eps)
+        y, mean, invstd = batch_norm.forward(x, w, b, self.eps)
         return y, (x, w, mean, invstd)
 
     def backward(self, ws, batched, saved, gy, need_gx, rc):
