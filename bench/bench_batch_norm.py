@@ -15,7 +15,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_row, cpu_bench_main, cpu_kernel_start, time_interleaved  # noqa: E402
+from bench.common import cpu_bench_main, cpu_kernel_start, map_op_rows  # noqa: E402
 from metafast.ops import batch_norm as bn  # noqa: E402
 
 BENCH = "batch_norm"
@@ -25,23 +25,16 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
     kernel = cpu_kernel_start(device, BENCH, "a CPU kernel only", "ATen's")
     if kernel is None:
         return []
-    device = torch.device("cpu")
     rows = []
     gen = torch.Generator().manual_seed(0)
     for hw in ((14,) if quick else (14, 7, 4)):
         shape = (5, 2048, hw, hw)
         x = torch.randn(shape, generator=gen) * 2 + 0.5
         w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
-        fns = {"copy": lambda: x.clone(), "aten": lambda: bn.forward(x, w, b, 1e-5, backend="torch")}
+        fns = {"aten": lambda: bn.forward(x, w, b, 1e-5, backend="torch")}
         if kernel:
             fns["metafast[cxx]"] = lambda: bn.forward(x, w, b, 1e-5, backend="cuda")
-        best = time_interleaved(fns, device, rounds, warmup=2, repeats=9)
-        gb = 2 * x.numel() * x.element_size() / 1e6
-        copy_gbps = gb / best.pop("copy")
-        for name, ms in best.items():
-            rows.append({**base_row(BENCH, device), "impl": name, "shape": list(shape), "ms": ms,
-                         "speedup_vs_aten": best["aten"] / ms, "GB/s": gb / ms, "copy_GB/s": copy_gbps,
-                         "threads": torch.get_num_threads()})
+        rows += map_op_rows(BENCH, shape, x, fns, "aten", rounds)
     return rows
 
 

@@ -14,7 +14,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_row, cpu_bench_main, cpu_kernel_start, time_interleaved  # noqa: E402
+from bench.common import cpu_bench_main, cpu_kernel_start, map_op_rows  # noqa: E402
 from metafast.ops.to_nchw import to_nchw  # noqa: E402
 
 BENCH = "to_nchw"
@@ -24,23 +24,15 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
     kernel = cpu_kernel_start(device, BENCH, "a CPU kernel only", "torch")
     if kernel is None:
         return []
-    device = torch.device("cpu")
     rows = []
     gen = torch.Generator().manual_seed(0)
     shapes = [(5, 2048, 14, 14)] if quick else [(5, 2048, 14, 14), (160, 64, 14, 14), (5, 2048, 7, 7)]
     for shape in shapes:
         x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
-        plain = x.contiguous()
-        fns = {"copy": lambda: plain.clone(), "torch": lambda: x.contiguous()}
+        fns = {"torch": lambda: x.contiguous()}
         if kernel:
             fns["metafast[cxx]"] = lambda: to_nchw(x, backend="cuda")
-        best = time_interleaved(fns, device, rounds, warmup=2, repeats=9)
-        gb = 2 * x.numel() * x.element_size() / 1e6
-        copy_gbps = gb / best.pop("copy")
-        for name, ms in best.items():
-            rows.append({**base_row(BENCH, device), "impl": name, "shape": list(shape), "ms": ms,
-                         "speedup_vs_torch": best["torch"] / ms, "GB/s": gb / ms, "copy_GB/s": copy_gbps,
-                         "threads": torch.get_num_threads()})
+        rows += map_op_rows(BENCH, shape, x.contiguous(), fns, "torch", rounds)
     return rows
 
 

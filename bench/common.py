@@ -80,6 +80,20 @@ def cpu_kernel_start(device, op: str, only: str, fallback: str) -> Optional[bool
     return kernel
 
 
+def map_op_rows(bench: str, shape, plain: torch.Tensor, fns: Dict[str, Callable[[], object]], baseline: str,
+                rounds: int) -> List[Dict[str, object]]:
+    """Rows for a CPU op that reads one map and writes one (``plain``: a contiguous map of those bytes):
+    ``fns`` timed interleaved with a copy of ``plain``; bandwidth is 2 x its bytes over the time, next
+    to the copy's, and ``speedup_vs_<baseline>`` compares with the ``baseline`` entry."""
+    cpu = torch.device("cpu")
+    best = time_interleaved({"copy": lambda: plain.clone(), **fns}, cpu, rounds, warmup=2, repeats=9)
+    gb = 2 * plain.numel() * plain.element_size() / 1e6
+    copy_gbps = gb / best.pop("copy")
+    return [{**base_row(bench, cpu), "impl": name, "shape": list(shape), "ms": ms,
+             f"speedup_vs_{baseline}": best[baseline] / ms, "GB/s": gb / ms, "copy_GB/s": copy_gbps,
+             "threads": torch.get_num_threads()} for name, ms in best.items()]
+
+
 def cpu_bench_main(argv, doc: str, bench: str, run: Callable[..., List[Dict[str, object]]], columns: List[str],
                    quick_help: str) -> None:
     """The command line of a benchmark of CPU kernels: --threads (default 2, as the meta-step bench),

@@ -21,6 +21,7 @@ divided by S in float32.
 """
 import torch
 
+from .. import cpu_cache
 from ..algorithms.precision import FP32
 from .layers import RunCtx
 
@@ -41,6 +42,11 @@ def _low(low, fast):
 class MetaStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
+        with cpu_cache.scope(theta.device):
+            return MetaStep._forward(ctx, theta, lrs, sx, sy, qx, qy, plan)
+
+    @staticmethod
+    def _forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
         engine, loss_fn, steps, lr_of, first_order = plan[:5]
         prec = plan[5] if len(plan) > 5 else FP32
         report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
@@ -82,6 +88,11 @@ class MetaStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_losses, _g_support, _g_out):
+        with cpu_cache.scope(ctx.dq.device):
+            return MetaStep._backward(ctx, g_losses)
+
+    @staticmethod
+    def _backward(ctx, g_losses):
         engine, loss_fn, steps, lr_of, first_order = ctx.plan[:5]
         rc = ctx.rc
         scale = g_losses.view(-1, *([1] * (ctx.dq.dim() - 1)))
