@@ -295,6 +295,7 @@ def describe() -> Dict[str, object]:
     except ValueError as e:
         report[ENV] = f"invalid: {e}"
     report["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
+    report["CPU block cache"] = _describe_cpu_cache()
     report["backends"] = {name: ("available" if ok else "unavailable") + f" ({why})"
                           for name, (ok, why) in available().items()}
     _import_ops()
@@ -305,6 +306,20 @@ def describe() -> Dict[str, object]:
             per_op[op] = {dev: _describe_choice(op, dev) for dev in ("cpu", "cuda")}
     report["ops"] = per_op
     return report
+
+
+def _describe_cpu_cache() -> str:
+    from . import cpu_cache
+
+    if not cpu_cache.available():
+        return "unavailable (metafast._C not loaded)"
+    try:
+        on = cpu_cache.enabled()
+    except ValueError as e:
+        return f"invalid: {e}"
+    limit = cpu_cache.stats()["limit_bytes"] / 2**20
+    return (f"on for BatchedMAML's CPU meta-steps (keeps up to {limit:g} MiB of freed blocks)" if on
+            else f"off ({cpu_cache.ENV}=0 or cpu_cache.set_enabled(False))")
 
 
 def _describe_choice(op: str, device: str) -> str:

@@ -122,3 +122,11 @@ def test_conv4_meta_step_reuses_blocks_and_gives_the_same_meta_gradient():
     assert _delta(s0, s1, "hits") > 0 and _delta(s0, s1, "misses") == 0, (s0, s1)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+
+
+def test_info_reports_the_cache(monkeypatch):
+    from metafast import _backend
+
+    assert _backend.describe()["CPU block cache"].startswith("on for BatchedMAML's CPU meta-steps")
+    monkeypatch.setenv(cpu_cache.ENV, "0")
+    assert _backend.describe()["CPU block cache"].startswith("off")
