@@ -6,15 +6,23 @@ the meta-parameters + Adam step (PyTorch's fused Adam where available, the same 
 every method gets the same inputs and the same initial weights, and
 the meta-gradients are compared against the per-task loop before anything is timed.
 
+On the CPU each method is timed in a fresh process of its own (one per method and round, rounds
+interleaved): the C library's allocator state is per process, and a method's frees change how often
+the next method faults pages in (glibc's adaptive thresholds; metafast's CPU block cache keeps its own
+blocks, so torch.func no longer inherits raised thresholds from metafast's frees). ``--shared-process``
+times every method in this one process instead.
+
     python bench/bench_maml_step.py [--device cpu|cuda] [--workload sinusoid|omniglot|all]
-                                    [--cuda-graph] [--out DIR] [--quick] [--threads N]
+                                    [--cuda-graph] [--out DIR] [--quick] [--threads N] [--shared-process]
 """
 import argparse
 import contextlib
 import inspect
 import math
 import os
+import json
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -174,8 +182,10 @@ def _to(batch, device, dtype=None):
 
 def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Sequence[type],
                    use_metafast: bool, cuda_graph: bool, seed: int = 0,
-                   variants: Sequence[Tuple[str, Dict[str, object]]] = ()) -> List[Dict[str, object]]:
-    """Rows for one workload; ``variants`` adds BatchedMAML configurations as (name, keyword args)."""
+                   variants: Sequence[Tuple[str, Dict[str, object]]] = (),
+                   isolate: bool = False) -> List[Dict[str, object]]:
+    """Rows for one workload; ``variants`` adds BatchedMAML configurations as (name, keyword args);
+    ``isolate`` times each method in a fresh process per round (CPU; not for variants)."""
     T = wl.quick_tasks if quick else wl.tasks
     torch.manual_seed(seed)
     model = wl.make_model().to(device)
@@ -237,7 +247,10 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
     load_before = _load()
     for r in range(rounds):
         for name, step in steps.items():
-            per_round[name].append(time_ms(step, device, warmup=warmup if r == 0 else 1, repeats=repeats))
+            if isolate:  # a fresh process warms up every time
+                per_round[name].append(_time_in_child(wl, name, device, quick, seed, warmup if quick else 3, repeats))
+            else:
+                per_round[name].append(time_ms(step, device, warmup=warmup if r == 0 else 1, repeats=repeats))
     times = {name: statistics.median(v) for name, v in per_round.items()}
     for name, v in per_round.items():
         print(f"  {name:>20}: {times[name]:9.2f} ms  (round medians {', '.join(f'{x:.2f}' for x in v)})")
@@ -253,7 +266,7 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
                "speedup_vs_torch_func": times[TorchFunc.name] / ms if TorchFunc.name in times else None,
                "speedup_vs_loop": times[PerTaskLoop.name] / ms if PerTaskLoop.name in times else None,
                "grad_rel_err_vs_loop": errs[m.name], "threads": torch.get_num_threads(), "tasks": T,
-               "quick": quick, "load_avg_1min_before": load_before,
+               "quick": quick, "isolated_processes": isolate, "load_avg_1min_before": load_before,
                "load_avg_1min_after": load_after, "ms_rounds": per_round[m.name]}
         if isinstance(m, Metafast):
             row["target_vs_torch_func"] = wl.target_vs_torch_func
@@ -263,6 +276,50 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
             row["note"] = notes[m.name]
         rows.append(row)
     return rows
+
+
+def _make_method(wl: Workload, name: str, model: torch.nn.Module) -> MetaStep:
+    if name == Metafast.name:
+        return Metafast(model, wl.inner_lr, wl.steps, wl.loss)
+    for cls in available():
+        if cls.name == name:
+            return cls(model, wl.inner_lr, wl.steps, wl.loss)
+    raise ValueError(f"method: expected metafast or one of {[c.name for c in available()]}, got {name!r}")
+
+
+def _time_in_child(wl: Workload, method: str, device: torch.device, quick: bool, seed: int, warmup: int,
+                   repeats: int) -> float:
+    """One round of ``method`` timed in a fresh process (``--time-one``); returns its median ms."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--time-one", method, "--workload", wl.name,
+           "--device", device.type, "--threads", str(torch.get_num_threads()), "--seed", str(seed),
+           "--warmup", str(warmup), "--repeats", str(repeats)] + (["--quick"] if quick else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"timing {method} on {wl.name} in a child process failed (rc {res.returncode}): "
+                           f"{res.stderr.strip()[-2000:]}")
+    return float(json.loads(lines[-1])["ms"])
+
+
+def time_one(workload: str, method: str, device: str, quick: bool, seed: int, warmup: int, repeats: int,
+             threads: int) -> float:
+    """The child's side of an isolated round: the workload's model, batch and optimizer built as the
+    parent builds them, ``method``'s step timed after ``warmup`` steps."""
+    wl = WORKLOADS[workload]
+    dev = torch.device(device)
+    with bench_settings(dev, [workload], WORKLOADS, threads):
+        torch.manual_seed(seed)
+        model = wl.make_model().to(dev)
+        batch = _to(wl.make_batch(wl.quick_tasks if quick else wl.tasks, torch.Generator().manual_seed(seed)), dev)
+        m = _make_method(wl, method, model)
+        opt = _adam(m.params)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            m.forward_backward(*batch)
+            opt.step()
+
+        return time_ms(step, dev, warmup=warmup, repeats=repeats)
 
 
 @contextlib.contextmanager
@@ -291,9 +348,12 @@ def bench_settings(device: torch.device, workloads: Optional[Sequence[str]], kno
 
 
 def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
-        cuda_graph: bool = False, threads: Optional[int] = 2) -> List[Dict[str, object]]:
-    """Run the meta-step bench and return its rows (``threads`` applies on CPU; None leaves torch's)."""
+        cuda_graph: bool = False, threads: Optional[int] = 2, isolate: Optional[bool] = None) -> List[Dict[str, object]]:
+    """Run the meta-step bench and return its rows (``threads`` applies on CPU; None leaves torch's).
+    ``isolate`` (default: on the CPU) times each method in a fresh process per round."""
     device = torch.device(device)
+    if isolate is None:
+        isolate = device.type == "cpu"
     with bench_settings(device, workloads, WORKLOADS, threads) as names:
         use_metafast, graph, notes = metafast_status(cuda_graph, device)
         for n in notes:
@@ -304,7 +364,7 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False, workloads
             print(f"note: {', '.join(sorted(missing))} not importable; skipped")
         rows = []
         for n in names:
-            rows += bench_workload(WORKLOADS[n], device, quick, classes, use_metafast, graph)
+            rows += bench_workload(WORKLOADS[n], device, quick, classes, use_metafast, graph, isolate=isolate)
         return rows
 
 
@@ -338,13 +398,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
     ap.add_argument("--quick", action="store_true", help="few tasks and repeats: a smoke run, not a measurement")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU only)")
+    ap.add_argument("--shared-process", action="store_true",
+                    help="on the CPU, time every method in this process (default: a fresh process per method and round)")
+    ap.add_argument("--time-one", metavar="METHOD", help=argparse.SUPPRESS)  # an isolated round's child
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads: expected >= 1, got {args.threads}")
+    if args.time_one:
+        if args.workload == "all":
+            ap.error("--time-one needs one --workload")
+        ms = time_one(args.workload, args.time_one, args.device, args.quick, args.seed, args.warmup, args.repeats,
+                      args.threads)
+        print(json.dumps({"ms": ms}))
+        return 0
     workloads = None if args.workload == "all" else [args.workload]
     if hasattr(os, "getloadavg"):
         print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
-    rows = run(args.device, quick=args.quick, workloads=workloads, cuda_graph=args.cuda_graph, threads=args.threads)
+    rows = run(args.device, quick=args.quick, workloads=workloads, cuda_graph=args.cuda_graph, threads=args.threads,
+               isolate=args.device == "cpu" and not args.shared_process)
     ok = report(rows)
     name = f"{BENCH}_{args.device}" + ("" if workloads is None else f"_{args.workload}") + ("_quick" if args.quick else "")
     print(f"\nrows written to {write_rows(name, rows, args.out)}")

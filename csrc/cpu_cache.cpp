@@ -147,7 +147,7 @@ class BlockCache final : public c10::Allocator {
   std::multimap<size_t, void*> free_;          // cached blocks by size
   std::unordered_map<void*, size_t> size_of_;  // every block of this cache, live or cached
   size_t cached_bytes_ = 0;
-  size_t limit_ = size_t(2) << 30;
+  size_t limit_ = size_t(1) << 30;
   int64_t hits_ = 0, misses_ = 0;
   std::atomic<int64_t> depth_{0};  // open scopes (read unlocked by allocate)
   bool installed_ = false;

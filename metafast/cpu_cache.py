@@ -8,7 +8,7 @@ step faults its maps' pages back in: Omniglot Conv4 with 32 tasks faulted 13-20k
 to, size-keyed free lists, so a step reuses the pages the step before faulted in. BatchedMAML's
 exact-reverse meta-step (forward and backward) runs in one on the CPU.
 
-Memory: the cache keeps what a step freed (at most :func:`set_limit` bytes, 2 GiB by default) until
+Memory: the cache keeps what a step freed (at most :func:`set_limit` bytes, 1 GiB by default) until
 the next step takes it; :func:`empty` returns it all. ``METAFAST_CPU_CACHE=0`` (or ``set_enabled(False)``)
 turns the cache off. The first scope installs the cache as torch's CPU allocator for the rest of the process
 (only over torch's default one; outside scopes it allocates and frees as that one does, except that torch's

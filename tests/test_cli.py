@@ -1,6 +1,7 @@
 """The metafast command: the default train job end to end, Ctrl-C, bad arguments, info, bench."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -257,3 +258,15 @@ def test_bench_runs_modules_and_reports_failures(tmp_path, capsys, monkeypatch):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "metafast", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "train" in res.stdout and "bench" in res.stdout
+
+
+def test_bench_maml_step_times_one_method_in_a_child_process():
+    # the isolated rounds' child: builds the workload as the parent does and prints {"ms": ...}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_maml_step.py")
+    res = subprocess.run([sys.executable, script, "--time-one", "metafast", "--workload", "sinusoid", "--quick",
+                          "--warmup", "1", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["ms"] > 0
+    res = subprocess.run([sys.executable, script, "--time-one", "nonesuch", "--workload", "sinusoid", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "method: expected metafast or one of" in res.stderr

@@ -17,10 +17,10 @@ MB = 1 << 20
 def fresh_cache(monkeypatch):
     monkeypatch.delenv(cpu_cache.ENV, raising=False)
     cpu_cache.set_enabled(None)
-    cpu_cache.set_limit(2 << 30)  # also empties it
+    cpu_cache.set_limit(1 << 30)  # also empties it
     yield
     cpu_cache.set_enabled(None)
-    cpu_cache.set_limit(2 << 30)
+    cpu_cache.set_limit(1 << 30)
 
 
 def _delta(before, after, key):
