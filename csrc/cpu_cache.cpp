@@ -15,6 +15,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
+#include <pthread.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -126,6 +127,9 @@ class BlockCache final : public c10::Allocator {
     depth_.fetch_sub(1);
   }
 
+  void lock() { mu_.lock(); }
+  void unlock() { mu_.unlock(); }
+
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> g(mu_);
     return {static_cast<int64_t>(cached_bytes_), static_cast<int64_t>(free_.size()),
@@ -154,8 +158,14 @@ class BlockCache final : public c10::Allocator {
 };
 
 // Never destroyed: blocks may be freed during interpreter shutdown, after static destructors ran.
+// The lock is held across fork() (DataLoader workers), so a child never inherits it taken by a
+// thread that does not exist in the child.
 BlockCache& cache() {
-  static BlockCache* c = new BlockCache();
+  static BlockCache* c = [] {
+    auto* made = new BlockCache();
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+    return made;
+  }();
   return *c;
 }
 

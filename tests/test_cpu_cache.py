@@ -130,3 +130,28 @@ def test_info_reports_the_cache(monkeypatch):
     assert _backend.describe()["CPU block cache"].startswith("on for BatchedMAML's CPU meta-steps")
     monkeypatch.setenv(cpu_cache.ENV, "0")
     assert _backend.describe()["CPU block cache"].startswith("off")
+
+
+def test_a_forked_child_uses_the_cache():
+    import os
+    import signal
+
+    with cpu_cache.scope():
+        kept = torch.empty(MB)
+    pid = os.fork()
+    if pid == 0:  # the child: the cache's lock must be free, its blocks usable
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang kills the child (the parent then fails)
+            signal.alarm(60)
+            torch.set_num_threads(1)  # as DataLoader workers do: OpenMP's pool does not survive fork
+            with cpu_cache.scope():
+                x = torch.ones(2 * MB)
+                ok = x.sum().item() == 2 * MB
+                del x
+            code = 0 if ok and cpu_cache.stats()["depth"] == 0 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    del kept
