@@ -186,10 +186,8 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
                    isolate: bool = False) -> List[Dict[str, object]]:
     """Rows for one workload; ``variants`` adds BatchedMAML configurations as (name, keyword args);
     ``isolate`` times each method in a fresh process per round (CPU; not for variants)."""
-    T = wl.quick_tasks if quick else wl.tasks
-    torch.manual_seed(seed)
-    model = wl.make_model().to(device)
-    batch = _to(wl.make_batch(T, torch.Generator().manual_seed(seed)), device)
+    model, batch = _setup(wl, device, quick, seed)
+    T = batch[0].shape[0]
     print(f"\n== {wl.name}: {type(model).__name__}, {T} tasks, {wl.steps} inner step(s) lr {wl.inner_lr}, "
           f"{wl.loss}, support {tuple(batch[0].shape)}, query {tuple(batch[2].shape)}")
 
@@ -235,20 +233,13 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
             continue
         if isinstance(m, PerTaskLoop) and not wl.time_loop:
             continue
-        opt = _adam(m.params)
-
-        def step(m=m, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            m.forward_backward(*batch)
-            opt.step()
-
-        steps[m.name] = step
+        steps[m.name] = _step_fn(m, batch)
     per_round = {name: [] for name in steps}
     load_before = _load()
     for r in range(rounds):
         for name, step in steps.items():
             if isolate:  # a fresh process warms up every time
-                per_round[name].append(_time_in_child(wl, name, device, quick, seed, warmup if quick else 3, repeats))
+                per_round[name].append(_time_in_child(wl, name, device, quick, seed, warmup, repeats))
             else:
                 per_round[name].append(time_ms(step, device, warmup=warmup if r == 0 else 1, repeats=repeats))
     times = {name: statistics.median(v) for name, v in per_round.items()}
@@ -276,6 +267,26 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
             row["note"] = notes[m.name]
         rows.append(row)
     return rows
+
+
+def _setup(wl: Workload, device: torch.device, quick: bool, seed: int):
+    """(model, batch) of the workload: what every method, and an isolated round's child, starts from."""
+    torch.manual_seed(seed)
+    model = wl.make_model().to(device)
+    batch = _to(wl.make_batch(wl.quick_tasks if quick else wl.tasks, torch.Generator().manual_seed(seed)), device)
+    return model, batch
+
+
+def _step_fn(m: MetaStep, batch) -> Callable[[], None]:
+    """One timed meta-step of ``m``: zero_grad, forward + backward, Adam step."""
+    opt = _adam(m.params)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        m.forward_backward(*batch)
+        opt.step()
+
+    return step
 
 
 def _make_method(wl: Workload, name: str, model: torch.nn.Module) -> MetaStep:
@@ -308,18 +319,8 @@ def time_one(workload: str, method: str, device: str, quick: bool, seed: int, wa
     wl = WORKLOADS[workload]
     dev = torch.device(device)
     with bench_settings(dev, [workload], WORKLOADS, threads):
-        torch.manual_seed(seed)
-        model = wl.make_model().to(dev)
-        batch = _to(wl.make_batch(wl.quick_tasks if quick else wl.tasks, torch.Generator().manual_seed(seed)), dev)
-        m = _make_method(wl, method, model)
-        opt = _adam(m.params)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            m.forward_backward(*batch)
-            opt.step()
-
-        return time_ms(step, dev, warmup=warmup, repeats=repeats)
+        model, batch = _setup(wl, dev, quick, seed)
+        return time_ms(_step_fn(_make_method(wl, method, model), batch), dev, warmup=warmup, repeats=repeats)
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ class BatchedModel:
                 x = L.to_g(x, rc.T) if layer.layout == "g" else L.to_tn(x, rc.T)
                 converted, layout = layout, layer.layout
             ws, batched = self._weights(layer, parts, rc.T)
-            if fresh and no_grad and converted is None and isinstance(layer, L.ReLU):
+            if fresh and no_grad and converted is None and layer.forward_in_place is not None:
                 x, saved = layer.forward_in_place(x)
             else:
                 x, saved = layer.forward(ws, batched, x, rc)
@@ -152,9 +152,9 @@ class BatchedModel:
         fresh = False  # gy is the input gradient of the layer after, which does not keep it
         for k in range(len(tape) - 1, first - 1, -1):
             layer, ws, batched, saved, converted = tape[k]
-            gys[k] = gy  # ReLU's R-backward, the only reader of a gy its backward overwrites, does not read it
+            gys[k] = gy  # a layer's backward_in_place may overwrite it: its R-backward must not read gy (ReLU's does not)
             need_gx = k > first
-            if fresh and no_grad and isinstance(layer, L.ReLU):
+            if fresh and no_grad and layer.backward_in_place is not None:
                 gx, grads = layer.backward_in_place(saved, gy)
             else:
                 gx, grads = layer.backward(ws, batched, saved, gy, need_gx, rc)

@@ -64,6 +64,10 @@ class Layer:
     # the next layer may overwrite it (ReLU's in-place forms, outside autograd)
     fresh_output = False
     fresh_grad_input = False
+    # forms that overwrite their input x / gy: forward_in_place(x) -> (y, saved) and
+    # backward_in_place(saved, gy) -> (gx, grads), for fresh tensors outside autograd (None: none)
+    forward_in_place = None
+    backward_in_place = None
 
     def __init__(self, module: nn.Module, slots: Sequence[ParamSlot] = ()):
         self.module = module

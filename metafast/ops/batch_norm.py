@@ -9,14 +9,14 @@ devices, dtypes and layouts, under autograd, and for channels of fewer than MIN_
 ATen's kernel is as fast). :func:`forward_reference` is the formula in PyTorch ops (the tests' float64
 reference).
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _backend
 
-__all__ = ["forward", "forward_reference"]
+__all__ = ["forward", "forward_reference", "cpu_maps_ok"]
 
 _backend.register_op("batch_norm", backends=("cuda", "torch"), cuda_symbol="batch_norm_forward_cxx",
                      ext_on_cpu=True)
@@ -40,20 +40,28 @@ def forward_reference(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: 
     return y, mean, invstd
 
 
-def _kernel_ok(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], backend: Optional[str]) -> bool:
+def cpu_maps_ok(op: str, maps: Sequence[Optional[Tensor]], params: Sequence[Optional[Tensor]] = (),
+                backend: Optional[str] = None) -> bool:
+    """Whether the per-channel C++ CPU kernels of ``op`` (csrc/channel_maps.h; batch_norm, batch_norm_rop)
+    serve these: ``maps`` (the first is x, None for absent ones) on the CPU, float32 / float64 [N, C, ...],
+    all of x's dtype and contiguous; ``params`` (per-channel vectors) of x's dtype and device; no autograd
+    through any of them; and the backend allows it (METAFAST_BACKEND=triton leaves the op on torch:
+    _backend.use_cpu_kernel)."""
+    x = maps[0]
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
         return False
-    if not x.is_contiguous() or x.numel() < MIN_PER_CHANNEL * x.shape[1]:
+    if any(t is not None and (t.dtype != x.dtype or not t.is_contiguous()) for t in maps):
         return False
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (w, b)):
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in params):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*maps, *params)):
         return False
-    return _backend.use_cpu_kernel("batch_norm", backend)
+    return _backend.use_cpu_kernel(op, backend)
 
 
 def forward(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float,
             backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    if _kernel_ok(x, w, b, backend):
+    if x.dim() >= 2 and x.numel() >= MIN_PER_CHANNEL * x.shape[1] and cpu_maps_ok("batch_norm", (x,), (w, b),
+                                                                                   backend):
         return tuple(torch.ops.metafast.batch_norm_forward_cxx(x, w, b, eps))
     return torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)

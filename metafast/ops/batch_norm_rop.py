@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .batch_norm import cpu_maps_ok
 
 __all__ = ["rforward", "rbackward", "rforward_reference", "rbackward_reference"]
 
@@ -100,19 +101,6 @@ def rbackward_reference(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw
     return _affine(rgx, x, c_xhat * s, const - c_xhat * s * mean), r_gw, r_gb
 
 
-def _kernel_ok(maps, backend: Optional[str]) -> bool:
-    """The C++ kernels serve these maps (CPU, contiguous, float32/64, no autograd) and the backend allows it
-    (METAFAST_BACKEND=triton leaves this op on torch: _backend.use_cpu_kernel)."""
-    x = maps[0]
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
-        return False
-    if any(t is not None and (t.dtype != x.dtype or not t.is_contiguous()) for t in maps):
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in maps):
-        return False
-    return _backend.use_cpu_kernel("batch_norm_rop", backend)
-
-
 def rforward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, rx: Optional[Tensor],
              rw: Optional[Tensor] = None, rb: Optional[Tensor] = None,
              backend: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -120,7 +108,7 @@ def rforward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, rx: O
         raise ValueError("batch_norm_rop.rforward: rx or rw must be given (R(y) is zero otherwise)")
     if (rw is None) != (rb is None):
         raise ValueError("batch_norm_rop.rforward: rw and rb must be given together")
-    if not _kernel_ok((x, rx), backend):
+    if not cpu_maps_ok("batch_norm_rop", (x, rx), backend=backend):
         return rforward_reference(x, w, mean, invstd, rx, rw, rb)
     ry, sx_rx, s_rx = torch.ops.metafast.batch_norm_rforward_cxx(x, w, mean, invstd, rx, rw, rb)
     return (ry, sx_rx, s_rx) if rx is not None else (ry, None, None)
@@ -132,7 +120,7 @@ def rbackward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, gy: 
               backend: Optional[str] = None) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     if rx is not None and (sum_rx_xhat is None or sum_rx is None):
         raise ValueError("batch_norm_rop.rbackward: sum_rx_xhat and sum_rx (rforward's) must be given with rx")
-    if not _kernel_ok((x, gy, rgy, rx), backend):
+    if not cpu_maps_ok("batch_norm_rop", (x, gy, rgy, rx), backend=backend):
         return rbackward_reference(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw, need_gx)
     rgx, r_gw, r_gb = torch.ops.metafast.batch_norm_rbackward_cxx(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat,
                                                                    sum_rx, rw, need_gx)
