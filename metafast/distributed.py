@@ -131,13 +131,20 @@ def session(device: str = "auto", timeout: Optional[float] = None) -> Iterator[T
     except BaseException:
         shutdown()
         raise
-    # Leave together: a rank that tears down its gloo pairs while a peer still holds them open can
-    # abort in C++ ("terminate called without an active exception") after its work is done. Rank 0
-    # may still be evaluating or writing; a barrier that times out or fails at exit changes nothing.
-    try:
-        dist.barrier()
-    except Exception:  # noqa: BLE001 - the job's work is complete; only the teardown is left
-        pass
+    leave()
+
+
+def leave() -> None:
+    """Leave the process group together with the other ranks once this rank's work is done (on an error
+    call :func:`shutdown`: a peer may never reach the barrier). A rank that tears down its gloo pairs
+    while a peer still holds them open can abort in C++ ("terminate called without an active exception")
+    after its work is done; rank 0 may still be evaluating or writing. A barrier that times out or fails
+    at exit changes nothing."""
+    if is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - the job's work is complete; only the teardown is left
+            pass
     shutdown()
 
 

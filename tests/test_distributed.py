@@ -117,8 +117,10 @@ def _worker(mode, out_dir, timeout, iterations="0", resume="0"):
             distributed.all_reduce_gradients(maml.parameters())
         else:
             raise ValueError(f"mode: unknown {mode!r}")
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.leave()  # together, as distributed.session does
 
 
 # ----------------------------------------------------------------------------- test side

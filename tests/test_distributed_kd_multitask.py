@@ -92,8 +92,10 @@ def _worker(mode, out_dir, timeout):
             config = MultiTaskConfig(iterations=10 ** 6, strategies=("gradnorm",), tasks=3, train_size=2000,
                                      test_size=200, device="cpu", checkpoint_every=0)
             run_multitask(config, out_dir, progress=False, callback=callback)
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.leave()  # together, as distributed.session does
 
 
 # ----------------------------------------------------------------------------- test side
