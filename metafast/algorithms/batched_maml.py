@@ -17,6 +17,10 @@ from . import fused_path
 from . import precision as _precision
 from .cuda_graph import GraphedMetaSteps
 from ..ops.inner_update import inner_update
+from ..fallback import fallback
+
+
+MEMORY_MODES = ("fast", "low")
 
 
 @dataclass
@@ -79,14 +83,30 @@ class BatchedMAML(nn.Module):
             With fp16, ``check_finite`` checks the support losses and whether the scaled inner gradient
             overflowed (FloatingPointError naming inner_loss_scale), not the query loss: a non-finite
             query loss (fp16 overflow) is left to the GradScaler, which skips that step.
+        memory: "fast" (default) keeps every inner step's activations for the reverse pass; "low" keeps
+            only each step's fast weights (K x T x P numbers) and recomputes one step's forward and
+            backward when the reverse reaches it, so the peak holds one step's activations whatever
+            ``inner_steps`` is, for about one more support forward+backward per step. Needs the exact
+            reverse (``describe()`` says when it does not apply; then "fast" runs, with a FallbackWarning).
+            The meta-gradients of both modes are the same.
+        task_chunk: run the meta-batch in chunks of this many tasks whose meta-gradients add up (the
+            result equals the unchunked one). With memory="low" the peak is then bounded by one step of
+            one chunk. None (default): all tasks at once. A chunk larger than the batch is clamped.
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
                  check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True,
-                 fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None):
+                 fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None,
+                 memory: str = "fast", task_chunk: Optional[int] = None):
         super().__init__()
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory: expected one of {MEMORY_MODES}, got {memory!r}")
+        if task_chunk is not None and (type(task_chunk) is not int or task_chunk < 1):
+            raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
+        self.memory = memory
+        self.task_chunk = task_chunk
         self._prec = _precision.resolve(precision, inner_loss_scale)
         self.precision = precision
         self._overflow = None  # fp16: per-task "the scaled inner gradient overflowed" of the last call
@@ -179,12 +199,9 @@ class BatchedMAML(nn.Module):
             return self._fused_outputs(mean, r, query_y)
         theta = self._flat.theta()
         if self.exact_reverse and torch.is_grad_enabled():
-            report = [] if self._watch_overflow() else None
-            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec, report)
-            task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
-                                                               query_y, plan)
-            self._overflow = report[0] if report else None
+            task_losses, support_losses, out = self._exact_step(theta, support_x, support_y, query_x, query_y, steps)
         else:
+            self._memory_fallback()
             mode = "first" if self.first_order else "second"
             fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
             out = self._predict(theta, fast, query_x, support_x.shape[0])
@@ -193,6 +210,64 @@ class BatchedMAML(nn.Module):
         self._finite(task_losses, "query loss", support_losses)
         acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
         return task_losses, acc, support_losses, None
+
+    def _chunks(self, T: int):
+        n = T if self.task_chunk is None else min(self.task_chunk, T)
+        return [slice(s, min(s + n, T)) for s in range(0, T, n)]
+
+    def _exact_step(self, theta, sx, sy, qx, qy, steps: int):
+        """The exact-reverse meta-step (step-checkpointed with memory="low"), one autograd node per task chunk."""
+        watch = self._watch_overflow()
+        outs, flags = [], []
+        for sl in self._chunks(sx.shape[0]):
+            report = [] if watch else None
+            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec, report,
+                    self.memory == "low")
+            outs.append(MetaStep.apply(theta, self.lrs, sx[sl], sy[sl], qx[sl], qy[sl], plan))
+            if report:
+                flags.append(report[0])
+        self._overflow = torch.cat(flags) if flags else None
+        if len(outs) == 1:
+            return outs[0]
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+
+    def _memory_reason(self) -> Optional[str]:
+        """Why memory="low" / task_chunk cannot run as asked here, or None."""
+        if self.memory == "fast" and self.task_chunk is None:
+            return None
+        if not self.exact_reverse:
+            return ("the exact reverse does not cover this configuration (every layer needs R-operators, every "
+                    "parameter adapted, no clip_grad_norm, a built-in loss)")
+        return None
+
+    def _memory_fallback(self) -> None:
+        why = self._memory_reason()
+        if why is not None:
+            fallback("memory", f"BatchedMAML(memory={self.memory!r}, task_chunk={self.task_chunk!r}): runs as "
+                               f"memory='fast' with all tasks at once because {why}", stacklevel=3)
+
+    def memory_plan(self, num_tasks: Optional[int] = None, steps: Optional[int] = None) -> str:
+        """Which memory mode a meta-step runs in and what it keeps for the reverse pass (sizes for
+        ``num_tasks`` tasks when given)."""
+        steps = self.inner_steps if steps is None else steps
+        device = self._flat.ensure_bound().device
+        if self._fused_dims(device) is not None:
+            return ("memory: the fused kernel's own saved state (the MLP's per-step activations, small); memory= "
+                    "and task_chunk= apply to the batched paths")
+        why = self._memory_reason()
+        if why is not None:
+            return f"memory: fast, although memory={self.memory!r}, task_chunk={self.task_chunk!r} was asked: {why}"
+        chunk = "all" if self.task_chunk is None else str(self.task_chunk)
+        if num_tasks is not None and self.task_chunk is not None:
+            chunk = str(min(self.task_chunk, num_tasks))
+        if self.memory == "fast":
+            return (f"memory: fast (every inner step's activations kept for the reverse: grows with inner_steps="
+                    f"{steps}; chunks of {chunk} task(s) split the work, not the peak)")
+        per_task = steps * self._engine.adapted_numel * self._flat.buffer.element_size() / 2**20
+        kept = f"{per_task:.1f} MB per task" + (f", {per_task * num_tasks:.1f} MB in all" if num_tasks else "")
+        return (f"memory: low (step-checkpointed exact reverse, chunks of {chunk} task(s)): peak ~ one inner step's "
+                f"activations of one chunk + fast weights of {steps} steps x {self._engine.adapted_numel} "
+                f"parameters ({kept})")
 
     def adapt(self, support_x, support_y, steps: Optional[int] = None) -> FastWeights:
         """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
@@ -236,7 +311,7 @@ class BatchedMAML(nn.Module):
         else:
             dims, why = self._fused_plan(device)
             path = f"meta-step: {why}" if dims is not None else f"meta-step: batched layers; not fused because {why}"
-        return "\n".join(self._engine.describe() + [how, path, self._prec.describe()])
+        return "\n".join(self._engine.describe() + [how, path, self._prec.describe(), self.memory_plan()])
 
     # -- fused path ------------------------------------------------------------------------------
     def _fused_plan(self, device: torch.device):
