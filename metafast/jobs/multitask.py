@@ -26,30 +26,29 @@ world size, so a run resumes with any number of processes.
 import dataclasses
 import math
 import os
-import platform
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .. import distributed
-from ..train.checkpoint import CHECKPOINT_NAME, save_checkpoint, write_json
-from ..train.interrupt import DeferredInterrupt
-from ..train.run import TrainingInterrupted, check_fixed, config_from_dict, resolve_device, resume_state
-from ..train.progress import RunningLoss, progress_bar
-from .model import MultiTask
-from .trainer import MultiTaskTrainer, per_task_accuracy
-from .weighting import STRATEGIES, make_weighting
+from ..multitask.model import MultiTask
+from ..multitask.trainer import MultiTaskTrainer, per_task_accuracy
+from ..multitask.weighting import STRATEGIES, make_weighting
+from ..runtime.config import JobConfig
+from ..runtime.job import Job
+from ..runtime.metrics import device_label, versions
+from ..runtime.progress import RunningLoss
+from ..runtime.rng import rng_state, set_rng_state
+from ..runtime.run import TrainingInterrupted  # noqa: F401  (what run_multitask raises on Ctrl-C)
 
-METRICS_NAME = "metrics.json"
 # Fields that define the math of a run: a resumed run must keep them.
 _FIXED_ON_RESUME = ("tasks", "classes", "in_dim", "latent", "hidden", "train_size", "test_size", "max_noise",
                     "batch_size", "lr", "weighting_lr", "alpha", "strategies", "seed")
 
 
 @dataclasses.dataclass
-class MultiTaskConfig:
+class MultiTaskConfig(JobConfig):
     iterations: int = 3000  # per strategy: 16-28 s for all three on 2 CPU cores (1 thread); 6000 gains nothing
     strategies: tuple = STRATEGIES
     tasks: int = 6
@@ -69,17 +68,10 @@ class MultiTaskConfig:
     checkpoint_every: int = 500  # 0: only after each strategy and on Ctrl-C
 
     def validate(self) -> "MultiTaskConfig":
-        for name, minimum in (("iterations", 1), ("tasks", 1), ("classes", 2), ("in_dim", 1), ("latent", 1),
-                              ("hidden", 1), ("train_size", 1), ("test_size", 1), ("batch_size", 1),
-                              ("seed", 0), ("checkpoint_every", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("lr", "weighting_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        self.check_ints((("iterations", 1), ("tasks", 1), ("classes", 2), ("in_dim", 1), ("latent", 1),
+                         ("hidden", 1), ("train_size", 1), ("test_size", 1), ("batch_size", 1), ("seed", 0),
+                         ("checkpoint_every", 0)))
+        self.check_positive(("lr", "weighting_lr"))
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
         if not (isinstance(self.max_noise, (int, float)) and 0 <= self.max_noise < 1):
@@ -88,8 +80,7 @@ class MultiTaskConfig:
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if not self.strategies or bad or len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"strategies must be distinct names from {STRATEGIES}, got {list(self.strategies)}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        self.check_device()
         return self
 
     def to_dict(self) -> dict:
@@ -102,7 +93,7 @@ class MultiTaskConfig:
         d = dict(d)
         if "strategies" in d:
             d["strategies"] = tuple(d["strategies"])
-        return config_from_dict(cls, d, "multitask")
+        return super().from_dict(d)
 
 
 def task_noise(config: MultiTaskConfig) -> List[float]:
@@ -139,11 +130,6 @@ def build_model(config: MultiTaskConfig, device: torch.device) -> MultiTask:
     return MultiTask(trunk, heads).to(device)
 
 
-def check_resume_config(saved: MultiTaskConfig, wanted: MultiTaskConfig) -> None:
-    """A resumed run may change iterations, device and checkpoint_every, nothing else."""
-    check_fixed(saved, wanted, _FIXED_ON_RESUME)
-
-
 def format_results(results: Dict[str, dict]) -> str:
     names = list(results)
     tasks = len(next(iter(results.values()))["accuracy"])
@@ -157,142 +143,110 @@ def format_results(results: Dict[str, dict]) -> str:
 
 def run_multitask(config: MultiTaskConfig, out_dir: str, resume: bool = False, progress: bool = True,
                   log: Callable[[str], None] = print,
-                  callback: Optional[Callable[[str, int], None]] = None) -> dict:
+                  callback: Optional[Callable[[str, int], None]] = None) -> Optional[dict]:
     """Run (or with ``resume`` continue) the job in ``out_dir``; returns the metrics dict (None on ranks
     other than 0 of a distributed run). ``callback(strategy, iteration)`` runs after every completed
     step. Launched by torchrun with WORLD_SIZE > 1, it joins the process group (and leaves it at the
     end, also on errors) unless the caller already did."""
-    config.validate()
-    device = resolve_device(config.device)
-    with distributed.session(device.type):
-        return _run(config, out_dir, resume, progress, log, callback, distributed.device_for(device))
+    return MultiTaskJob(config, out_dir, resume, progress, log, callback=callback).run()
 
 
-def _run(config: MultiTaskConfig, out_dir: str, resume: bool, progress: bool, log: Callable[[str], None],
-         callback: Optional[Callable[[str, int], None]], device: torch.device) -> Optional[dict]:
-    main, world = distributed.is_main(), distributed.world_size()
-    if not main:
-        progress, log = False, (lambda msg: None)
-    if world > 1 and config.batch_size < world:
-        raise ValueError(f"batch_size {config.batch_size} cannot be split across {world} processes")
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    state = resume_state(out_dir, resume, "multitask", config, _FIXED_ON_RESUME)
-    if main:
-        os.makedirs(out_dir, exist_ok=True)
-    if world > 1:
-        log(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch {config.batch_size} "
-            f"split across them")
+class MultiTaskJob(Job):
+    """One training loop per strategy, each from the same initialisation; the checkpoint holds the
+    finished strategies' results and the state of the one in progress."""
+    task = "multitask"
+    config_type = MultiTaskConfig
+    fixed_on_resume = _FIXED_ON_RESUME
 
-    data = make_data(config, device)
-    n_strat, total_steps = len(config.strategies), config.iterations * len(config.strategies)
-    results: Dict[str, dict] = dict(state["results"]) if state else {}
-    index = state["strategy_index"] if state else 0
-    bar = progress_bar(total_steps, initial=0, desc="multitask", enabled=progress)
-    t0 = time.perf_counter()
-    seconds_before = state.get("train_seconds", 0.0) if state else 0.0
-    try:
-        with DeferredInterrupt() as interrupt:
-            while index < n_strat:
-                name = config.strategies[index]
-                model = build_model(config, device)
-                weighting = make_weighting(name, config.tasks, alpha=config.alpha).to(device)
-                groups = MultiTaskTrainer.parameter_groups(model, weighting, config.lr, config.weighting_lr)
-                optimizer = torch.optim.Adam(groups)
-                trainer = MultiTaskTrainer(model, weighting, optimizer)
-                generator = torch.Generator().manual_seed(config.seed * 1000 + index)
-                running = RunningLoss()
-                iteration = 0
-                if state is not None and state["strategy_index"] == index and state.get("model") is not None:
-                    model.load_state_dict(state["model"])
-                    weighting.load_state_dict(state["weighting"])
-                    optimizer.load_state_dict(state["optimizer"])
-                    generator.set_state(state["rng"]["batches"])
-                    torch.set_rng_state(state["rng"]["torch_cpu"])
-                    running = RunningLoss.from_state(state["running_loss"], device=device)
-                    iteration = state["iteration"]
-                    log(f"resuming {out_dir}: strategy {name!r} at iteration {iteration}/{config.iterations}")
-                distributed.broadcast_parameters(model)  # rank 0's state: every rank starts identical
-                distributed.broadcast_parameters(weighting)
-                bar.n = index * config.iterations + iteration
-                bar.set_description(f"multitask[{name}]")
-                bar.refresh()
+    def __init__(self, config: MultiTaskConfig, out_dir: str, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print, callback: Optional[Callable[[str, int], None]] = None):
+        super().__init__(config, out_dir, resume, progress, log)
+        self.callback = callback
 
-                def save(done: bool = False) -> str:
-                    if not main:  # every rank holds the same state; one writer
-                        return ckpt_path
-                    save_checkpoint({
-                        "task": "multitask", "config": config.to_dict(),
-                        "strategy_index": index + 1 if done else index,
-                        "iteration": 0 if done else iteration,
-                        "model": None if done else model.state_dict(),
-                        "weighting": None if done else weighting.state_dict(),
-                        "optimizer": None if done else optimizer.state_dict(),
-                        "rng": {"batches": generator.get_state(), "torch_cpu": torch.get_rng_state()},
-                        "running_loss": running.state(),
-                        "results": results,
-                        "train_seconds": seconds_before + time.perf_counter() - t0,
-                    }, ckpt_path)
-                    return ckpt_path
+    def state_dict(self) -> dict:
+        return {"strategy_index": self.index, "model": self.model.state_dict(),
+                "weighting": self.weighting.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(torch.device("cpu"), {"batches": self.generator}),
+                "running_loss": self.running.state(), "results": self.results}
 
-                mid_step = False
-                try:
-                    while iteration < config.iterations:
-                        if interrupt.requested and world == 1:  # several ranks decide together, below
-                            raise KeyboardInterrupt
-                        mid_step = True
-                        idx = torch.randint(0, config.train_size, (config.batch_size,), generator=generator)
-                        idx = idx.to(device)
-                        stop = None
-                        if world > 1:  # Ctrl-C on any rank travels in the step's all_reduce
-                            stop = torch.full((1,), float(interrupt.requested), device=device)
-                        out = trainer.step(data["x_train"][idx], data["y_train"][:, idx],
-                                           also=() if stop is None else (stop,))
-                        running.update(out["loss"])
-                        iteration += 1
-                        mid_step = False
-                        bar.update(1)
-                        if iteration % 50 == 0:
-                            bar.set_postfix(loss=f"{running.value():.4f}", refresh=False)
-                        if config.checkpoint_every and iteration % config.checkpoint_every == 0 \
-                                and iteration < config.iterations:
-                            save()
-                        if callback is not None:
-                            callback(name, iteration)
-                        if stop is not None and stop.item() > 0:
-                            raise KeyboardInterrupt
-                except KeyboardInterrupt:
-                    if mid_step:
-                        raise TrainingInterrupted(f"interrupted inside a step of {name!r}; not saving a possibly "
-                                                  f"inconsistent state (the last checkpoint, if any, is in {out_dir})",
-                                                  out_dir, None) from None
-                    path = save()
-                    raise TrainingInterrupted(f"interrupted at {name!r} iteration {iteration}/{config.iterations}; "
-                                              f"checkpoint saved to {path}", out_dir, path) from None
-                acc = per_task_accuracy(model, data["x_test"], data["y_test"])
-                results[name] = {"accuracy": acc, "mean_accuracy": sum(acc) / len(acc),
-                                 "final_weights": [float(w) for w in weighting.weights()],
-                                 "train_loss": running.value()}
-                save(done=True)
+    def execute(self, device: torch.device) -> Optional[dict]:
+        config, world = self.config, self.world
+        if world > 1 and config.batch_size < world:
+            raise ValueError(f"batch_size {config.batch_size} cannot be split across {world} processes")
+        self.device = device
+        state = self.open()
+        if self.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        if world > 1:
+            self.log(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch {config.batch_size} "
+                     f"split across them")
+        self.data = make_data(config, device)
+        n_strat, total_steps = len(config.strategies), config.iterations * len(config.strategies)
+        self.results: Dict[str, dict] = dict(state["results"]) if state else {}
+        self.index = state["strategy_index"] if state else 0
+        with self.training(total_steps, desc="multitask") as bar:
+            while self.index < n_strat:
+                self.train_strategy(config.strategies[self.index], state, bar)
                 state = None
-                index += 1
-    finally:
-        bar.close()
-    train_seconds = seconds_before + time.perf_counter() - t0
-    if not main:  # metrics are rank 0's
-        return None
-    log(format_results(results))
-    metrics = {
-        "task": "multitask",
-        "results": {name: results[name] for name in config.strategies},
-        "task_label_noise": task_noise(config),
-        "config": config.to_dict(),
-        "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "world_size": world,
-        "timing": {"train_seconds_total": train_seconds,
-                   "ms_per_iteration": 1e3 * train_seconds / total_steps},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-    }
-    write_json(os.path.join(out_dir, METRICS_NAME), metrics)
-    log("wrote " + ", ".join([os.path.join(out_dir, METRICS_NAME), ckpt_path]))
-    return metrics
+                self.index += 1
+        train_seconds = self.train_seconds()
+        if not self.main:  # metrics are rank 0's
+            return None
+        self.log(format_results(self.results))
+        metrics = {
+            "task": "multitask",
+            "results": {name: self.results[name] for name in config.strategies},
+            "task_label_noise": task_noise(config),
+            "config": config.to_dict(),
+            "device": device_label(device),
+            "world_size": world,
+            "timing": {"train_seconds_total": train_seconds,
+                       "ms_per_iteration": 1e3 * train_seconds / total_steps},
+            "versions": versions(),
+        }
+        self.log("wrote " + ", ".join([self.write_metrics(metrics), self.checkpoint_path]))
+        return metrics
+
+    def train_strategy(self, name: str, state: Optional[dict], bar) -> None:
+        config, device = self.config, self.device
+        self.model = build_model(config, device)
+        self.weighting = make_weighting(name, config.tasks, alpha=config.alpha).to(device)
+        groups = MultiTaskTrainer.parameter_groups(self.model, self.weighting, config.lr, config.weighting_lr)
+        self.optimizer = torch.optim.Adam(groups)
+        self.trainer = MultiTaskTrainer(self.model, self.weighting, self.optimizer)
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.index)
+        self.running = RunningLoss()
+        self.iteration = 0
+        if state is not None and state["strategy_index"] == self.index and state.get("model") is not None:
+            self.model.load_state_dict(state["model"])
+            self.weighting.load_state_dict(state["weighting"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"], torch.device("cpu"), {"batches": self.generator})
+            self.running = RunningLoss.from_state(state["running_loss"], device=device)
+            self.iteration = state["iteration"]
+            self.log(f"resuming {self.out_dir}: strategy {name!r} at iteration {self.iteration}/{config.iterations}")
+        distributed.broadcast_parameters(self.model)  # rank 0's state: every rank starts identical
+        distributed.broadcast_parameters(self.weighting)
+        bar.n = self.index * config.iterations + self.iteration
+        bar.set_description(f"multitask[{name}]")
+        bar.refresh()
+        callback = None if self.callback is None else (lambda i: self.callback(name, i))
+        self.steps(config.iterations, self.step, callback, where=f"{name!r} ")
+        acc = per_task_accuracy(self.model, self.data["x_test"], self.data["y_test"])
+        self.results[name] = {"accuracy": acc, "mean_accuracy": sum(acc) / len(acc),
+                              "final_weights": [float(w) for w in self.weighting.weights()],
+                              "train_loss": self.running.value()}
+        # the strategy is done: the checkpoint moves on to the next one
+        self.save(strategy_index=self.index + 1, iteration=0, model=None, weighting=None, optimizer=None)
+
+    def step(self, iteration: int) -> bool:
+        config, data = self.config, self.data
+        idx = torch.randint(0, config.train_size, (config.batch_size,), generator=self.generator).to(self.device)
+        stop = None
+        if self.world > 1:  # Ctrl-C on any rank travels in the step's all_reduce
+            stop = torch.full((1,), float(self.interrupt.requested), device=self.device)
+        out = self.trainer.step(data["x_train"][idx], data["y_train"][:, idx], also=() if stop is None else (stop,))
+        self.running.update(out["loss"])
+        if (iteration + 1) % 50 == 0:
+            self.bar.set_postfix(loss=f"{self.running.value():.4f}", refresh=False)
+        return stop is not None and stop.item() > 0

@@ -22,8 +22,6 @@ W' * meta_batch and the task stream is the one of the new world size.
 import dataclasses
 import math
 import os
-import platform
-import sys
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -31,11 +29,13 @@ import torch
 
 from .. import distributed
 from ..data.sinusoid import SinusoidBatch, SinusoidTasks
-from .checkpoint import CHECKPOINT_NAME, save_checkpoint, write_json
-from .interrupt import DeferredInterrupt
-from .run import TrainingInterrupted, check_fixed, config_from_dict, resolve_device, resume_state
-from .plot import plot_sinusoid_fits
-from .progress import RunningLoss, progress_bar
+from ..runtime.config import JobConfig
+from ..runtime.job import Job
+from ..runtime.metrics import device_label, versions
+from ..runtime.progress import RunningLoss
+from ..runtime.rng import rng_state, set_rng_state
+from ..runtime.run import TrainingInterrupted
+from .sinusoid_plot import plot_sinusoid_fits
 
 # Under a minute on 2 idle CPU cores (measured 0.67 ms per meta-step with the fused kernel on both
 # threads: 27 s of training, 32 s end to end); the paper trains for 70000 iterations (~55 s).
@@ -51,7 +51,6 @@ EVAL_SHOTS = (5, 10)
 EVAL_STEPS = (1, 5, 10)
 PLOT_TASKS = 4
 
-METRICS_NAME = "metrics.json"
 PLOT_NAME = "sinusoid_fits.png"
 
 # Fields that define the math of a run: a resumed run must keep them.
@@ -60,7 +59,7 @@ _FIXED_ON_RESUME = ("meta_batch", "shots", "queries", "inner_lr", "inner_steps",
 
 
 @dataclasses.dataclass
-class SinusoidConfig:
+class SinusoidConfig(JobConfig):
     iterations: int = DEFAULT_ITERATIONS
     meta_batch: int = 25
     shots: int = 10
@@ -75,33 +74,12 @@ class SinusoidConfig:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: only at the end and on Ctrl-C
 
     def validate(self) -> "SinusoidConfig":
-        for name, minimum in (("iterations", 1), ("meta_batch", 1), ("shots", 1), ("queries", 1),
-                              ("inner_steps", 1), ("checkpoint_every", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("inner_lr", "meta_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        for name in ("first_order", "meta_sgd"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        self.check_ints((("iterations", 1), ("meta_batch", 1), ("shots", 1), ("queries", 1), ("inner_steps", 1),
+                         ("checkpoint_every", 0), ("seed", 0)))
+        self.check_positive(("inner_lr", "meta_lr"))
+        self.check_bools(("first_order", "meta_sgd"))
+        self.check_device()
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SinusoidConfig":
-        return config_from_dict(cls, d, "sinusoid")
-
-
-def check_resume_config(saved: SinusoidConfig, wanted: SinusoidConfig) -> None:
-    """A resumed run may change iterations, device and checkpoint_every, nothing else."""
-    check_fixed(saved, wanted, _FIXED_ON_RESUME)
 
 
 def build(config: SinusoidConfig, device: torch.device):
@@ -169,26 +147,6 @@ def format_results(mse: dict, ci95: dict, diverged: Optional[dict] = None, tasks
     return "\n".join(lines)
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    state = {"torch_cpu": torch.get_rng_state(), "tasks": generator.get_state()}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    generator.set_state(state["tasks"])
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
-
-
-def _device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def _plot(maml, batch: SinusoidBatch, path: str, iteration: int) -> str:
     n = min(PLOT_TASKS, batch.support_x.shape[0])
     k = max(EVAL_SHOTS)
@@ -218,153 +176,120 @@ def train_sinusoid(config: SinusoidConfig, out_dir: str, resume: bool = False, p
     WORLD_SIZE > 1, it joins the process group (and leaves it at the end, also on errors) unless the
     caller already did.
     """
-    config.validate()
-    device = resolve_device(config.device)
-    with distributed.session(device.type):
-        return _train(config, out_dir, resume, progress, callback, log, plot, distributed.device_for(device))
+    return SinusoidJob(config, out_dir, resume, progress, log, callback=callback, plot=plot).run()
 
 
-def _train(config: SinusoidConfig, out_dir: str, resume: bool, progress: bool,
-           callback: Optional[Callable[[int], None]], log: Callable[[str], None], plot: bool,
-           device: torch.device) -> Optional[dict]:
-    main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
-    if not main:
-        progress, log = False, (lambda msg: None)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    state = resume_state(out_dir, resume, "sinusoid", config, _FIXED_ON_RESUME)
-    if main:
-        os.makedirs(out_dir, exist_ok=True)
+class SinusoidJob(Job):
+    task = "sinusoid"
+    config_type = SinusoidConfig
+    fixed_on_resume = _FIXED_ON_RESUME
 
-    torch.manual_seed(config.seed)  # model initialisation (and any randomness inside the step)
-    maml, optimizer = build(config, device)
-    generator = torch.Generator().manual_seed(config.seed)  # task sampling, on the CPU: device independent
-    tasks = SinusoidTasks()
-    running = RunningLoss()
-    start, train_seconds_before = 0, 0.0
-    if state is not None:
-        maml.load_state_dict(state["maml"])
-        optimizer.load_state_dict(state["optimizer"])
-        running = RunningLoss.from_state(state["running_loss"], device=device)
-        start = state["iteration"]
-        train_seconds_before = state.get("train_seconds", 0.0)
-        _set_rng_state(state["rng"], generator, device)
-        if world == 1 and state.get("world_size", 1) > 1:  # that stream was per iteration: start a fresh one
-            generator.manual_seed(distributed.task_seed(config.seed, 0, start))
-        log(f"resuming {out_dir} at iteration {start}/{config.iterations}"
-            + (f" (checkpoint of {state.get('world_size', 1)} processes)" if state.get("world_size", 1) != world else ""))
-    distributed.broadcast_parameters(maml)  # rank 0's parameters: every rank starts identical
-    if world > 1:
-        log(f"distributed: {world} processes ({torch.distributed.get_backend()}), meta-batch {config.meta_batch} "
-            f"per process = {world * config.meta_batch} tasks per step")
+    def __init__(self, config: SinusoidConfig, out_dir: str, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print, callback: Optional[Callable[[int], None]] = None,
+                 plot: bool = True):
+        super().__init__(config, out_dir, resume, progress, log)
+        self.callback, self.plot = callback, plot
 
-    iteration = start
+    def state_dict(self) -> dict:
+        return {"maml": self.maml.state_dict(), "model": self.maml.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device, {"tasks": self.generator}),
+                "running_loss": self.running.state(), "world_size": self.world}
 
-    def save() -> str:
-        if not main:
-            return ckpt_path
-        save_checkpoint({
+    def execute(self, device: torch.device) -> Optional[dict]:
+        config, world, log = self.config, self.world, self.log
+        self.device = device
+        state = self.open()
+        if self.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+
+        torch.manual_seed(config.seed)  # model initialisation (and any randomness inside the step)
+        self.maml, self.optimizer = build(config, device)
+        self.generator = torch.Generator().manual_seed(config.seed)  # task sampling, on the CPU: device independent
+        self.tasks = SinusoidTasks()
+        self.running = RunningLoss()
+        start = self.iteration
+        if state is not None:
+            self.maml.load_state_dict(state["maml"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.running = RunningLoss.from_state(state["running_loss"], device=device)
+            set_rng_state(state["rng"], device, {"tasks": self.generator})
+            saved_world = state.get("world_size", 1)
+            if world == 1 and saved_world > 1:  # that stream was per iteration: start a fresh one
+                self.generator.manual_seed(distributed.task_seed(config.seed, 0, start))
+            log(f"resuming {self.out_dir} at iteration {start}/{config.iterations}"
+                + (f" (checkpoint of {saved_world} processes)" if saved_world != world else ""))
+        distributed.broadcast_parameters(self.maml)  # rank 0's parameters: every rank starts identical
+        if world > 1:
+            log(f"distributed: {world} processes ({torch.distributed.get_backend()}), meta-batch {config.meta_batch} "
+                f"per process = {world * config.meta_batch} tasks per step")
+
+        with self.training(config.iterations, initial=start):
+            self.steps(config.iterations, self.step, self.callback)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = self.seconds_this_run()
+        self.save()  # before evaluation, so an interrupted evaluation resumes without retraining
+        if not self.main:  # evaluation, metrics and plot are rank 0's
+            return None
+        return self.finish(start, train_seconds)
+
+    def step(self, iteration: int) -> bool:
+        config, maml = self.config, self.maml
+        if self.world > 1:  # each rank its own tasks, recomputable from (seed, rank, iteration)
+            self.generator.manual_seed(distributed.task_seed(config.seed, distributed.rank(), iteration))
+        batch = self.tasks.sample(config.meta_batch, config.shots, config.queries, self.generator, device=self.device)
+        out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        loss = out.loss.detach()
+        stop = None
+        if self.world > 1:  # mean meta-gradient (and loss) over all ranks' tasks
+            # Ctrl-C on any rank travels in the same all_reduce, so all stop after the same step
+            loss = loss.clone()
+            stop = torch.full((1,), float(self.interrupt.requested), dtype=loss.dtype, device=loss.device)
+            distributed.all_reduce_gradients(maml.parameters(), also=[loss, stop])
+        self.optimizer.step()
+        self.running.update(loss)
+        if (iteration + 1) % 50 == 0 or iteration + 1 == config.iterations:
+            self.bar.set_postfix(loss=f"{self.running.value():.4f}", refresh=False)
+        return stop is not None and stop.item() > 0
+
+    def finish(self, start: int, train_seconds: float) -> dict:
+        config, iteration = self.config, self.iteration
+        t1 = time.perf_counter()
+        try:
+            batch = eval_tasks(self.device)
+            mse, ci95, diverged = evaluate(self.maml, batch)
+        except KeyboardInterrupt:
+            msg = f"interrupted during evaluation; training is complete and saved to {self.checkpoint_path}"
+            raise TrainingInterrupted(msg, self.out_dir, self.checkpoint_path, iteration) from None
+        eval_seconds = time.perf_counter() - t1
+        self.log(format_results(mse, ci95, diverged))
+        done = iteration - start
+        metrics = {
             "task": "sinusoid",
-            "config": config.to_dict(),
+            "mse": mse,
+            "ci95": ci95,
+            "diverged": diverged,
+            "eval": {"tasks": EVAL_TASKS, "queries": EVAL_QUERIES, "seed": EVAL_SEED, "shots": list(EVAL_SHOTS),
+                     "steps": list(EVAL_STEPS), "inner_lr": config.inner_lr},
             "iteration": iteration,
-            "maml": maml.state_dict(),
-            "model": maml.module.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(generator, device),
-            "running_loss": running.state(),
-            "train_seconds": train_seconds_before + (time.perf_counter() - t0),
-            "world_size": world,
-        }, ckpt_path)
-        return ckpt_path
-
-    bar = progress_bar(config.iterations, initial=start, enabled=progress)
-    mid_step = False
-    t0 = time.perf_counter()
-    try:
-        with DeferredInterrupt() as interrupt:
-            while iteration < config.iterations:
-                if interrupt.requested and world == 1:  # several ranks decide together, below
-                    raise KeyboardInterrupt
-                mid_step = True
-                if world > 1:  # each rank its own tasks, recomputable from (seed, rank, iteration)
-                    generator.manual_seed(distributed.task_seed(config.seed, rank, iteration))
-                batch = tasks.sample(config.meta_batch, config.shots, config.queries, generator, device=device)
-                out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                loss = out.loss.detach()
-                stop = None
-                if world > 1:  # mean meta-gradient (and loss) over all ranks' tasks
-                    # Ctrl-C on any rank travels in the same all_reduce, so all stop after the same step
-                    loss = loss.clone()
-                    stop = torch.full((1,), float(interrupt.requested), dtype=loss.dtype, device=loss.device)
-                    distributed.all_reduce_gradients(maml.parameters(), also=[loss, stop])
-                optimizer.step()
-                running.update(loss)
-                iteration += 1
-                mid_step = False
-                bar.update(1)
-                if iteration % 50 == 0 or iteration == config.iterations:
-                    bar.set_postfix(loss=f"{running.value():.4f}", refresh=False)
-                if config.checkpoint_every and iteration % config.checkpoint_every == 0 \
-                        and iteration < config.iterations:  # the final one is saved below
-                    save()
-                if callback is not None:
-                    callback(iteration)
-                if stop is not None and stop.item() > 0:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if mid_step:  # a second Ctrl-C landed inside a step: the state may be half updated
-            msg = (f"interrupted inside iteration {iteration + 1}; not saving a possibly inconsistent state "
-                   f"(the last checkpoint, if any, is in {out_dir})")
-            raise TrainingInterrupted(msg, out_dir, None, iteration) from None
-        path = save()
-        msg = f"interrupted at iteration {iteration}/{config.iterations}; checkpoint saved to {path}"
-        raise TrainingInterrupted(msg, out_dir, path, iteration) from None
-    finally:
-        bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - t0
-    save()  # before evaluation, so an interrupted evaluation resumes without retraining
-    if not main:  # evaluation, metrics and plot are rank 0's
-        return None
-
-    t1 = time.perf_counter()
-    try:
-        batch = eval_tasks(device)
-        mse, ci95, diverged = evaluate(maml, batch)
-    except KeyboardInterrupt:
-        msg = f"interrupted during evaluation; training is complete and saved to {ckpt_path}"
-        raise TrainingInterrupted(msg, out_dir, ckpt_path, iteration) from None
-    eval_seconds = time.perf_counter() - t1
-    log(format_results(mse, ci95, diverged))
-    done = iteration - start
-    metrics = {
-        "task": "sinusoid",
-        "mse": mse,
-        "ci95": ci95,
-        "diverged": diverged,
-        "eval": {"tasks": EVAL_TASKS, "queries": EVAL_QUERIES, "seed": EVAL_SEED, "shots": list(EVAL_SHOTS),
-                 "steps": list(EVAL_STEPS), "inner_lr": config.inner_lr},
-        "iteration": iteration,
-        "train_loss": running.value(),
-        "config": config.to_dict(),
-        "device": _device_label(device),
-        "world_size": world,
-        "tasks_per_iteration": world * config.meta_batch,
-        "timing": {
-            "iterations_this_run": done,
-            "train_seconds_this_run": train_seconds,
-            "ms_per_iteration": 1e3 * train_seconds / done if done else None,
-            "train_seconds_total": train_seconds_before + train_seconds,
-            "eval_seconds": eval_seconds,
-        },
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "metafast": getattr(sys.modules.get("metafast"), "__version__", None)},
-    }
-    write_json(os.path.join(out_dir, METRICS_NAME), metrics)
-    written = [os.path.join(out_dir, METRICS_NAME), ckpt_path]
-    if plot:
-        written.append(_plot(maml, batch, os.path.join(out_dir, PLOT_NAME), iteration))
-    log("wrote " + ", ".join(written))
-    return metrics
+            "train_loss": self.running.value(),
+            "config": config.to_dict(),
+            "device": device_label(self.device),
+            "world_size": self.world,
+            "tasks_per_iteration": self.world * config.meta_batch,
+            "timing": {
+                "iterations_this_run": done,
+                "train_seconds_this_run": train_seconds,
+                "ms_per_iteration": 1e3 * train_seconds / done if done else None,
+                "train_seconds_total": self.seconds_before + train_seconds,
+                "eval_seconds": eval_seconds,
+            },
+            "versions": versions(),
+        }
+        written = [self.write_metrics(metrics), self.checkpoint_path]
+        if self.plot:
+            written.append(_plot(self.maml, batch, os.path.join(self.out_dir, PLOT_NAME), iteration))
+        self.log("wrote " + ", ".join(written))
+        return metrics

@@ -9,28 +9,25 @@ of episodes from the 'train' split, validates every ``val_every`` iterations on 
 At the end the best weights are evaluated on the 600 fixed 'test' episodes: mean accuracy +- 95% CI
 (1.96 std / sqrt(episodes)) goes to metrics.json, the curves to curves.json and training_curves.png.
 """
-import argparse
 import dataclasses
 import math
 import os
-import platform
-import sys
 import time
 from typing import Callable, Dict, Optional
 
 import torch
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
-from .interrupt import DeferredInterrupt
-from .run import TrainingInterrupted, config_from_dict, new_run_dir, resolve_device, resume_state
-from .progress import RunningLoss, progress_bar
-from .arguments import int_at_least as _int_at_least, positive_float as _positive_float
+from ..runtime.checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint, save_checkpoint, write_json
+from ..runtime.config import JobConfig
+from ..runtime.job import Job
+from ..runtime.metrics import METRICS_NAME, device_label, versions
+from ..runtime.progress import RunningLoss
+from ..runtime.rng import rng_state, set_rng_state
+from ..runtime.run import resolve_device
 
 DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100")
 MODELS = ("conv4", "resnet12")
-CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
-METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.json"
 PLOT_NAME = "training_curves.png"
 EVAL_BATCH = 50  # episodes adapted at once during evaluation (memory, not results)
@@ -62,7 +59,7 @@ _FIXED_ON_RESUME = ("dataset", "ways", "shots", "queries", "model", "width", "in
 
 
 @dataclasses.dataclass
-class VisionConfig:
+class VisionConfig(JobConfig):
     dataset: str = "omniglot"
     root: str = "data"
     ways: int = 5
@@ -104,32 +101,18 @@ class VisionConfig:
         return out.validate()
 
     def validate(self) -> "VisionConfig":
-        for name, minimum in (("ways", 2), ("shots", 1), ("queries", 1), ("eval_queries", 1), ("inner_steps", 1),
-                              ("test_inner_steps", 1), ("meta_batch", 1), ("iterations", 1), ("val_every", 0),
-                              ("val_episodes", 1), ("eval_episodes", 1), ("checkpoint_every", 0), ("seed", 0),
-                              ("width", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("inner_lr", "meta_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        self.check_ints((("ways", 2), ("shots", 1), ("queries", 1), ("eval_queries", 1), ("inner_steps", 1),
+                         ("test_inner_steps", 1), ("meta_batch", 1), ("iterations", 1), ("val_every", 0),
+                         ("val_episodes", 1), ("eval_episodes", 1), ("checkpoint_every", 0), ("seed", 0),
+                         ("width", 1)))
+        self.check_positive(("inner_lr", "meta_lr"))
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         allowed = ("train", "trainval") if self.dataset == "omniglot" else ("train",)
         if self.train_split not in allowed:
             raise ValueError(f"train_split must be one of {', '.join(allowed)} for {self.dataset}, got {self.train_split!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        self.check_device()
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
-        return config_from_dict(cls, d, "vision")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -182,19 +165,6 @@ def evaluate(maml, sampler, episodes: int, steps: int, seed: Optional[int] = Non
             "per_episode": accs.tolist()}
 
 
-def _rng_state(device) -> dict:
-    state = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
-
-
 def plot_curves(path: str, history: dict, title: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -233,119 +203,117 @@ def train_vision(config: VisionConfig, out_dir: str, resume: bool = False, progr
                  callback: Optional[Callable[[int], None]] = None, log: Callable[[str], None] = print,
                  plot: bool = True) -> dict:
     """Meta-train (or with ``resume`` continue) in ``out_dir``; returns the metrics dict."""
-    from ..data.episodes import EpisodeSampler
+    return VisionJob(config, out_dir, resume, progress, log, callback=callback, plot=plot).run()
 
-    config = config.resolved()
-    device = resolve_device(config.device)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    best_path = os.path.join(out_dir, BEST_NAME)
-    state = resume_state(out_dir, resume, "vision", config, _FIXED_ON_RESUME)
 
-    # data first: a missing dataset fails before anything is written
-    train_data = load_data(config.dataset, config.root, config.train_split, config.download)
-    validate = config.val_every > 0 and config.train_split == "train"
-    val_data = load_data(config.dataset, config.root, "val", config.download) if validate else None
-    os.makedirs(out_dir, exist_ok=True)
+class VisionJob(Job):
+    task = "vision"
+    config_type = VisionConfig
+    fixed_on_resume = _FIXED_ON_RESUME
+    user_errors = (ValueError, FileNotFoundError, ImportError)  # a missing dataset or torchvision
+    data_parallel = False  # one process: `metafast train` refuses torchrun for it
 
-    torch.manual_seed(config.seed)
-    maml, optimizer = build(config, device)
-    sampler = EpisodeSampler(train_data, config.ways, config.shots, config.queries, device=device, seed=config.seed)
-    val_sampler = (EpisodeSampler(val_data, config.ways, config.shots, config.eval_queries, device=device)
-                   if validate else None)
-    running, running_acc = RunningLoss(), RunningLoss()
-    history = {"train": [], "val": []}
-    best = {"accuracy": -1.0, "iteration": 0}
-    start, seconds_before = 0, 0.0
-    if state is not None:
-        maml.load_state_dict(state["maml"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        running = RunningLoss.from_state(state["running_loss"], device=device)
-        running_acc = RunningLoss.from_state(state["running_acc"], device=device)
-        history, best = state["history"], state["best"]
-        start, seconds_before = state["iteration"], state.get("train_seconds", 0.0)
-        _set_rng_state(state["rng"], device)
-        log(f"resuming {out_dir} at iteration {start}/{config.iterations}")
-    iteration = start
+    def __init__(self, config: VisionConfig, out_dir: str, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print, callback: Optional[Callable[[int], None]] = None,
+                 plot: bool = True):
+        super().__init__(config, out_dir, resume, progress, log)
+        self.callback, self.plot = callback, plot
+        self.best_path = os.path.join(out_dir, BEST_NAME)
 
-    def save() -> str:
-        save_checkpoint({"task": "vision", "config": config.to_dict(), "iteration": iteration,
-                         "maml": maml.state_dict(), "optimizer": optimizer.state_dict(),
-                         "sampler": sampler.state_dict(), "rng": _rng_state(device),
-                         "running_loss": running.state(), "running_acc": running_acc.state(),
-                         "history": history, "best": best,
-                         "train_seconds": seconds_before + (time.perf_counter() - t0)}, ckpt_path)
-        return ckpt_path
+    def run(self) -> dict:
+        self.config = self.config.resolved()
+        return super().run()
 
-    def save_best(val: Optional[dict]) -> None:
-        save_checkpoint({"task": "vision", "config": config.to_dict(), "iteration": iteration,
-                         "maml": maml.state_dict(), "val": None if val is None else
-                         {k: v for k, v in val.items() if k != "per_episode"}}, best_path)
+    def state_dict(self) -> dict:
+        return {"maml": self.maml.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "sampler": self.sampler.state_dict(), "rng": rng_state(self.device, {}),
+                "running_loss": self.running.state(), "running_acc": self.running_acc.state(),
+                "history": self.history, "best": self.best}
 
-    bar = progress_bar(config.iterations, initial=start, enabled=progress)
-    mid_step = False
-    t0 = time.perf_counter()
-    log_every = max(1, min(50, config.iterations // 20))
-    try:
-        with DeferredInterrupt() as interrupt:
-            while iteration < config.iterations:
-                if interrupt.requested:
-                    raise KeyboardInterrupt
-                mid_step = True
-                batch = sampler.sample(config.meta_batch)
-                out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-                running.update(out.loss)
-                running_acc.update(out.task_accuracies.mean())
-                iteration += 1
-                if iteration % log_every == 0 or iteration == config.iterations:
-                    history["train"].append({"iteration": iteration, "loss": running.value(),
-                                             "accuracy": running_acc.value()})
-                    bar.set_postfix(loss=f"{running.value():.3f}", acc=f"{running_acc.value():.3f}", refresh=False)
-                if validate and (iteration % config.val_every == 0 or iteration == config.iterations):
-                    val = evaluate(maml, val_sampler, config.val_episodes, config.test_inner_steps)
-                    history["val"].append({"iteration": iteration, "accuracy": val["accuracy"], "ci95": val["ci95"]})
-                    if val["accuracy"] > best["accuracy"]:
-                        best = {"accuracy": val["accuracy"], "ci95": val["ci95"], "iteration": iteration}
-                        save_best(val)
-                mid_step = False
-                bar.update(1)
-                if config.checkpoint_every and iteration % config.checkpoint_every == 0 \
-                        and iteration < config.iterations:
-                    save()
-                if callback is not None:
-                    callback(iteration)
-    except KeyboardInterrupt:
-        if mid_step:
-            raise TrainingInterrupted(f"interrupted inside iteration {iteration + 1}; not saving a possibly "
-                                      f"inconsistent state (the last checkpoint, if any, is in {out_dir})",
-                                      out_dir, None, iteration) from None
-        path = save()
-        raise TrainingInterrupted(f"interrupted at iteration {iteration}/{config.iterations}; checkpoint saved to "
-                                  f"{path}", out_dir, path, iteration) from None
-    finally:
-        bar.close()
-    train_seconds = time.perf_counter() - t0
-    if not validate:
-        best = {"accuracy": None, "iteration": iteration}
-        save_best(None)
-    save()
-    write_json(os.path.join(out_dir, CURVES_NAME), history)
-    written = [ckpt_path, best_path, os.path.join(out_dir, CURVES_NAME)]
-    if plot:
-        written.append(plot_curves(os.path.join(out_dir, PLOT_NAME), history, _title(config)))
-    metrics = evaluate_checkpoint(best_path, root=config.root, device=config.device, log=log,
-                                  out=os.path.join(out_dir, METRICS_NAME),
-                                  extra={"best_val": best, "train_loss": running.value(),
-                                         "timing": {"iterations_this_run": iteration - start,
-                                                    "train_seconds_this_run": train_seconds,
-                                                    "ms_per_iteration": 1e3 * train_seconds / max(1, iteration - start),
-                                                    "train_seconds_total": seconds_before + train_seconds}})
-    written.append(os.path.join(out_dir, METRICS_NAME))
-    log("wrote " + ", ".join(written))
-    return metrics
+    def save_best(self, iteration: int, val: Optional[dict]) -> None:
+        save_checkpoint({"task": self.task, "config": self.config.to_dict(), "iteration": iteration,
+                         "maml": self.maml.state_dict(), "val": None if val is None else
+                         {k: v for k, v in val.items() if k != "per_episode"}}, self.best_path)
+
+    def execute(self, device: torch.device) -> dict:
+        from ..data.episodes import EpisodeSampler
+
+        config = self.config
+        self.device = device
+        state = self.open()
+        # data first: a missing dataset fails before anything is written
+        train_data = load_data(config.dataset, config.root, config.train_split, config.download)
+        self.validate = config.val_every > 0 and config.train_split == "train"
+        val_data = load_data(config.dataset, config.root, "val", config.download) if self.validate else None
+        os.makedirs(self.out_dir, exist_ok=True)
+
+        torch.manual_seed(config.seed)
+        self.maml, self.optimizer = build(config, device)
+        self.sampler = EpisodeSampler(train_data, config.ways, config.shots, config.queries, device=device,
+                                      seed=config.seed)
+        self.val_sampler = (EpisodeSampler(val_data, config.ways, config.shots, config.eval_queries, device=device)
+                            if self.validate else None)
+        self.running, self.running_acc = RunningLoss(), RunningLoss()
+        self.history = {"train": [], "val": []}
+        self.best = {"accuracy": -1.0, "iteration": 0}
+        start = self.iteration
+        if state is not None:
+            self.maml.load_state_dict(state["maml"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.running = RunningLoss.from_state(state["running_loss"], device=device)
+            self.running_acc = RunningLoss.from_state(state["running_acc"], device=device)
+            self.history, self.best = state["history"], state["best"]
+            set_rng_state(state["rng"], device, {})
+            self.log(f"resuming {self.out_dir} at iteration {start}/{config.iterations}")
+
+        self.log_every = max(1, min(50, config.iterations // 20))
+        with self.training(config.iterations, initial=start):
+            self.steps(config.iterations, self.step, self.callback)
+        train_seconds = self.seconds_this_run()
+        if not self.validate:
+            self.best = {"accuracy": None, "iteration": self.iteration}
+            self.save_best(self.iteration, None)
+        self.save()
+        curves = os.path.join(self.out_dir, CURVES_NAME)
+        write_json(curves, self.history)
+        written = [self.checkpoint_path, self.best_path, curves]
+        if self.plot:
+            written.append(plot_curves(os.path.join(self.out_dir, PLOT_NAME), self.history, _title(config)))
+        done = self.iteration - start
+        metrics = evaluate_checkpoint(self.best_path, root=config.root, device=config.device, log=self.log,
+                                      out=os.path.join(self.out_dir, METRICS_NAME),
+                                      extra={"best_val": self.best, "train_loss": self.running.value(),
+                                             "timing": {"iterations_this_run": done,
+                                                        "train_seconds_this_run": train_seconds,
+                                                        "ms_per_iteration": 1e3 * train_seconds / max(1, done),
+                                                        "train_seconds_total": self.seconds_before + train_seconds}})
+        written.append(os.path.join(self.out_dir, METRICS_NAME))
+        self.log("wrote " + ", ".join(written))
+        return metrics
+
+    def step(self, iteration: int) -> bool:
+        config, maml = self.config, self.maml
+        batch = self.sampler.sample(config.meta_batch)
+        out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.running.update(out.loss)
+        self.running_acc.update(out.task_accuracies.mean())
+        done = iteration + 1
+        if done % self.log_every == 0 or done == config.iterations:
+            self.history["train"].append({"iteration": done, "loss": self.running.value(),
+                                          "accuracy": self.running_acc.value()})
+            self.bar.set_postfix(loss=f"{self.running.value():.3f}", acc=f"{self.running_acc.value():.3f}",
+                                 refresh=False)
+        if self.validate and (done % config.val_every == 0 or done == config.iterations):
+            val = evaluate(maml, self.val_sampler, config.val_episodes, config.test_inner_steps)
+            self.history["val"].append({"iteration": done, "accuracy": val["accuracy"], "ci95": val["ci95"]})
+            if val["accuracy"] > self.best["accuracy"]:
+                self.best = {"accuracy": val["accuracy"], "ci95": val["ci95"], "iteration": done}
+                self.save_best(done, val)
+        return False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -381,130 +349,9 @@ def evaluate_checkpoint(path: str, root: Optional[str] = None, split: str = "tes
                "shots": config.shots, "accuracy": result["accuracy"], "ci95": result["ci95"], "episodes": n,
                "inner_steps": s, "queries_per_class": config.eval_queries, "checkpoint": os.path.abspath(path),
                "checkpoint_iteration": state["iteration"], "config": config.to_dict(),
-               "device": f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
-               else f"cpu ({torch.get_num_threads()} threads)", "eval_seconds": seconds,
-               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+               "device": device_label(dev), "eval_seconds": seconds, "versions": versions()}
     if extra:
         metrics.update(extra)
     metrics["per_episode_accuracy"] = result["per_episode"]
     write_json(out or os.path.join(os.path.dirname(os.path.abspath(path)), METRICS_NAME), metrics)
     return metrics
-
-
-# ----------------------------------------------------------------------------- command line
-# options `metafast train` already has for the sinusoid job (same names, same meaning)
-_COMMON_TRAIN = [
-    ("--iterations", dict(type=_int_at_least(1), help="meta-iterations (vision default: the preset's, 60000)")),
-    ("--meta-batch", dict(type=_int_at_least(1), help="tasks per meta-batch")),
-    ("--inner-lr", dict(type=_positive_float, help="inner-loop SGD learning rate")),
-    ("--inner-steps", dict(type=_int_at_least(1), help="inner-loop steps during meta-training")),
-    ("--meta-lr", dict(type=_positive_float, help="Adam learning rate of the meta-update")),
-    ("--first-order", dict(action="store_true", default=None, help="first-order MAML")),
-    ("--meta-sgd", dict(action="store_true", default=None, help="learn per-parameter inner learning rates")),
-    ("--seed", dict(type=_int_at_least(0), help="seed of initialisation and training episodes (default 0)")),
-    ("--device", dict(choices=("cpu", "cuda", "auto"), help="where to train (default auto)")),
-    ("--checkpoint-every", dict(type=_int_at_least(0), metavar="N", help="save checkpoint.pt every N iterations")),
-    ("--out", dict(metavar="DIR", help="output directory (default runs/<timestamp>)")),
-    ("--resume", dict(metavar="DIR", help="continue the interrupted run in DIR exactly")),
-    ("--no-progress", dict(action="store_true", help="no progress bar")),
-]
-_VISION_TRAIN = [
-    ("--root", dict(metavar="DIR", help="dataset folder (vision datasets; default ./data)")),
-    ("--download", dict(action="store_true", default=None, help="fetch the dataset with torchvision when missing")),
-    ("--ways", dict(type=_int_at_least(2), help="classes per task (vision; default 5)")),
-    ("--shots", dict(type=_int_at_least(1), help="support images per class (vision; default 1)")),
-    ("--queries", dict(type=_int_at_least(1), help="query images per class in training (default: the preset's)")),
-    ("--eval-queries", dict(type=_int_at_least(1), help="query images per class in validation/test (default 15)")),
-    ("--test-inner-steps", dict(type=_int_at_least(1), help="inner steps at validation/test (default: the preset's)")),
-    ("--model", dict(choices=MODELS, help="network (default conv4, the paper's)")),
-    ("--width", dict(type=_int_at_least(1), help="Conv4 channels (default: the preset's)")),
-    ("--val-every", dict(type=_int_at_least(0), metavar="N", help="validate every N iterations, 0 = never (default 500)")),
-    ("--val-episodes", dict(type=_int_at_least(1), help="fixed validation episodes (default 100)")),
-    ("--eval-episodes", dict(type=_int_at_least(1), help="fixed test episodes at the end (default 600)")),
-    ("--train-split", dict(choices=("train", "trainval"), help="omniglot: 'trainval' trains on all 1200 characters")),
-]
-_FIELDS = ("root", "download", "ways", "shots", "queries", "eval_queries", "test_inner_steps", "model", "width",
-           "iterations", "meta_batch", "inner_lr", "inner_steps", "meta_lr", "first_order", "meta_sgd",
-           "val_every", "val_episodes", "eval_episodes", "checkpoint_every", "train_split", "seed", "device")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the vision options (and any of the shared ones the parser lacks) to a `train` parser."""
-    have = set(parser._option_string_actions)
-    for flag, kw in _COMMON_TRAIN + _VISION_TRAIN:
-        if flag not in have:
-            parser.add_argument(flag, **kw)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `eval`: evaluate a few-shot vision checkpoint on the fixed test episodes."""
-    p = subparsers.add_parser("eval", help="evaluate a few-shot checkpoint on the 600 fixed test episodes",
-                              description="Mean accuracy +- 95%% CI of a checkpoint written by `metafast train "
-                                          "--dataset ...` on fixed episodes; writes metrics.json.")
-    p.add_argument("checkpoint", help="best.pt, checkpoint.pt or a run directory (uses its best.pt)")
-    p.add_argument("--root", metavar="DIR", help="dataset folder (default: the one used in training)")
-    p.add_argument("--split", choices=("test", "val"), default="test", help="default test")
-    p.add_argument("--episodes", type=_int_at_least(1), help="default: the run's eval episodes (600)")
-    p.add_argument("--steps", type=_int_at_least(0), help="inner steps (default: the run's test steps)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    p.add_argument("--out", metavar="FILE", help="metrics file (default metrics.json beside the checkpoint)")
-    p.set_defaults(handler=main)
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A standalone `metafast`-style parser with `train` (vision datasets) and `eval`."""
-    parser = argparse.ArgumentParser(prog="metafast")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    t = sub.add_parser("train", help="meta-train MAML on a few-shot vision dataset")
-    t.add_argument("--dataset", choices=DATASETS, required=True)
-    add_train_arguments(t)
-    t.set_defaults(handler=main)
-    add_parser(sub)
-    return parser
-
-
-def _train_cmd(args) -> int:
-    given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
-    if args.resume:
-        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise ValueError("--out and --resume both given: a resumed run writes into the directory it resumes")
-        state = load_checkpoint(args.resume)
-        if state.get("task") != "vision":
-            raise ValueError(f"--resume {args.resume}: the checkpoint is of task {state.get('task')!r}, not a "
-                             f"{args.dataset} run")
-        saved = VisionConfig.from_dict(state["config"])
-        if saved.dataset != args.dataset:
-            raise ValueError(f"--resume {args.resume}: the run is on {saved.dataset!r}, not {args.dataset!r}")
-        config, out_dir = dataclasses.replace(saved, **given), args.resume
-    else:
-        config, out_dir = VisionConfig(dataset=args.dataset, **given), args.out or new_run_dir()
-    try:
-        train_vision(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
-    except TrainingInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        if e.checkpoint is not None or os.path.exists(os.path.join(e.out_dir, CHECKPOINT_NAME)):
-            print(f"resume with: metafast train --dataset {config.dataset} --resume {e.out_dir}", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _eval_cmd(args) -> int:
-    evaluate_checkpoint(args.checkpoint, root=args.root, split=args.split, episodes=args.episodes, steps=args.steps,
-                        device=args.device, out=args.out)
-    return 0
-
-
-def main(args) -> int:
-    """Run `train --dataset <vision dataset>` or `eval` from parsed arguments; user errors are
-    printed as `metafast <command>: error: ...` with exit status 2."""
-    if isinstance(args, (list, tuple)):
-        try:
-            args = build_parser().parse_args(list(args))
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else 2
-    try:
-        return _eval_cmd(args) if args.command == "eval" else _train_cmd(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"metafast {args.command}: error: {e}", file=sys.stderr)
-        return 2
