@@ -23,7 +23,7 @@ from ..runtime.job import Job
 from ..runtime.metrics import METRICS_NAME, device_label, versions
 from ..runtime.progress import RunningLoss
 from ..runtime.rng import rng_state, set_rng_state
-from ..runtime.run import resolve_device
+from ..runtime.run import TrainingInterrupted, resolve_device  # noqa: F401  (what train_vision raises on Ctrl-C)
 
 DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100")
 MODELS = ("conv4", "resnet12")
