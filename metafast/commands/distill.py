@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..jobs.distill import DistillConfig, DistillJob, format_results
-from ..runtime.command import add_run_arguments, job_config, reports_errors, run_job
+from ..runtime.command import add_run_arguments, given_options, job_config, reports_errors, run_job
 
 _FIELDS = {  # option -> (DistillConfig field, type, help)
     "--seed": ("seed", int, "seed of data, initialisation and batches"),
@@ -38,13 +38,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 @reports_errors
 def main(args: argparse.Namespace) -> int:
-    given = {field: getattr(args, field) for field, _, _ in _FIELDS.values() if getattr(args, field, None) is not None}
+    given = given_options(args, [field for field, _, _ in _FIELDS.values()])
     config, out_dir = job_config(args, DistillJob, given, prefix="distill-")
 
-    def run() -> None:
-        metrics = DistillJob(config, out_dir, resume=bool(args.resume), progress=not args.no_progress).run()
-        if metrics is not None:  # None: a rank other than 0 of a torchrun job (rank 0 reports)
-            print(format_results(metrics))
-            print(f"metrics written to {os.path.join(out_dir, 'metrics.json')}")
+    def report(metrics: dict) -> None:
+        print(format_results(metrics))
+        print(f"metrics written to {os.path.join(out_dir, 'metrics.json')}")
 
-    return run_job(DistillJob, out_dir, f"metafast distill --resume {out_dir}", run)
+    job = DistillJob(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
+    return run_job(job, f"metafast distill --resume {out_dir}", report)

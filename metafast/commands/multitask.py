@@ -48,4 +48,4 @@ def main(args: argparse.Namespace) -> int:
     config, out_dir = job_config(args, MultiTaskJob, given_options(args, _FIELDS), prefix="multitask-")
     torch.set_num_threads(args.threads)
     job = MultiTaskJob(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
-    return run_job(MultiTaskJob, out_dir, f"metafast multitask --resume {out_dir}", job.run)
+    return run_job(job, f"metafast multitask --resume {out_dir}")

@@ -75,14 +75,14 @@ def main(args: argparse.Namespace) -> int:
 def train_sinusoid(args: argparse.Namespace) -> int:
     config, out_dir = job_config(args, SinusoidJob, given_options(args, SINUSOID_FIELDS))
     job = SinusoidJob(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
-    return run_job(SinusoidJob, out_dir, f"metafast train --resume {out_dir}", job.run)
+    return run_job(job, f"metafast train --resume {out_dir}")
 
 
 def train_vision(args: argparse.Namespace) -> int:
     given = dict(given_options(args, VISION_FIELDS), dataset=args.dataset)
     config, out_dir = job_config(args, VisionJob, given)
     job = VisionJob(config, out_dir, resume=bool(args.resume), progress=not args.no_progress)
-    return run_job(VisionJob, out_dir, f"metafast train --dataset {config.dataset} --resume {out_dir}", job.run)
+    return run_job(job, f"metafast train --dataset {config.dataset} --resume {out_dir}")
 
 
 JOBS = {"sinusoid": train_sinusoid, **{name: train_vision for name in DATASETS}}

@@ -53,21 +53,23 @@ def job_config(args: argparse.Namespace, job: Type[Job], given: dict, prefix: st
     return config, args.resume
 
 
-def run_job(job: Type[Job], out_dir: str, resume_command: str, run: Callable[[], Optional[dict]]) -> int:
-    """Call ``run()``; 0 when done, 130 after Ctrl-C (with ``resume with: <resume_command>`` when there
-    is something to resume); the job's user errors (``job.user_errors``) and a failed collective become
-    a CommandError."""
+def run_job(job: Job, resume_command: str, report: Optional[Callable[[dict], None]] = None) -> int:
+    """Run ``job``; 0 when done (after ``report(metrics)`` on the rank that has them), 130 after Ctrl-C
+    (with ``resume with: <resume_command>`` when there is something to resume); the job's user errors
+    (``job.user_errors``) and a failed collective become a CommandError."""
     from ..distributed import DistributedError
 
     try:
-        run()
+        metrics = job.run()
     except job.interrupted as e:
         print(f"\n{e}", file=sys.stderr)
-        if getattr(e, "checkpoint", None) is not None or job.holds_run(out_dir):
+        if getattr(e, "checkpoint", None) is not None or job.holds_run(job.out_dir):
             print(f"resume with: {resume_command}", file=sys.stderr)
         return 130
     except (*job.user_errors, DistributedError) as e:
         raise CommandError(str(e)) from None
+    if report is not None and metrics is not None:  # None: a rank other than 0 of a torchrun job
+        report(metrics)
     return 0
 
 
