@@ -173,7 +173,6 @@ class MultiTaskJob(Job):
         config, world = self.config, self.world
         if world > 1 and config.batch_size < world:
             raise ValueError(f"batch_size {config.batch_size} cannot be split across {world} processes")
-        self.device = device
         state = self.open()
         if self.main:
             os.makedirs(self.out_dir, exist_ok=True)

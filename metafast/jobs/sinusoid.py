@@ -197,7 +197,6 @@ class SinusoidJob(Job):
 
     def execute(self, device: torch.device) -> Optional[dict]:
         config, world, log = self.config, self.world, self.log
-        self.device = device
         state = self.open()
         if self.main:
             os.makedirs(self.out_dir, exist_ok=True)

@@ -239,7 +239,6 @@ class VisionJob(Job):
         from ..data.episodes import EpisodeSampler
 
         config = self.config
-        self.device = device
         state = self.open()
         # data first: a missing dataset fails before anything is written
         train_data = load_data(config.dataset, config.root, config.train_split, config.download)

@@ -54,7 +54,7 @@ class Job:
         self.state: Optional[dict] = None         # the checkpoint a resumed run continues from
         self.iteration = 0
         self.seconds_before = 0.0                 # training time of the runs this one continues
-        self.main, self.world = True, 1
+        self.main, self.world, self.device = True, 1, torch.device("cpu")
         self.bar: Optional[tqdm] = None
         self.interrupt: Optional[DeferredInterrupt] = None
         self._t0 = time.perf_counter()
@@ -71,12 +71,13 @@ class Job:
             return self._execute(distributed.device_for(device))
 
     def _execute(self, device: torch.device) -> Optional[dict]:
-        self.main, self.world = distributed.is_main(), distributed.world_size()
+        self.main, self.world, self.device = distributed.is_main(), distributed.world_size(), device
         if not self.main:
             self.progress, self.log = False, _quiet
         return self.execute(device)
 
     def execute(self, device: torch.device) -> Optional[dict]:
+        """The job itself, on this rank's ``device``: returns the metrics (None on ranks other than 0)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ start / resume
