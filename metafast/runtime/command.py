@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence, Tuple, Type
 
+from ..distributed import DistributedError
 from .job import Job
 from .run import new_run_dir
 
@@ -57,8 +58,6 @@ def run_job(job: Job, resume_command: str, report: Optional[Callable[[dict], Non
     """Run ``job``; 0 when done (after ``report(metrics)`` on the rank that has them), 130 after Ctrl-C
     (with ``resume with: <resume_command>`` when there is something to resume); the job's user errors
     (``job.user_errors``) and a failed collective become a CommandError."""
-    from ..distributed import DistributedError
-
     try:
         metrics = job.run()
     except job.interrupted as e:
