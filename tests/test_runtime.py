@@ -49,7 +49,7 @@ class CountJob(Job):
             self.total = state["total"]
             set_rng_state(state["rng"], device, {"draws": self.generator})
         with self.training(self.config.iterations, initial=self.iteration):
-            self.steps(self.config.iterations, self.step, self.callback)
+            self.steps(self.config.iterations, self.step, self.ctrl_c)
         self.save()
         self.write_metrics({"total": self.total.item(), "iteration": self.iteration})
         return {"total": self.total.item()}
@@ -60,7 +60,7 @@ class CountJob(Job):
         self.total = self.total + torch.rand((), generator=self.generator, dtype=torch.float64) + torch.rand(())
         return False
 
-    def callback(self, iteration: int) -> None:
+    def ctrl_c(self, iteration: int) -> None:
         if iteration == self.stop_at:
             raise KeyboardInterrupt  # Ctrl-C between steps
 

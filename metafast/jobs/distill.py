@@ -178,9 +178,9 @@ class DistillJob(Job):
     def holds_run(cls, out_dir: str) -> bool:
         return os.path.exists(os.path.join(out_dir, CONFIG_NAME))
 
-    def open(self) -> None:
+    def open(self, create: bool = True) -> None:
         if self.resume:
-            return super().open()
+            return super().open(create)
         if self.holds_run(self.out_dir):
             raise ValueError(f"{self.out_dir} already holds a run; resume it or pick another output directory")
         distributed.barrier()  # every rank has checked before rank 0 writes

@@ -25,7 +25,6 @@ world size, so a run resumes with any number of processes.
 """
 import dataclasses
 import math
-import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -158,11 +157,6 @@ class MultiTaskJob(Job):
     config_type = MultiTaskConfig
     fixed_on_resume = _FIXED_ON_RESUME
 
-    def __init__(self, config: MultiTaskConfig, out_dir: str, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print, callback: Optional[Callable[[str, int], None]] = None):
-        super().__init__(config, out_dir, resume, progress, log)
-        self.callback = callback
-
     def state_dict(self) -> dict:
         return {"strategy_index": self.index, "model": self.model.state_dict(),
                 "weighting": self.weighting.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -174,8 +168,6 @@ class MultiTaskJob(Job):
         if world > 1 and config.batch_size < world:
             raise ValueError(f"batch_size {config.batch_size} cannot be split across {world} processes")
         state = self.open()
-        if self.main:
-            os.makedirs(self.out_dir, exist_ok=True)
         if world > 1:
             self.log(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch {config.batch_size} "
                      f"split across them")

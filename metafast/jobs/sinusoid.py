@@ -184,12 +184,6 @@ class SinusoidJob(Job):
     config_type = SinusoidConfig
     fixed_on_resume = _FIXED_ON_RESUME
 
-    def __init__(self, config: SinusoidConfig, out_dir: str, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print, callback: Optional[Callable[[int], None]] = None,
-                 plot: bool = True):
-        super().__init__(config, out_dir, resume, progress, log)
-        self.callback, self.plot = callback, plot
-
     def state_dict(self) -> dict:
         return {"maml": self.maml.state_dict(), "model": self.maml.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.device, {"tasks": self.generator}),
@@ -198,8 +192,6 @@ class SinusoidJob(Job):
     def execute(self, device: torch.device) -> Optional[dict]:
         config, world, log = self.config, self.world, self.log
         state = self.open()
-        if self.main:
-            os.makedirs(self.out_dir, exist_ok=True)
 
         torch.manual_seed(config.seed)  # model initialisation (and any randomness inside the step)
         self.maml, self.optimizer = build(config, device)

@@ -213,15 +213,9 @@ class VisionJob(Job):
     user_errors = (ValueError, FileNotFoundError, ImportError)  # a missing dataset or torchvision
     data_parallel = False  # one process: `metafast train` refuses torchrun for it
 
-    def __init__(self, config: VisionConfig, out_dir: str, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print, callback: Optional[Callable[[int], None]] = None,
-                 plot: bool = True):
-        super().__init__(config, out_dir, resume, progress, log)
-        self.callback, self.plot = callback, plot
-        self.best_path = os.path.join(out_dir, BEST_NAME)
-
     def run(self) -> dict:
         self.config = self.config.resolved()
+        self.best_path = os.path.join(self.out_dir, BEST_NAME)
         return super().run()
 
     def state_dict(self) -> dict:
@@ -239,8 +233,7 @@ class VisionJob(Job):
         from ..data.episodes import EpisodeSampler
 
         config = self.config
-        state = self.open()
-        # data first: a missing dataset fails before anything is written
+        state = self.open(create=False)  # data first: a missing dataset fails before anything is written
         train_data = load_data(config.dataset, config.root, config.train_split, config.download)
         self.validate = config.val_every > 0 and config.train_split == "train"
         val_data = load_data(config.dataset, config.root, "val", config.download) if self.validate else None

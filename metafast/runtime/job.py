@@ -47,9 +47,12 @@ class Job:
     data_parallel = True                          # joins torchrun's process group
 
     def __init__(self, config: JobConfig, out_dir: str, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, callback: Optional[Callable[..., None]] = None,
+                 plot: bool = True):
         self.config, self.out_dir, self.resume = config, out_dir, resume
         self.progress, self.log = progress, log
+        self.callback = callback                  # after every completed step (the job says with what)
+        self.plot = plot                          # write the job's figures, where it has any
         self.checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
         self.state: Optional[dict] = None         # the checkpoint a resumed run continues from
         self.iteration = 0
@@ -101,20 +104,23 @@ class Job:
     def holds_run(cls, out_dir: str) -> bool:
         return os.path.exists(os.path.join(out_dir, CHECKPOINT_NAME))
 
-    def open(self) -> Optional[dict]:
+    def open(self, create: bool = True) -> Optional[dict]:
         """Check the run can start (fresh: ``out_dir`` holds no run) or continue (resume: the saved run
-        matches the config); returns the checkpoint a resumed run continues from."""
+        matches the config), then (``create``) make ``out_dir`` on rank 0; returns the checkpoint a
+        resumed run continues from."""
         if not self.resume:
             if self.holds_run(self.out_dir):
                 raise ValueError(f"{self.out_dir} already holds a checkpoint; resume it or pick another "
                                  "output directory")
-            return None
-        saved, state = self.read_saved(self.out_dir)
-        self.check_resume(saved, self.config, state)
-        self.state = state
-        self.iteration = state.get("iteration", 0)
-        self.seconds_before = state.get("train_seconds", 0.0)
-        return state
+        else:
+            saved, state = self.read_saved(self.out_dir)
+            self.check_resume(saved, self.config, state)
+            self.state = state
+            self.iteration = state.get("iteration", 0)
+            self.seconds_before = state.get("train_seconds", 0.0)
+        if create and self.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        return self.state
 
     # ------------------------------------------------------------------------------ checkpoints, metrics
     def state_dict(self) -> dict:
