@@ -39,7 +39,7 @@ def _worker(device_name: str, threads: int, meta_batch: int, steps: int, blocks:
     torch.set_num_threads(threads)
     from metafast import distributed
     from metafast.data.sinusoid import SinusoidTasks
-    from metafast.train.sinusoid import SinusoidConfig, build
+    from metafast.jobs.sinusoid import SinusoidConfig, build
 
     rank, world = distributed.init(device_name, timeout=120)
     try:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from metafast.train.allocator import keep_freed_memory  # noqa: F401  (the CPU benches' allocator setting)
+from metafast.runtime.allocator import keep_freed_memory  # noqa: F401  (the CPU benches' allocator setting)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
