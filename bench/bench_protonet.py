@@ -3,7 +3,9 @@ ProtoNet example loop (one embedding pass per episode), same embedding, same epi
 
 Setting: Conv4 Omniglot-shaped (Conv4.omniglot without its head: 64 channels, stride 2, transductive
 BN; 28x28x1 images), 20-way 5-shot, 5 (default) or 15 queries per class, 32 episodes. A step is
-zero_grad + forward + backward of the mean episode loss + one Adam step. The baseline reproduces
+zero_grad + forward + backward of the mean episode loss + one Adam step; metafast's is
+``metafast.algorithms.protonet.train_step`` (the step a training job calls), which runs in the CPU
+block cache (metafast.cpu_cache); the process keeps freed memory (glibc) for both. The baseline reproduces
 ``fast_adapt`` of learn2learn's examples/vision/protonet_miniimagenet.py (sort the episode by label,
 embed support and query together, numpy boolean support mask, reshape-mean prototypes,
 pairwise_distances_logits, cross_entropy) once per episode, backward per episode (loss / T, so the
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import RESULTS_DIR, base_row, keep_freed_memory, print_table, time_ms, write_rows  # noqa: E402
 
 BENCH = "protonet"
 COLUMNS = ["impl", "ms", "speedup_vs_l2l_loop", "episodes", "ways", "shots", "queries", "threads"]
@@ -103,10 +105,13 @@ def make_episodes(T, ways, shots, queries, generator):
     return l2l_batches, (torch.stack(support_x), support_y, torch.stack(query_x), query_y)
 
 
-def run(queries: int = 5, rounds: int = 3, threads: int = 2, quick: bool = False) -> List[dict]:
+def run(queries: int = 5, rounds: int = 3, threads: int = 2, quick: bool = False, repeats: int = 3) -> List[dict]:
     from metafast import ProtoNet
+    from metafast.algorithms.protonet import train_step
+    from metafast.data.episodes import Episodes
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # both implementations: glibc keeps freed blocks (as `metafast train` sets it)
     device = torch.device("cpu")
     T, ways, shots = (4, 5, 5) if quick else (32, 20, 5)
     g = torch.Generator().manual_seed(0)
@@ -125,10 +130,10 @@ def run(queries: int = 5, rounds: int = 3, threads: int = 2, quick: bool = False
         l2l_loss_backward()
         opt.step()
 
+    episodes = Episodes(*batch, classes=None)
+
     def metafast_step():
-        opt.zero_grad()
-        net(*batch).loss.backward()
-        opt.step()
+        train_step(net, opt, episodes)  # zero_grad + forward + backward + step in a cpu_cache scope
 
     # gradient check: both compute the gradient of the same mean episode loss
     grads = {}
@@ -142,7 +147,7 @@ def run(queries: int = 5, rounds: int = 3, threads: int = 2, quick: bool = False
         raise SystemExit(f"gradient check failed: relative error {err:.2e} >= 1e-3")
 
     load_before = os.getloadavg()[0]
-    repeats, warmup = 3, 1
+    warmup = 1
     per_round = {"l2l_loop": [], "metafast": []}
     for r in range(rounds):
         for name, step in (("l2l_loop", l2l_step), ("metafast", metafast_step)):
@@ -157,9 +162,9 @@ def run(queries: int = 5, rounds: int = 3, threads: int = 2, quick: bool = False
                      "speedup_vs_l2l_loop": 1.0 if name == "l2l_loop" else statistics.median(ratios),
                      "episodes": T, "ways": ways, "shots": shots, "queries": queries, "threads": threads,
                      "embedding": "Conv4.omniglot body (64 ch, stride 2, BN), 28x28x1",
-                     "step": "zero_grad + forward + backward + Adam", "grad_rel_err": err,
+                     "step": "zero_grad + forward + backward + Adam (metafast: train_step, CPU block cache)", "grad_rel_err": err,
                      "ms_rounds": per_round[name], "speedup_rounds": ratios if name == "metafast" else None,
-                     "quick": quick, "load_avg_1min_before": load_before, "load_avg_1min_after": load_after})
+                     "quick": quick, "repeats": repeats, "load_avg_1min_before": load_before, "load_avg_1min_after": load_after})
     return rows
 
 
@@ -167,11 +172,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--queries", type=int, default=5, help="queries per class (5 or 15)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per round (after one warm-up)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="5-way, 4 episodes; writes nothing")
     p.add_argument("--out", default=RESULTS_DIR, help="where to write protonet_cpu.json")
     args = p.parse_args(argv)
-    rows = run(args.queries, args.rounds, args.threads, args.quick)
+    rows = run(args.queries, args.rounds, args.threads, args.quick, args.repeats)
     print_table(rows, COLUMNS)
     if not args.quick:
         print(write_rows(f"{BENCH}_cpu", rows, args.out))

@@ -168,7 +168,7 @@ def test_episode_mode_updates_running_statistics(assert_close):
     assert "forward" not in vars(bn)
 
 
-def test_train_and_test_settings_differ_with_episode_sampler():
+def test_train_and_test_settings_differ_with_episode_sampler(monkeypatch):
     """Training on 10-way 2-shot episodes from EpisodeSampler and evaluating on fixed 5-way 1-shot
     ones: train_step learns (the mean training loss falls), evaluate reports the mean accuracy and
     the 95% CI over exactly the requested episodes."""
@@ -183,7 +183,11 @@ def test_train_and_test_settings_differ_with_episode_sampler():
 
     net = metafast.ProtoNet(nn.Sequential(nn.Flatten(), nn.Linear(36, 32), nn.ReLU(), nn.Linear(32, 16)))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    scopes = []
+    real_scope = P.cpu_cache.scope
+    monkeypatch.setattr(P.cpu_cache, "scope", lambda device="cpu": scopes.append(torch.device(device)) or real_scope(device))
     losses = [P.train_step(net, opt, train.sample(8)).loss.item() for _ in range(30)]
+    assert scopes == [torch.device("cpu")] * 30  # each step ran in the CPU block cache
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
 
     res = net.evaluate(test.fixed_episodes(count=60, batch=25))
