@@ -201,6 +201,8 @@ def test_train_and_test_settings_differ_with_episode_sampler(monkeypatch):
     for ep in test.fixed_episodes(count=60, batch=60):
         direct = (net.predict(ep.support_x, ep.support_y, ep.query_x).argmax(-1) == ep.query_y).double().mean(1)
     assert torch.equal(direct, accs)
+    # a sampler: its fixed evaluation set (600 episodes by default; here 60)
+    assert net.evaluate(test, count=60, batch=7)["per_episode"] == res["per_episode"]
     assert net.training  # evaluate restores the mode
 
 

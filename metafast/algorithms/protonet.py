@@ -30,7 +30,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,8 @@ __all__ = ["ProtoNet", "ProtoOutput", "DISTANCES", "BATCHNORM_MODES", "class_pro
 DISTANCES = ("euclidean", "cosine")
 BATCHNORM_MODES = ("episode", "batch")
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+EVAL_EPISODES = 600  # the few-shot literature's evaluation set size (as metafast.data.episodes)
+EVAL_BATCH = 50      # episodes per evaluation pass (memory, not results)
 
 
 @dataclass
@@ -287,10 +289,10 @@ class ProtoNet(nn.Module):
         """Query logits [T, Q, ways] without gradients (the module's current train/eval mode)."""
         return self.logits(support_x, support_y, query_x, ways)[0]
 
-    def evaluate(self, episodes: Iterable, ways: Optional[int] = None) -> dict:
-        """Accuracy over ``episodes`` (batches with support_x/support_y/query_x/query_y, e.g.
-        ``EpisodeSampler.fixed_episodes(600)``) in eval mode: see :func:`evaluate`."""
-        return evaluate(self, episodes, ways)
+    def evaluate(self, episodes, ways: Optional[int] = None, count: int = EVAL_EPISODES, batch: int = EVAL_BATCH) -> dict:
+        """Accuracy and its 95% CI over an EpisodeSampler's fixed ``count`` (600) episodes, or over an
+        iterable of episode batches, in eval mode: see :func:`evaluate`."""
+        return evaluate(self, episodes, ways, count, batch)
 
 
 # -- training and evaluation helpers ---------------------------------------------------------------
@@ -299,8 +301,8 @@ def train_step(protonet: ProtoNet, optimizer: torch.optim.Optimizer, batch) -> P
 
     Forward and backward run in one ``cpu_cache.scope``: the batched pass's maps are large (Omniglot
     Conv4, 32 episodes of 20-way 5-shot 5-query: 320 MB per first-block map), glibc maps such blocks
-    fresh on every allocation, and faulting their pages in again each step took about half the
-    step's time on 2 CPU cores (bench/NOTES.md)."""
+    fresh on every allocation, and faulting their pages in again each step took 30-50% of the step
+    on 2 CPU cores (bench/NOTES.md)."""
     protonet.train()
     with cpu_cache.scope(batch.support_x.device):
         out = protonet(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -317,10 +319,16 @@ def mean_ci95(values: Tensor) -> Tuple[float, float]:
     return values.mean().item(), ci
 
 
-def evaluate(protonet: ProtoNet, episodes: Iterable, ways: Optional[int] = None) -> dict:
-    """Mean query accuracy over every episode of ``episodes`` (an iterable of batches) in eval mode
-    (restored afterwards), its 95% CI half-width and the per-episode accuracies: the keys
-    accuracy, ci95, episodes, per_episode (as the vision job's evaluation reports)."""
+def evaluate(protonet: ProtoNet, episodes, ways: Optional[int] = None, count: int = EVAL_EPISODES,
+             batch: int = EVAL_BATCH) -> dict:
+    """Mean query accuracy over a set of episodes in eval mode (restored afterwards), its 95% CI
+    half-width and the per-episode accuracies: the keys accuracy, ci95, episodes, per_episode (as the
+    vision job's evaluation reports).
+
+    ``episodes``: an ``EpisodeSampler`` (its fixed evaluation set of ``count`` episodes, 600 by
+    default, in batches of ``batch``) or any iterable of batches with support_x/support_y/query_x/query_y."""
+    if hasattr(episodes, "fixed_episodes"):
+        episodes = episodes.fixed_episodes(count=count, batch=batch)
     was_training = protonet.training
     protonet.eval()
     accs = []
