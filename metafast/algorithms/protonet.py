@@ -23,7 +23,8 @@ BatchNorm in the embedding (``batchnorm=``):
 The labels of an episode are 0..ways-1; every class needs at least one support sample.
 ``train_step`` is one optimisation step on an episode batch (``metafast.data.episodes.Episodes`` or
 anything with support_x/support_y/query_x/query_y); ``evaluate`` gives the mean accuracy and its 95%
-CI over a set of episodes, e.g. ``EpisodeSampler.fixed_episodes(600)``. Nothing here depends on the
+CI over an ``EpisodeSampler``'s 600 fixed evaluation episodes (or any iterable of batches); the CI is
+1.96 std / sqrt(n), as metafast/train/vision.py's ``evaluate`` computes it. Nothing here depends on the
 number of ways or shots, so training and test settings may differ.
 """
 import contextlib
