@@ -209,7 +209,7 @@ def _meta_step_paths() -> Dict[str, Dict[str, str]]:
     """Whether BatchedMAML runs each stock model's meta-step fused, per device, and why."""
     import torch
 
-    from .algorithms import fused_path
+    from .algorithms.paths import fused as fused_path
     from .functional.losses import make_loss
     from .models import MLP, Conv4
 

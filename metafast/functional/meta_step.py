@@ -14,7 +14,7 @@ computes the meta-gradient directly:
 H_s(W_k) v is the R-operator of the recorded inner backward (Pearlmutter 1994). On small few-shot
 models this removes the autograd engine's per-node cost, which dominates their meta-step.
 
-Mixed precision (an optional sixth plan entry, metafast.algorithms.precision.Precision): the layers
+Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
 accumulated Wbar stay float32; the inner gradient (and its R-operator) is taken of S * loss and
 divided by S in float32.
@@ -22,7 +22,7 @@ divided by S in float32.
 import torch
 
 from .. import cpu_cache
-from ..algorithms.precision import FP32
+from .precision import FP32
 from .layers import RunCtx
 
 

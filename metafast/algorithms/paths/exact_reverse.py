@@ -1,0 +1,62 @@
+"""The exact-reverse path: the meta-step as one autograd node whose backward is the hand-derived
+reverse of the inner loop (metafast.functional.meta_step.MetaStep: Hessian-vector products by
+R-operators) instead of autograd through the unrolled loop. Same gradients, far fewer autograd nodes;
+the result supports one backward (no third-order derivatives).
+
+It applies where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU, Tanh,
+Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL), there is no inner gradient
+clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and a meta-gradient is
+wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
+graph).
+"""
+import torch
+
+from ...functional.losses import CrossEntropy
+from ...functional.meta_step import MetaStep
+from .base import MetaStepPath, StepOutput, Support, Where
+
+
+def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
+    """Whether the exact reverse covers this model, loss and clipping (``requested``: exact_reverse)."""
+    if not requested:
+        return Support(False, "exact_reverse=False")
+    if engine.adapt_from != 0:
+        return Support(False, "only the head is adapted (anil=True): the reverse covers fully adapted models")
+    missing = sorted({type(layer.module).__name__ for layer in engine.layers if not hasattr(layer, "rforward")})
+    if missing:
+        return Support(False, f"no R-operator for {', '.join(missing)} (the layers with one: Linear, Conv2d, "
+                                "BatchNorm, MaxPool2d, ReLU, Tanh, Sigmoid, Flatten)")
+    if clip_grad_norm is not None:
+        return Support(False, "clip_grad_norm is set (the reverse has no clipped update)")
+    if not hasattr(loss_fn, "rgrad"):
+        return Support(False, "the loss is a custom function (no R-operator)")
+    return Support(True, "exact reverse (R-operator Hessian-vector products, one autograd node)")
+
+
+class ExactReversePath(MetaStepPath):
+    name = "exact_reverse"
+    title = "the exact reverse"
+
+    def __init__(self, setup):
+        super().__init__(setup)
+        self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
+
+    def supports(self, where: Where) -> Support:
+        if not self._support.ok:
+            return self._support
+        if where.adapt:
+            return Support(False, "adapt() differentiates nothing", quiet=True)
+        if not where.grad:
+            return Support(False, "no meta-gradient is recorded (no_grad / inference mode)", quiet=True)
+        return self._support
+
+    def run(self, batch, steps, prepared) -> StepOutput:
+        s = self.setup
+        sx, sy, qx, qy = batch
+        report = [] if s.guard.watching(s.flat.buffer) else None
+        plan = (s.engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report)
+        task_losses, support_losses, out = MetaStep.apply(s.flat.theta(), s.lrs, sx, sy, qx, qy, plan)
+        s.guard.overflow = report[0] if report else None
+        s.guard.check(task_losses, "query loss", support_losses)
+        acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
+        return StepOutput(task_losses, acc, support_losses)
