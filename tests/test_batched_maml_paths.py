@@ -236,3 +236,12 @@ def test_cuda_graph_path_runs_on_a_gpu(ran):
         del ran[:]
         meta_grad(maml, b)
         assert ran[0] == "cuda_graph"
+
+
+def test_explain_paths_names_the_path_and_why_the_others_do_not_apply():
+    from metafast.algorithms.batched_maml import explain_paths
+
+    line = explain_paths(Conv4(5, hidden=4, image_size=8), "cross_entropy")
+    assert line.startswith("exact_reverse: exact reverse (R-operator") and "not fused: the model is not a chain" in line
+    gelu = explain_paths(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)))
+    assert gelu.startswith("autograd: ") and "exact_reverse: no R-operator for GELU" in gelu

@@ -20,7 +20,7 @@ from .paths import FastWeights, FiniteGuard, MetaStepPath, Setup, Where, choose,
 from .paths import autograd as _autograd
 from .paths import exact_reverse as _exact_reverse
 
-__all__ = ["BatchedMAML", "MetaOutput", "FastWeights"]
+__all__ = ["BatchedMAML", "MetaOutput", "FastWeights", "explain_paths"]
 
 _MAX_SIGNATURES = 16  # batch signatures whose checks and path are remembered (a train and an eval shape...)
 
@@ -94,7 +94,6 @@ class BatchedMAML(nn.Module):
     edit of the inner_lrs list is not seen).
     """
 
-
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
@@ -147,7 +146,8 @@ class BatchedMAML(nn.Module):
             self.lrs = None
         if fused:  # required: raise now, naming the reason, when it cannot run
             buffer = self._flat.buffer
-            choose(self._paths()[1:2], Where(buffer.device, buffer.dtype, max(inner_steps, 1), True))
+            choose([p for p in self._paths() if p.name == "fused"], Where(buffer.device, buffer.dtype,
+                                                                          max(inner_steps, 1), True))
 
     inner_lrs = _setting("inner_lrs", "inner-loop rates: one float, or one per inner step")
     inner_steps = _setting("inner_steps", "inner SGD steps of a meta-training step")
@@ -278,9 +278,7 @@ class BatchedMAML(nn.Module):
         how = ("meta-gradient: exact reverse (R-operator Hessian-vector products, one autograd node)"
                if self.exact_reverse else "meta-gradient: autograd through the unrolled inner loop")
         buffer = self._flat.ensure_bound()
-        where = Where(buffer.device, buffer.dtype, self.inner_steps, True)
-        paths = self._paths()
-        verdicts = [(p, p.supports(where)) for p in paths]
+        verdicts = self._verdicts()
         fused = dict((p.name, v) for p, v in verdicts)["fused"]
         if self.fused is False:
             line = "meta-step: batched layers (fused=False)"
@@ -295,6 +293,12 @@ class BatchedMAML(nn.Module):
         falls = ", ".join(f"{k} x{n}" for k, n in sorted(self._fallbacks.items())) or "none"
         return "\n".join(self._engine.describe() + [how, line, self._prec.describe()] + listing
                          + [f"fallbacks: {falls}"])
+
+    def _verdicts(self):
+        """(path, Support) of every path for a training step of the current settings on the model's device."""
+        buffer = self._flat.ensure_bound()
+        where = Where(buffer.device, buffer.dtype, self.inner_steps, True)
+        return [(p, p.supports(where)) for p in self._paths()]
 
     # -- validation ----------------------------------------------------------------------------------
     @staticmethod
@@ -338,3 +342,12 @@ class BatchedMAML(nn.Module):
                 raise ValueError(f"query_y: expected {qx.shape[1]} targets per task (query_x.shape[1]), "
                                  f"got shape {tuple(qy.shape)}")
         return T
+
+
+def explain_paths(model: nn.Module, loss: Union[str, Callable] = "mse", device="cpu") -> str:
+    """One line for ``metafast info``: the path a default ``BatchedMAML(model, loss=loss)`` training step
+    takes on ``device`` and why, then why each path before it does not apply."""
+    verdicts = BatchedMAML(model.to(device), loss=loss)._verdicts()
+    chosen, why = next((p, v) for p, v in verdicts if v.ok)
+    skipped = [f"{p.name}: {v.reason}" for p, v in verdicts if not v.ok and not v.quiet]
+    return f"{chosen.name}: {why.reason}" + (f" (not {'; '.join(skipped)})" if skipped else "")

@@ -22,6 +22,7 @@ from torch import nn
 from ... import _backend
 from ... import fallback as _fallback
 from ...functional.losses import MSE, CrossEntropy
+from ...ops import fused_inner_loop as op
 from .base import FastWeights, MetaStepPath, StepOutput, Support, Where
 
 SELF_CHECK_KEY = "fused_inner_loop.self_check"  # metafast.fallback key of a failed self-check
@@ -62,10 +63,6 @@ def plan(model: nn.Module, loss_fn, anil: bool, clip_grad_norm, dtype: torch.dty
         return None, "the loss is a custom function"
     if dtype not in (torch.float32, torch.float64):
         return None, f"the parameters are {dtype} (the fused op takes float32 or float64)"
-    try:
-        from ...ops import fused_inner_loop as op
-    except ImportError as e:
-        return None, f"the fused op is not importable ({e})"
     ok, why = op.eligible(dims)
     if not ok:
         return None, why
@@ -103,11 +100,9 @@ def self_check(dims: List[int], loss: str, dtype: torch.dtype, device: torch.dev
     key = (tuple(dims), loss, dtype, str(device), backend)
     if key in _self_checks:
         return _self_checks[key]
-    from ...ops.fused_inner_loop import fused_inner_loop, num_params
-
     g = torch.Generator().manual_seed(0)
     T, Ns, Nq = 2, 3, 4
-    P = num_params(dims)
+    P = op.num_params(dims)
     theta = (torch.randn(P, generator=g, dtype=torch.float64) * 0.3).to(device, dtype)
     sx, qx = (torch.randn(T, n, dims[0], generator=g, dtype=torch.float64).to(device, dtype) for n in (Ns, Nq))
     if loss == "mse":
@@ -120,7 +115,7 @@ def self_check(dims: List[int], loss: str, dtype: torch.dtype, device: torch.dev
         for b, out in ((backend, got), ("torch", want)):
             th = theta.clone().requires_grad_(True)
             with torch.enable_grad():
-                r = fused_inner_loop(th, [0.05, 0.05], sx, sy, qx, qy, dims, 2, loss, backend=b)
+                r = op.fused_inner_loop(th, [0.05, 0.05], sx, sy, qx, qy, dims, 2, loss, backend=b)
                 (grad,) = torch.autograd.grad(r.query_loss.sum(), th)
             out += [r.query_loss.detach(), r.fast, grad]
         errs = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, want)]
@@ -180,8 +175,6 @@ class FusedPath(MetaStepPath):
     def prepare(self, batch, steps):
         """(dims, lr, loss, checked): ``checked`` (the op's validated arguments) where the C++ autograd
         node runs the op, so that later steps skip every check but the label values."""
-        from ...ops import fused_inner_loop as op
-
         sx, sy, qx, qy = batch
         buffer = self.setup.flat.buffer
         dims = self.plan(buffer.device, buffer.dtype)[0]
@@ -191,8 +184,6 @@ class FusedPath(MetaStepPath):
         return dims, lr, loss, checked
 
     def run(self, batch, steps, prepared) -> StepOutput:
-        from ...ops import fused_inner_loop as op
-
         s = self.setup
         sx, sy, qx, qy = batch
         dims, lr, loss, checked = prepared
@@ -211,8 +202,6 @@ class FusedPath(MetaStepPath):
         return StepOutput(r.query_loss, acc, r.support_loss, mean)
 
     def adapt(self, sx, sy, steps) -> FastWeights:
-        from ...ops import fused_inner_loop as op
-
         s = self.setup
         theta = s.flat.theta().detach()
         s.guard.overflow = None
