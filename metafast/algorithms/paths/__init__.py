@@ -44,9 +44,20 @@ a setting changes, so a path may cache whatever it derives from it. A path imple
   ``setup.guard.check`` once (finite losses).
 - ``adapt(sx, sy, steps) -> FastWeights``: optional; only for paths that support ``Where.adapt``.
 
-A new path (a checkpointed or task-chunked memory mode, a general-graph executor, MAML++ options a
-fused kernel does not cover) is a sibling module with such a class, placed in :func:`make_paths`'s
-order; a setting that selects it is a :class:`Setup` field, and its ``supports`` says when it applies.
+A new path is a sibling module with such a class, placed in :func:`make_paths`'s order; a setting
+that selects it is a :class:`Setup` field (and a BatchedMAML setting, so that assigning it rebuilds
+the paths), and every path's ``supports`` says whether it covers that setting. Two shapes exist:
+
+- a path that computes the step itself (fused, exact_reverse, autograd): e.g. a step-checkpointed
+  exact reverse for ``memory="low"``, placed before exact_reverse, supporting what it covers;
+  exact_reverse and fused then answer "no, memory='low'" where they keep every step's activations;
+- a path that wraps the eager paths (cuda_graph): it picks its inner path with :func:`choose` in
+  ``prepare`` and runs it, e.g. ``task_chunk=N`` running the inner path per chunk of tasks and adding
+  the meta-gradients.
+
+Options that change the step itself (MAML++'s per-step rates, multi-step loss, per-step BatchNorm)
+are Setup fields too; a path that does not implement one says so in ``supports`` (the reason names
+the option), and autograd stays the path that runs everything.
 """
 from typing import List
 
