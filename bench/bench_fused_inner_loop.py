@@ -27,7 +27,7 @@ from bench.baselines import available  # noqa: E402
 from bench.bench_maml_step import (Workload, _sinusoid_batch, bench_settings, bench_workload,  # noqa: E402
                                    episodes, metafast_status, report)
 from bench.common import RESULTS_DIR, time_ms, write_rows  # noqa: E402
-from metafast.algorithms.fused_path import mlp_dims  # noqa: E402
+from metafast.algorithms.paths.fused import mlp_dims  # noqa: E402
 from metafast.models import MLP  # noqa: E402
 
 BENCH = "fused_inner_loop"

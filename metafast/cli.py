@@ -94,11 +94,10 @@ def _cmd_info(args) -> int:
 
 
 def _meta_step_paths() -> Dict[str, Dict[str, str]]:
-    """Whether BatchedMAML runs each stock model's meta-step fused, per device, and why."""
+    """The meta-step path BatchedMAML takes for each stock model, per device, and why (the paths before it: why not)."""
     import torch
 
-    from .algorithms import fused_path
-    from .functional.losses import make_loss
+    from .algorithms.batched_maml import explain_paths
     from .models import MLP, Conv4
 
     models = {
@@ -110,11 +109,7 @@ def _meta_step_paths() -> Dict[str, Dict[str, str]]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out: Dict[str, Dict[str, str]] = {}
     for name, (make, loss) in models.items():
-        model = make()
-        out[name] = {}
-        for dev in devices:
-            dims, why = fused_path.plan(model, make_loss(loss), False, None, torch.float32, torch.device(dev))
-            out[name][dev] = why if dims is not None else f"batched layers ({why})"
+        out[name] = {dev: explain_paths(make(), loss, dev) for dev in devices}
     return out
 
 

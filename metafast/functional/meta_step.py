@@ -20,7 +20,7 @@ support forward and backward when it reaches it (and the query pass from W_K), s
 step's activations whatever K is. Recomputation runs the same ops on the same inputs, so the
 meta-gradient is the same.
 
-Mixed precision (an optional sixth plan entry, metafast.algorithms.precision.Precision): the layers
+Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
 accumulated Wbar stay float32; the inner gradient (and its R-operator) is taken of S * loss and
 divided by S in float32.
@@ -28,7 +28,7 @@ divided by S in float32.
 import torch
 
 from .. import cpu_cache
-from ..algorithms.precision import FP32
+from .precision import FP32
 from .layers import RunCtx
 
 
