@@ -1,0 +1,81 @@
+"""bench/device_check.sh --rehearse: the GPU machine's one command, run on the CPU with its device
+steps stubbed, must go through every step in order and leave a summary.json that says what ran.
+
+A broken script found here costs seconds; found on a GPU machine it costs the whole window.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
+STEPS = ["manifest", "deps", "build", "info", "shard", "bench:maml_step", "bench:fused_inner_loop",
+         "bench:task_cross_entropy", "bench:kd_loss", "bench:multitask_heads", "tests"]
+
+
+def _rehearse(out, budget=None):
+    env = dict(os.environ, OUT=str(out), PY=sys.executable,
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.pop("TRITON_INTERPRET", None)
+    if budget is not None:
+        env["BUDGET"] = str(budget)
+    res = subprocess.run(["bash", SCRIPT, "--rehearse"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=900)
+    with open(os.path.join(out, "summary.json")) as f:
+        return res, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device_check")
+    res, summary = _rehearse(out)
+    return out, res, summary
+
+
+def test_rehearsal_runs_every_step_in_order_and_passes(rehearsal):
+    out, res, summary = rehearsal
+    names = [s["name"] for s in summary["steps"]]
+    assert [n for n in names if not n.startswith("bench:inner_update")] == STEPS, names
+    assert any(n.startswith("bench:inner_update") for n in names), names
+    failed = {s["name"]: s["rc"] for s in summary["steps"] if s["rc"] != 0}
+    assert not failed, f"steps failed: {failed}\n{res.stdout[-4000:]}"
+    assert summary["ok"] is True and res.returncode == 0, res.stdout[-4000:]
+    for s in summary["steps"]:
+        assert s["wall_s"] >= 0 and s["cap_s"] > 0 and s["timed_out"] is False, s
+
+
+def test_rehearsal_counts_tests_of_both_pytest_steps(rehearsal):
+    _, _, summary = rehearsal
+    steps = {s["name"]: s for s in summary["steps"]}
+    for name in ("shard", "tests"):
+        t = steps[name]["tests"]
+        # on a CPU every gpu test is collected and skipped: the closing line was read
+        assert t["complete"] == 1 and t.get("skipped", 0) > 0 and t.get("failed", 0) == 0, (name, t)
+
+
+def test_rehearsal_streams_rows_with_source_and_writes_manifest(rehearsal):
+    out, _, summary = rehearsal
+    with open(os.path.join(out, "rows.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert rows and {r["file"] for r in rows} == {"task_cross_entropy_cpu"}
+    assert summary["rows"]["task_cross_entropy_cpu"]["rows"] == len(rows)
+    for r in rows:
+        assert r["commit"] not in ("", "unknown") and isinstance(r["dirty"], bool), r
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["source"]["commit"] == rows[0]["commit"]
+    assert "torch" in manifest["versions"], manifest["versions"]
+    # at most 8 files come back from a device call; nothing below the top level is needed
+    back = [p for p in os.listdir(out) if os.path.isfile(os.path.join(out, p))]
+    assert len(back) <= 8 and {"summary.json", "device_check.log", "rows.jsonl"} <= set(back), back
+
+
+def test_deadline_skips_what_does_not_fit_and_still_summarises(tmp_path):
+    res, summary = _rehearse(tmp_path, budget=12)
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert steps["tests"]["rc"] == 125 and "skipped: the deadline leaves no time" in res.stdout
+    assert summary["ok"] is False and res.returncode != 0
+    assert sum(s["wall_s"] for s in summary["steps"]) < 12 + 10 * len(STEPS), summary
