@@ -79,3 +79,81 @@ def test_deadline_skips_what_does_not_fit_and_still_summarises(tmp_path):
     assert steps["tests"]["rc"] == 125 and "skipped: the deadline leaves no time" in res.stdout
     assert summary["ok"] is False and res.returncode != 0
     assert sum(s["wall_s"] for s in summary["steps"]) < 12 + 10 * len(STEPS), summary
+
+
+# ---- the benchmarks' side: rows stream, failures exit non-zero, rows carry their source
+
+def test_row_sink_streams_each_row_and_counts_what_is_missing(tmp_path, monkeypatch):
+    from bench.common import RowSink, finish
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    sink = RowSink("demo_cpu", str(tmp_path))
+    sink.expect(3)
+    sink.add({"bench": "demo", "ms": 1.0})
+    with open(tmp_path / "demo_cpu.json") as f:
+        assert json.load(f) == [{"bench": "demo", "ms": 1.0}]  # on disk before the next row exists
+    sink.add({"bench": "demo", "ms": 2.0})
+    with open(tmp_path / "out" / "rows.jsonl") as f:
+        assert [json.loads(line)["ms"] for line in f] == [1.0, 2.0]
+    assert finish(sink) == 1 and "1 of 3 expected rows missing" in sink.failures[-1]
+    sink.add({"bench": "demo", "ms": 3.0})
+    sink.failures.clear()
+    assert finish(sink) == 0
+
+
+def test_rows_record_commit_and_dirty_flag_without_git(tmp_path, monkeypatch):
+    from bench import source
+
+    stamp = tmp_path / "source.json"
+    monkeypatch.setattr(source, "STAMP", str(stamp))
+    monkeypatch.delenv("METAFAST_COMMIT", raising=False)
+    source.source.cache_clear()
+    git = source.stamp(str(stamp))  # here, where .git exists
+    monkeypatch.setattr(source, "from_git", lambda: None)  # there, where it does not
+    source.source.cache_clear()
+    try:
+        s = source.source()
+        assert (s["commit"], s["dirty"], s["via"]) == (git["commit"], git["dirty"], "bench/source.json")
+        monkeypatch.setenv("METAFAST_COMMIT", "abc1234")
+        monkeypatch.setenv("METAFAST_DIRTY", "1")
+        source.source.cache_clear()
+        assert source.source() == {"commit": "abc1234", "dirty": True, "via": "env"}
+    finally:
+        source.source.cache_clear()
+
+
+def test_maml_step_exits_non_zero_when_metafast_fails(tmp_path, monkeypatch, capsys):
+    import bench.bench_maml_step as b
+
+    def broken(self, *batch):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(b.Metafast, "meta_grad", broken)
+    monkeypatch.delenv("OUT", raising=False)
+    rc = b.main(["--device", "cpu", "--workload", "sinusoid", "--quick", "--shared-process", "--threads", "1",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED: sinusoid: metafast failed: RuntimeError: kernel exploded" in out, out
+    with open(tmp_path / "maml_step_cpu_sinusoid_quick.json") as f:
+        rows = json.load(f)
+    assert {r["method"] for r in rows} >= {"torch.func", "per-task loop"} and "metafast" not in {r["method"] for r in rows}
+
+
+def test_maml_step_exits_non_zero_on_a_wrong_meta_gradient(tmp_path, monkeypatch, capsys):
+    import bench.bench_maml_step as b
+
+    right = b.Metafast.meta_grad
+
+    def off(self, *batch):
+        return right(self, *batch) * 1.01
+
+    monkeypatch.setattr(b.Metafast, "meta_grad", off)
+    monkeypatch.delenv("OUT", raising=False)
+    rc = b.main(["--device", "cpu", "--workload", "sinusoid", "--quick", "--shared-process", "--threads", "1",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "metafast meta-gradient rel err 1.0e-02 > 0.0001" in out, out
+    with open(tmp_path / "maml_step_cpu_sinusoid_quick.json") as f:
+        row = next(r for r in json.load(f) if r["method"] == "metafast")
+    # on the CPU only the CPU target is checked, and a wrong gradient never meets it
+    assert list(row["targets"]) == ["cpu: >= 5x torch.func"] and row["target_met"] is False
