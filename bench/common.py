@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from .source import source
+from .source import source, write_json
 
 from metafast.train.allocator import keep_freed_memory  # noqa: F401  (the CPU benches' allocator setting)
 
@@ -275,13 +275,7 @@ def max_abs_diff(a, b) -> float:
 def write_rows(name: str, rows: List[Dict[str, object]], out_dir: str = RESULTS_DIR) -> str:
     """Write rows to ``<out_dir>/<name>.json`` atomically; returns the path."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(os.path.join(out_dir, f"{name}.json"), rows)
 
 
 def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:

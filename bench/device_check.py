@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.source import source  # noqa: E402
+from bench.source import source, write_json  # noqa: E402
 
 ROWS = "rows.jsonl"
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "deselected")
@@ -74,9 +74,7 @@ def manifest(out_dir: str) -> Dict[str, object]:
                             "--format=csv,noheader"])
     m["nvcc"] = _cmd(["nvcc", "--version"]).splitlines()[-1:] if shutil.which("nvcc") else "nvcc: not found"
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(m, f, indent=1)
-        f.write("\n")
+    write_json(os.path.join(out_dir, "manifest.json"), m)
     return m
 
 
@@ -141,9 +139,7 @@ def summary(steps_file: str, out_dir: str) -> Dict[str, object]:
     ok = all(s["rc"] == 0 for s in steps)
     result = OrderedDict(ok=ok, source=source(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                          wall_s=round(sum(s.get("wall_s", 0) for s in steps), 1), steps=steps, rows=rows)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    write_json(os.path.join(out_dir, "summary.json"), result)
     return result
 
 

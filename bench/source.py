@@ -66,12 +66,18 @@ def stamp(path: str = STAMP) -> Dict[str, object]:
     if git is None:
         raise SystemExit("bench/source.py stamp: no git checkout here; stamp where .git exists, before copying the tree")
     git["stamped"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_json(path, git)
+    return git
+
+
+def write_json(path: str, obj: object) -> str:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename); returns the path."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(git, f, indent=1)
+        json.dump(obj, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
-    return git
+    return path
 
 
 if __name__ == "__main__":

@@ -122,38 +122,32 @@ def test_rows_record_commit_and_dirty_flag_without_git(tmp_path, monkeypatch):
         source.source.cache_clear()
 
 
-def test_maml_step_exits_non_zero_when_metafast_fails(tmp_path, monkeypatch, capsys):
+def _maml_step_with(meta_grad, tmp_path, monkeypatch, capsys):
+    """bench_maml_step's quick sinusoid run with metafast's meta_grad replaced: (rc, stdout, rows)."""
     import bench.bench_maml_step as b
 
-    def broken(self, *batch):
-        raise RuntimeError("kernel exploded")
-
-    monkeypatch.setattr(b.Metafast, "meta_grad", broken)
+    right = b.Metafast.meta_grad
+    monkeypatch.setattr(b.Metafast, "meta_grad", lambda self, *batch: meta_grad(right, self, *batch))
     monkeypatch.delenv("OUT", raising=False)
     rc = b.main(["--device", "cpu", "--workload", "sinusoid", "--quick", "--shared-process", "--threads", "1",
                  "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert rc == 1 and "FAILED: sinusoid: metafast failed: RuntimeError: kernel exploded" in out, out
     with open(tmp_path / "maml_step_cpu_sinusoid_quick.json") as f:
-        rows = json.load(f)
+        return rc, capsys.readouterr().out, json.load(f)
+
+
+def test_maml_step_exits_non_zero_when_metafast_fails(tmp_path, monkeypatch, capsys):
+    def broken(right, self, *batch):
+        raise RuntimeError("kernel exploded")
+
+    rc, out, rows = _maml_step_with(broken, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and "FAILED: sinusoid: metafast failed: RuntimeError: kernel exploded" in out, out
     assert {r["method"] for r in rows} >= {"torch.func", "per-task loop"} and "metafast" not in {r["method"] for r in rows}
 
 
 def test_maml_step_exits_non_zero_on_a_wrong_meta_gradient(tmp_path, monkeypatch, capsys):
-    import bench.bench_maml_step as b
-
-    right = b.Metafast.meta_grad
-
-    def off(self, *batch):
-        return right(self, *batch) * 1.01
-
-    monkeypatch.setattr(b.Metafast, "meta_grad", off)
-    monkeypatch.delenv("OUT", raising=False)
-    rc = b.main(["--device", "cpu", "--workload", "sinusoid", "--quick", "--shared-process", "--threads", "1",
-                 "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    rc, out, rows = _maml_step_with(lambda right, self, *batch: right(self, *batch) * 1.01, tmp_path, monkeypatch,
+                                    capsys)
     assert rc == 1 and "metafast meta-gradient rel err 1.0e-02 > 0.0001" in out, out
-    with open(tmp_path / "maml_step_cpu_sinusoid_quick.json") as f:
-        row = next(r for r in json.load(f) if r["method"] == "metafast")
+    row = next(r for r in rows if r["method"] == "metafast")
     # on the CPU only the CPU target is checked, and a wrong gradient never meets it
     assert list(row["targets"]) == ["cpu: >= 5x torch.func"] and row["target_met"] is False
