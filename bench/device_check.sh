@@ -13,14 +13,16 @@
 #   summary   each step's exit code, wall time, pass/fail and row/target counts -> $OUT/summary.json
 # plus $OUT/device_check.log (everything printed): 7 files, under the 8 a call brings back.
 #
-# Before the call, where .git exists (it does not travel):
-#   python3 bench/source.py stamp          # bench/source.json: commit + dirty state
-#   bash bench/device_wheels.sh            # .device_wheels/ (only if the machine lacks a test package)
-# and carry bench/source.json (and .device_wheels, a prebuilt metafast/_C*.so) with the call.
-#   bash bench/device_check.sh             # on the GPU machine
-#   bash bench/device_check.sh --prebuilt  # use a carried metafast/_C*.so built for torch 2.11/cu130/py3.12
+# Before the call, where .git exists (it does not travel), on a committed tree:
+#   python3 bench/source.py stamp          # bench/source.json: commit + dirty state (git-ignored)
+#   bash bench/device_wheels.sh            # .device_wheels/ (a fallback: the image has these packages)
+# then one call: run(command="bash bench/device_check.sh", timeout_s=600,
+#                    carry=["bench/source.json", ".device_wheels"])
+#   bash bench/device_check.sh --prebuilt  # instead of compiling there, use a carried metafast/_C*.so
+#                                          # built here for torch 2.11.0+cu130 / Python 3.12 (NOTES.md)
 #   bash bench/device_check.sh --rehearse  # on a CPU: the same plumbing, device steps stubbed (CI runs it)
-# After it: python bench/device_check.py import-rows <files_at>/rows.jsonl  (rows -> bench/results/).
+# After it, here: python bench/device_check.py import-rows <files_at>/rows.jsonl  (rows -> bench/results/),
+# commit summary.json and the log beside them, then python bench/readme_tables.py.
 #
 # Exit status: 0 only when every step exited 0 (a benchmark exits non-zero when metafast failed, a
 # promised row is missing or a gradient check failed; a missed speed target is reported, not fatal).
