@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
