@@ -5,10 +5,11 @@
     python bench/ptxas_report.py build.log [metafast/_C*.so] > bench/results/ptxas_sm90.txt
 
 One line per kernel instantiation: registers, stack frame, spill stores/loads, static shared
-memory, and the launch bound (the .nv.info MAX_THREADS attribute of the built library, read with
-cuobjdump, when the .so is given) with the register ceiling it implies (65536 registers per SM
-shared by the threads of one block: min(255, 65536 / threads), rounded down to a multiple of 8).
-A kernel at its ceiling, or spilling, is flagged.
+memory, and the threads per block it is declared for (``__launch_bounds__``: the .nv.info
+MAX_THREADS attribute of the built library, read with cuobjdump when the .so is given and cuobjdump
+exists, else the value csrc/ declares, LAUNCH_BOUNDS below) with the register ceiling that implies
+(65536 registers per SM for the threads of one block: min(255, 65536 / threads), rounded down to a
+multiple of 8). A kernel at its ceiling, or spilling, is flagged.
 """
 import re
 import shutil
@@ -65,6 +66,28 @@ def max_threads(so: Optional[str]) -> Dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
+def _block_threads(name: str) -> int:
+    """csrc/online_softmax.cuh's block_threads(TPR) for a kernel<scalar, acc, TPR, VPT> instantiation."""
+    m = re.search(r"<[^<>]*?,[^<>]*?, (\d+), \d+>", name)
+    tpr = int(m.group(1)) if m else 0
+    return tpr if tpr > 32 else 256
+
+
+# Threads per block each kernel family is declared or launched with (csrc/): kThreads = 256 in
+# fused_inner_loop.cu and inner_update_common.cuh, block_threads(TPR) in kd_loss.cu and
+# task_cross_entropy.cu, 32 * kWarpsPerBlock = 256 for multitask_heads.cu's ce_kernel (no bound).
+LAUNCH_BOUNDS = [("fused_inner_loop::", lambda n: 256), ("inner_update::", lambda n: 256),
+                 ("inner_update_multi::", lambda n: 256), ("kd_loss::", _block_threads),
+                 ("task_cross_entropy::", _block_threads), ("multitask_heads::", lambda n: 256)]
+
+
+def declared_threads(short_name: str) -> Optional[int]:
+    for prefix, fn in LAUNCH_BOUNDS:
+        if short_name.startswith(prefix):
+            return fn(short_name)
+    return None
+
+
 def parse(log: str) -> List[dict]:
     rows, cur = [], None
     with open(log, errors="replace") as f:
@@ -97,14 +120,15 @@ def report(log: str, so: Optional[str] = None) -> str:
              "# stack/spills in bytes per thread; smem: static shared memory per block (dynamic smem not included)",
              f"{'kernel':<72} {'regs':>4} {'bound':>5} {'ceil':>4} {'stack':>5} {'spill st/ld':>11} {'smem':>6}  flag"]
     for r in rows:
-        b = bounds.get(r["mangled"])
+        name = short(names[r["mangled"]])
+        b = bounds.get(r["mangled"]) or declared_threads(name)
         ceil = min(255, (65536 // b) // 8 * 8) if b else None
         flag = []
         if r.get("spill_st") or r.get("spill_ld"):
             flag.append("SPILLS")
         if ceil and r.get("regs", 0) >= ceil:
             flag.append("AT CEILING")
-        lines.append(f"{short(names[r['mangled']])[:72]:<72} {r.get('regs', '?'):>4} {b or '-':>5} {ceil or '-':>4} "
+        lines.append(f"{name[:72]:<72} {r.get('regs', '?'):>4} {b or '-':>5} {ceil or '-':>4} "
                      f"{r.get('stack', '?'):>5} {str(r.get('spill_st', '?')) + '/' + str(r.get('spill_ld', '?')):>11} "
                      f"{r.get('smem', 0):>6}  {' '.join(flag)}")
     n_spill = sum(1 for r in rows if r.get("spill_st") or r.get("spill_ld"))
