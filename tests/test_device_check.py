@@ -151,3 +151,25 @@ def test_maml_step_exits_non_zero_on_a_wrong_meta_gradient(tmp_path, monkeypatch
     row = next(r for r in rows if r["method"] == "metafast")
     # on the CPU only the CPU target is checked, and a wrong gradient never meets it
     assert list(row["targets"]) == ["cpu: >= 5x torch.func"] and row["target_met"] is False
+
+
+def test_ptxas_report_flags_spills_and_the_register_ceiling(tmp_path):
+    from bench import ptxas_report
+
+    log = tmp_path / "build.log"
+    log.write_text(
+        "ptxas info    : Compiling entry function '_ZN8metafast7kd_loss10fwd_kernelIffLi512ELi8EEEvv' for 'sm_90'\n"
+        "ptxas info    : Function properties for _ZN8metafast7kd_loss10fwd_kernelIffLi512ELi8EEEvv\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 128 registers, used 1 barriers, 256 bytes smem, 400 bytes cmem[0]\n"
+        "ptxas info    : Compiling entry function '_ZN8metafast16fused_inner_loop14forward_kernelIfEEvv' for 'sm_90'\n"
+        "ptxas info    : Function properties for _ZN8metafast16fused_inner_loop14forward_kernelIfEEvv\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 80 registers, used 1 barriers, 64 bytes smem\n")
+    lines = ptxas_report.report(str(log)).splitlines()
+    kd = next(line for line in lines if line.startswith("kd_loss::fwd_kernel"))
+    fused = next(line for line in lines if line.startswith("fused_inner_loop::forward_kernel"))
+    # 512 threads per block leave 128 registers each: at the ceiling, and spilling
+    assert kd.split()[-9:] == ["128", "512", "128", "8", "4/4", "256", "SPILLS", "AT", "CEILING"], kd
+    assert fused.split()[-6:] == ["80", "256", "255", "0", "0/0", "64"], fused
+    assert lines[-1] == "# 2 kernels; 1 spill"
