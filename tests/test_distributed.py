@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+from meta_paths import assert_path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DT = torch.float64
 TOL = 1e-10
@@ -24,7 +26,7 @@ T = 3  # tasks per rank: odd on purpose
 CASES = {  # name -> BatchedMAML options; all second order
     "maml": dict(inner_lr=0.3, inner_steps=2, meta_sgd=False),
     "meta_sgd": dict(inner_lr=0.2, inner_steps=1, meta_sgd=True),
-    "maml_autograd": dict(inner_lr=0.3, inner_steps=2, meta_sgd=False, exact_reverse=False),
+    "maml_autograd": dict(inner_lr=0.3, inner_steps=2, meta_sgd=False, exact_reverse=False, fused=False),
 }
 
 
@@ -223,6 +225,7 @@ def test_two_ranks_give_the_meta_gradient_of_all_tasks(tmp_path):
     finally:
         _kill(procs)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert_path(_build("maml_autograd"), fused=False, exact_reverse=False)
     for case in CASES:
         ref_grads, ref_loss = _grads(_build(case), _tasks(2 * T))  # one process, all 2T tasks
         ref_params = {n: p.detach() for n, p in _build(case).named_parameters()}
