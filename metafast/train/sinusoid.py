@@ -288,7 +288,11 @@ def _train(config: SinusoidConfig, out_dir: str, resume: bool, progress: bool,
                 if world > 1:  # each rank its own tasks, recomputable from (seed, rank, iteration)
                     generator.manual_seed(distributed.task_seed(config.seed, rank, iteration))
                 batch = tasks.sample(config.meta_batch, config.shots, config.queries, generator, device=device)
-                out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+                try:
+                    out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+                except FloatingPointError as e:  # name the step; the last checkpoint stays as it is
+                    raise FloatingPointError(f"iteration {iteration + 1}/{config.iterations}: {e} (last checkpoint, "
+                                             f"if any, kept in {out_dir})") from None
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 loss = out.loss.detach()
