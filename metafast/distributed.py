@@ -142,8 +142,10 @@ def init(device: str = "auto", timeout: Optional[float] = None,
     dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(seconds=_timeout_s), **kwargs)
     _leave_timeout_s = float(leave_timeout)
-    # every rank creates it (new_group is collective); gloo, so that NCCL jobs get the same barrier
-    _leave_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_leave_timeout_s))
+    # every rank creates it (new_group is collective); gloo, so that NCCL jobs get the same barrier (a
+    # torch build without gloo leaves on the default group and its timeout)
+    _leave_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_leave_timeout_s))
+                    if dist.is_gloo_available() else dist.group.WORLD)
     return rank(), world_size()
 
 
