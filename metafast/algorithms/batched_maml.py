@@ -291,7 +291,7 @@ class BatchedMAML(nn.Module):
             return None
         buffer = self._flat.buffer
         return (shapes, buffer.dtype, buffer.device, steps, self.inner_steps, tuple(self.inner_lrs), id(self.lrs),
-                self.first_order, self.fused, _backend.env_value())
+                self.first_order, self.fused, _backend.requested())
 
     def _fused_step(self, buffer, checked, sx, sy, qx, qy):
         """The fused meta-step through the C++ autograd node, for arguments that passed every check."""

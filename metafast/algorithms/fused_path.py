@@ -91,11 +91,11 @@ def self_check(dims: List[int], loss: str, dtype: torch.dtype, device: torch.dev
     key = (tuple(dims), loss, dtype, str(device), backend)
     if key in _self_checks:
         return _self_checks[key]
-    from ..ops.fused_inner_loop import _num_params, fused_inner_loop
+    from ..ops.fused_inner_loop import fused_inner_loop, num_params
 
     g = torch.Generator().manual_seed(0)
     T, Ns, Nq = 2, 3, 4
-    P = _num_params(dims)
+    P = num_params(dims)
     theta = (torch.randn(P, generator=g, dtype=torch.float64) * 0.3).to(device, dtype)
     sx, qx = (torch.randn(T, n, dims[0], generator=g, dtype=torch.float64).to(device, dtype) for n in (Ns, Nq))
     if loss == "mse":
