@@ -48,7 +48,7 @@ fi
 
 if want micro; then
   step "microbenchmarks"
-  for b in fused_inner_loop inner_update task_cross_entropy kd_loss multitask_heads; do
+  for b in fused_inner_loop inner_update inner_update_multi task_cross_entropy kd_loss multitask_heads; do
     [ -f "bench/bench_$b.py" ] || continue
     timeout 60 $PY "bench/bench_$b.py" --device cuda --out bench/results || status=1
     collect

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafast.ops.inner_update import inner_update, inner_update_multi
+from metafast.ops.inner_update import inner_update
+from metafast.ops.inner_update_multi import inner_update_multi
 from metafast.ops.kd_loss import kd_loss
 from metafast.ops.multitask_heads import multitask_heads_cross_entropy
 from metafast.ops.task_cross_entropy import task_cross_entropy
