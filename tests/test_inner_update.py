@@ -170,6 +170,15 @@ def test_triton_clip_zero_gradient_rows(assert_close):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("max_norm", [1e39, float("inf")])
+def test_triton_clip_beyond_float32_range(max_norm, assert_close):
+    """A max_norm float32 cannot hold reaches the kernel as (inf, 0), so nothing is clipped (no NaN)."""
+    theta, grad, lr = make_inputs(2, 7, torch.float64, True, "float")
+    out = inner_update(theta, grad, lr, max_norm, backend="triton")
+    assert_close(out, inner_update_reference(theta, grad, lr, None), 1e-15, 1e-15, "fast")
+
+
+@needs_interpreter
 def test_triton_strided_rows(assert_close):
     """Rows with a stride larger than P (a column slice) are read in place."""
     big = torch.randn(3, 64, dtype=torch.float64)
