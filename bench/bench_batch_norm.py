@@ -33,7 +33,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
         w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
         fns = {"aten": lambda: bn.forward(x, w, b, 1e-5, backend="torch")}
         if kernel:
-            fns["metafast[cxx]"] = lambda: bn.forward(x, w, b, 1e-5, backend="cuda")
+            fns["metafast[cxx]"] = lambda: bn.forward(x, w, b, 1e-5, backend="cpp")
         rows += map_op_rows(BENCH, shape, x, fns, "aten", rounds)
     return rows
 

@@ -113,7 +113,7 @@ def _fused(loss):
 
 
 if HAS_FUSED:
-    FUSED_BACKENDS = ("torch", "triton", "cuda")  # "cuda": the C++ extension, which also runs CPU tensors
+    FUSED_BACKENDS = ("torch", "triton", "cpp")  # "cpp": the C++ extension's CPU kernels
     OPS["fused_inner_loop_mse"] = (_fused("mse"), _fused_case("mse"), FUSED_BACKENDS, None)
     OPS["fused_inner_loop_cross_entropy"] = (_fused("cross_entropy"), _fused_case("cross_entropy"), FUSED_BACKENDS,
                                              None)
