@@ -68,7 +68,7 @@ _TORCH = _backend.register("batch_norm", "torch", forward=_torch_forward, refere
 def forward(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float,
             backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd) of batch norm with batch statistics (see the module docstring)."""
-    impl = _backend.dispatch("batch_norm", x.device, backend)
+    impl = _backend.dispatch("batch_norm", x, backend)
     if impl is not _TORCH and not impl.serves(x, w, b):
         impl = _TORCH
     return impl.forward(x, w, b, eps)

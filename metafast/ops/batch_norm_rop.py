@@ -117,7 +117,7 @@ _TORCH = _backend.register("batch_norm_rop", "torch", rforward=rforward_referenc
 
 
 def _dispatch(maps, backend: Optional[str]):
-    impl = _backend.dispatch("batch_norm_rop", maps[0].device, backend)
+    impl = _backend.dispatch("batch_norm_rop", maps[0], backend)
     return impl if impl is _TORCH or impl.serves(*maps) else _TORCH
 
 

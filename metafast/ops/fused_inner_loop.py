@@ -547,7 +547,7 @@ def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tens
 def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order,
          backend) -> Tuple[Tensor, FusedInnerLoopResult]:
     c = check_args(theta, lr, sx, sy, qx, qy, dims, steps, loss)
-    chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
+    chosen = _backend.resolve("fused_inner_loop", theta, backend)
     compiling = torch.compiler.is_compiling()
     if chosen in _EAGER_NODE and not compiling:  # as runs_eager_node
         return eager_meta_loss(theta, [theta] if params is None else params, c, sx, sy, qx, qy, first_order)

@@ -291,7 +291,7 @@ def inner_update(theta: Tensor, grad: Tensor, lr: LrLike, max_norm: Optional[flo
     or "torch". Differentiable twice w.r.t. theta, grad and a tensor lr.
     """
     lr_t, lr_s, max_norm = _check_args(theta, grad, lr, max_norm)
-    chosen = _backend.resolve("inner_update", grad.device, backend)
+    chosen = _backend.resolve("inner_update", grad, backend)
     if chosen == "torch":  # the reference under plain autograd (no custom op): the CPU path
         return inner_update_reference(theta, grad, lr, max_norm)
     return _inner_update_op(theta, grad, lr_t, lr_s, max_norm, chosen)

@@ -278,7 +278,7 @@ def inner_update_multi(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Un
     lrs, lr_s, max_norm = _check_args(params, grads, lr, max_norm)
     if not params:
         return []
-    chosen = _backend.resolve("inner_update_multi", params[0].device, backend)
+    chosen = _backend.resolve("inner_update_multi", params[0], backend)
     if chosen != "torch":
         return list(_multi_op(list(params), list(grads), lrs or [], lr_s, max_norm, chosen))
     # the torch backend: _foreach where no autograd is needed, else the reference under plain autograd

@@ -272,7 +272,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     Logits [B, C] (target [B]) or [T, N, C] (target [T, N]); target=None drops the CE term and alpha
     then scales the KD term alone. See the module docstring for reductions, dtypes and backends."""
     check_args(student_logits, teacher_logits, target, temperature, alpha, reduction)
-    backend = _backend.resolve("kd_loss", student_logits.device, backend)
+    backend = _backend.resolve("kd_loss", student_logits, backend)
     if backend == "torch":  # the reference under plain autograd: the CPU path
         return kd_loss_reference(student_logits, teacher_logits, target, temperature, alpha, reduction)
     flat = student_logits.dim() == 2

@@ -219,7 +219,7 @@ def multitask_heads_cross_entropy(features: Tensor, weight: Tensor, bias: Option
     """Per-head cross-entropy of H stacked linear heads: features [H, N, I] or shared [N, I],
     weight [H, O, I], bias [H, O] or None, labels [H, N] int64 -> loss [H]. See the module docstring."""
     _check_args(features, weight, bias, labels, reduction)
-    backend = _backend.resolve(_OP, weight.device, backend)
+    backend = _backend.resolve(_OP, weight, backend)
     if backend == "torch":  # the reference under plain autograd: the CPU path
         return multitask_heads_cross_entropy_reference(features, weight, bias, labels, reduction)
     if bias is None:

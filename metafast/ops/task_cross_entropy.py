@@ -280,7 +280,7 @@ def task_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 
     """Per-task cross-entropy: logits [T, N, C], labels [T, N] int64 -> loss [T] ([T, N] for
     reduction="none"). See the module docstring for semantics, dtypes and backends."""
     _check_args(logits, labels, label_smoothing, ignore_index, reduction)
-    backend = _backend.resolve("task_cross_entropy", logits.device, backend)
+    backend = _backend.resolve("task_cross_entropy", logits, backend)
     if backend == "torch":  # the reference under plain autograd: the CPU path
         return task_cross_entropy_reference(logits, labels, label_smoothing, ignore_index, reduction)
     return _tce_op(logits, labels, float(label_smoothing), ignore_index, reduction, backend)[0]
@@ -293,7 +293,7 @@ def task_cross_entropy_with_grad(logits: Tensor, labels: Tensor, label_smoothing
     w.r.t. logits (the fused softmax JVP on GPU), so the inner gradient of a MAML step can be formed
     by hand and still be differentiated for the meta-gradient."""
     _check_args(logits, labels, label_smoothing, ignore_index, reduction)
-    backend = _backend.resolve("task_cross_entropy", logits.device, backend)
+    backend = _backend.resolve("task_cross_entropy", logits, backend)
     if backend == "torch":  # the reference under plain autograd: the CPU path
         return task_cross_entropy_reference_with_grad(logits, labels, label_smoothing, ignore_index,
                                                       reduction)

@@ -29,7 +29,7 @@ _TORCH = _backend.register("to_nchw", "torch", forward=lambda x: x.contiguous())
 
 def to_nchw(x: Tensor, backend: Optional[str] = None) -> Tensor:
     """``x.contiguous()`` (see the module docstring)."""
-    impl = _backend.dispatch("to_nchw", x.device, backend)
+    impl = _backend.dispatch("to_nchw", x, backend)
     if impl is not _TORCH and not impl.serves(x):
         impl = _TORCH
     return impl.forward(x)
