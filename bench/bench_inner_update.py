@@ -177,13 +177,17 @@ def copy_gbps(device, n: int, dtype) -> float:
 
 
 @contextlib.contextmanager
-def device_threads(device: torch.device, threads: Optional[int]) -> Iterator[None]:
-    """torch's CPU threads set to ``threads`` for a CPU run, restored afterwards."""
+def bench_device(device: Union[str, torch.device], threads: Optional[int]) -> Iterator[torch.device]:
+    """``device`` as a torch.device, checked to exist, with torch's CPU threads set to ``threads`` for a
+    CPU run (restored afterwards)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
     old = torch.get_num_threads()
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     try:
-        yield
+        yield device
     finally:
         torch.set_num_threads(old)
 
@@ -191,10 +195,7 @@ def device_threads(device: torch.device, threads: Optional[int]) -> Iterator[Non
 def run(device: Union[str, torch.device] = "cpu", quick: bool = False,
         threads: Optional[int] = 2) -> List[Dict[str, object]]:
     """Time every case on ``device`` and return the rows (``threads`` applies on CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-    with device_threads(device, threads):
+    with bench_device(device, threads) as device:
         sizes = QUICK_SIZES if quick else (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
         dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and not quick else [])
         rows = []

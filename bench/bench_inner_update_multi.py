@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_inner_update import (CLIP, bytes_fwd, copy_gbps, device_threads, main_for, rows_for,  # noqa: E402
+from bench.bench_inner_update import (CLIP, bench_device, bytes_fwd, copy_gbps, main_for, rows_for,  # noqa: E402
                                       time_group)
 from bench.common import base_row  # noqa: E402
 from metafast import _backend  # noqa: E402
@@ -91,10 +91,7 @@ def _usable_multi_cuda(device) -> bool:
 def run(device: Union[str, torch.device] = "cpu", quick: bool = False,
         threads: Optional[int] = 2) -> List[Dict[str, object]]:
     """Time every case on ``device`` and return the rows (``threads`` applies on CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-    with device_threads(device, threads):
+    with bench_device(device, threads) as device:
         totals = [1 << 14] if quick else ([112_005, 1 << 24] if device.type == "cuda" else [112_005])
         rows = []
         for total in totals:
