@@ -349,7 +349,7 @@ def _decide(op: str, dev: str, backend: Optional[str], env: Optional[str]):
     if skipped:
         why = "auto: the PyTorch reference" + _skipped_text(skipped)
     else:
-        why = f"auto: the PyTorch reference ({op} has no kernel for {dev} tensors)"
+        why = f"auto: {op} has no kernel for {dev} tensors, so its PyTorch reference runs"
     return "torch", why, _fallback_of(op, dev, "torch", skipped), interp
 
 
