@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafast.ops.inner_update import inner_update, inner_update_multi
+from metafast.ops.inner_update import inner_update
+from metafast.ops.inner_update_multi import inner_update_multi
 from metafast.ops.kd_loss import kd_loss
 from metafast.ops.multitask_heads import multitask_heads_cross_entropy
 from metafast.ops.task_cross_entropy import task_cross_entropy
@@ -111,7 +112,7 @@ def _fused(loss):
 
 
 if HAS_FUSED:
-    FUSED_BACKENDS = ("torch", "triton", "cuda")  # "cuda": the C++ extension, which also runs CPU tensors
+    FUSED_BACKENDS = ("torch", "triton", "cpp")  # "cpp": the C++ extension's CPU kernels
     OPS["fused_inner_loop_mse"] = (_fused("mse"), _fused_case("mse"), FUSED_BACKENDS)
     OPS["fused_inner_loop_cross_entropy"] = (_fused("cross_entropy"), _fused_case("cross_entropy"),
                                              FUSED_BACKENDS)

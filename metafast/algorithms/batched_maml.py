@@ -251,7 +251,7 @@ class BatchedMAML(nn.Module):
         sx, sy, qx, qy = batch
         try:
             return (inner_steps, torch.is_grad_enabled(), sx.shape, sy.shape, qx.shape, qy.shape, sx.dtype, sy.dtype,
-                    qx.dtype, qy.dtype, sx.device, sy.device, qx.device, qy.device, _backend.env_value())
+                    qx.dtype, qy.dtype, sx.device, sy.device, qx.device, qy.device, _backend.requested())
         except AttributeError:
             return None
 
