@@ -72,10 +72,11 @@ def _mth_fwd_kernel(
         if UPCAST:
             a = a.to(ACC_DTYPE)
             b = b.to(ACC_DTYPE)
+        # out_dtype names the accumulator's dtype: triton 3.6 asserts on a float64 acc with the float32 default
         if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
     bias = tl.load(b_ptr + h * stride_bh + cols * stride_bo, mask=col_mask, other=0.0).to(ACC_DTYPE)
     z = tl.where(col_mask[None, :], acc + bias[None, :], float("-inf"))
 
