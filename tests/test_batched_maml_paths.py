@@ -245,3 +245,20 @@ def test_explain_paths_names_the_path_and_why_the_others_do_not_apply():
     assert line.startswith("exact_reverse: exact reverse (R-operator") and "not fused: the model is not a chain" in line
     gelu = explain_paths(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)))
     assert gelu.startswith("autograd: ") and "exact_reverse: no R-operator for GELU" in gelu
+
+
+def test_memory_low_runs_on_the_exact_reverse_and_elsewhere_is_a_counted_fallback(ran):
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double()
+    maml = BatchedMAML(model, 0.2, memory="low", task_chunk=2)
+    b = batch()
+    with pytest.warns(fb.FallbackWarning, match=r"memory='low', task_chunk=2\): no R-operator for GELU"):
+        meta_grad(maml, b)
+    meta_grad(maml, b)  # once per choice
+    assert ran == ["autograd", "autograd"] and "fallbacks: maml_path.exact_reverse x1" in maml.describe()
+    del ran[:]
+    mlp = MLP(3, [5], 2).double()
+    low = BatchedMAML(mlp, 0.2, memory="low", task_chunk=3, fused=False)
+    g_low = meta_grad(low, b)[1]
+    assert ran == ["exact_reverse"] and "fallbacks: none" in low.describe()
+    g_fast = meta_grad(BatchedMAML(mlp, 0.2, fused=False, exact_reverse=False), b)[1]
+    assert ((g_low - g_fast).norm() / g_fast.norm()).item() < 1e-10
