@@ -68,6 +68,11 @@ class Layer:
     # backward_in_place(saved, gy) -> (gx, grads), for fresh tensors outside autograd (None: none)
     forward_in_place = None
     backward_in_place = None
+    # rforward/rbackward overwrite R(x) / R(gy) (a graph hands them an unshared copy where needed)
+    rop_in_place = False
+    # several inputs: forward(ws, batched, xs, rc), backward(..., need_gx: list) -> (gxs, grads),
+    # rforward(..., rxs, ...), rbackward(..., need_gx: list) -> (rgxs, grads)   (graph nodes only)
+    multi = False
 
     def __init__(self, module: nn.Module, slots: Sequence[ParamSlot] = ()):
         self.module = module
@@ -336,6 +341,8 @@ class BatchNorm(Layer):
 
 
 class ReLU(Layer):
+    rop_in_place = True
+
     def forward(self, ws, batched, x, rc):
         y = torch.relu(x)
         return y, y
