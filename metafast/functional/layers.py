@@ -486,10 +486,11 @@ class Generic(Layer):
     layout = "tn"
     local_autograd = True
 
-    def __init__(self, module: nn.Module, slots):
+    def __init__(self, module: nn.Module, slots, loop: bool = False):
         super().__init__(module, slots)
         self.names = [n for n, _ in module.named_parameters()]
-        self.loop = _contains_batchnorm(module)
+        # a loop also serves forwards vmap cannot run (control flow on tensor values)
+        self.loop = loop or _contains_batchnorm(module)
 
     def _call(self, params, x):
         from torch.func import functional_call

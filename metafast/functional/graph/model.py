@@ -66,7 +66,7 @@ class GraphModel(BatchedModel):
             nodes, notes = trace_graph(module, is_known, make_layer, slots_of)
         except Untraceable as e:
             # the whole model runs per task: one opaque node
-            nodes = [GraphNode(type(module).__name__, L.Generic(module, slots_of(module)), [GRAPH_INPUT],
+            nodes = [GraphNode(type(module).__name__, L.Generic(module, slots_of(module), loop=True), [GRAPH_INPUT],
                                why=str(e))]
             notes = [f"{type(module).__name__}: {e}; the whole model runs per task (vmap or a loop)"]
         for note in notes:

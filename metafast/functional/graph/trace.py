@@ -193,7 +193,7 @@ def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of):
                     raise ValueError(f"model: parameter {s.name} is used by {used_params[s.name]} and {n.target}; "
                                      "parameters shared between layers are not supported by BatchedMAML")
                 used_params[s.name] = n.target
-            layer = make_layer(m, slots)
+            layer = L.Generic(m, slots, loop=True) if n.target in opaque else make_layer(m, slots)
             if layer is None:
                 alias[n] = ref(n.args[0])
                 continue
