@@ -227,3 +227,100 @@ def test_shared_parameters_are_refused():
 
     with pytest.raises(ValueError, match="parameter lin.weight is used by lin and lin"):
         BatchedMAML(Twice(), loss="mse")
+
+
+class NormMLP(nn.Module):
+    """LayerNorm (affine, and without affine weights) in a residual MLP."""
+
+    def __init__(self, affine=True):
+        super().__init__()
+        self.inp = nn.Linear(1, 6)
+        self.ln = nn.LayerNorm(6)
+        self.mid = nn.Linear(6, 6)
+        self.ln2 = nn.LayerNorm(6, elementwise_affine=affine)
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + F.gelu(self.mid(self.ln(h)))
+        return self.out(self.ln2(h))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_layer_norm_matches_reference(affine, meta_sgd):
+    from test_batched_maml import regression_batch
+
+    maml = check(lambda: NormMLP(affine), regression_batch(), steps=2, meta_sgd=meta_sgd, loss="mse", lr=0.1)
+    assert "LayerNorm" in maml.describe() and "per task" not in maml.describe()
+
+
+def test_layer_norm_over_feature_maps_in_a_chain():
+    def make():
+        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.LayerNorm([3, 9, 9]), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(243, 3))
+
+    check(make, image_batch(), steps=2, graph=False)
+
+
+class DropMLP(nn.Module):
+    def __init__(self, drop):
+        super().__init__()
+        self.inp = nn.Linear(1, 8)
+        self.drop = drop
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(h + self.drop(h))
+
+
+class _MaskMul(nn.Module):
+    """The reference's dropout: call c (task c // calls, call c % calls) applies that batched mask."""
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks, self.calls = masks, 0
+
+    def forward(self, x):
+        k, t = self.calls % len(self.masks), self.calls // len(self.masks)
+        self.calls += 1
+        return x * self.masks[k][t]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_dropout_masks_per_task_reproducible_from_the_seed(exact, first_order):
+    import copy
+
+    from maml_reference import per_task_maml
+    from metafast.functional.graph.layers import Dropout
+    from test_batched_maml import regression_batch
+
+    steps, p = 2, 0.4
+    batch = regression_batch()
+    torch.manual_seed(0)
+    model = DropMLP(nn.Dropout(p)).to(DT)
+    ref_model = copy.deepcopy(model)
+    maml = BatchedMAML(model, inner_lr=0.1, inner_steps=steps, first_order=first_order, loss="mse",
+                       exact_reverse=exact)
+    assert maml.exact_reverse == exact
+    layer = next(x for x in maml._engine.layers if isinstance(x, Dropout))
+    layer.reseed(1234)
+    out = maml(*batch)
+    g = flat(torch.autograd.grad(out.loss, list(model.parameters())))
+    # the masks the layer drew: the seed's draws, in call order (steps on the support set, then the query)
+    gen = torch.Generator().manual_seed(1234)
+    shapes = [batch[0].shape[:2]] * steps + [batch[2].shape[:2]]
+    masks = [(torch.rand(*s, 8, generator=gen, dtype=DT) >= p).to(DT) / (1 - p) for s in shapes]
+    assert all(0 < (m == 0).double().mean() < 1 for m in masks)
+    assert not torch.equal(masks[0][0], masks[0][1])  # each task its own mask
+    ref_model.drop = _MaskMul(masks)
+    ref = per_task_maml(ref_model, *batch, 0.1, steps, first_order)
+    assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
+    assert rel_err(g, flat(torch.autograd.grad(ref, list(ref_model.parameters())))) <= TOL
+    # eval mode: the identity
+    model.eval()
+    sx, sy, qx, qy = batch
+    pred = maml.predict(maml.adapt(sx, sy, steps=0), qx)
+    assert rel_err(pred[1], model(qx[1])) <= TOL

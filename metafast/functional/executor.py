@@ -53,7 +53,11 @@ def make_layer(m: nn.Module, slots) -> Optional[L.Layer]:
         return G.AdaptiveAvgPool2d(m)
     if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
         return L.Flatten(m)
-    if not slots and type(m) in _ELEMENTWISE + (nn.Dropout,):
+    if type(m) is nn.LayerNorm:
+        return G.LayerNorm(m, slots)
+    if type(m) is nn.Dropout:
+        return G.Dropout(m)
+    if not slots and type(m) in _ELEMENTWISE:
         return L.Stateless(m, layout="any")
     if not slots and type(m) in _POOLING + (nn.Dropout2d,):
         return L.Stateless(m, layout="g")

@@ -326,3 +326,141 @@ class Cat(Layer):
 
     def __repr__(self):
         return f"Cat({self.what}, dim={self.dim})"
+
+
+class LayerNorm(Layer):
+    """nn.LayerNorm over the trailing ``normalized_shape`` of each sample, per-task affine weights.
+
+    With xhat = (x - mean) s, s = 1/sqrt(var + eps) over the normalised dims, the normalisation's
+    Jacobian is J(v) = s (v - mean(v) - xhat mean(v xhat)) (symmetric), so
+        dx = J(gy w),  dw = sum gy xhat,  db = sum gy,  R(xhat) = J(R(x)),  R(s) = -s^2 mean(xhat R(x)),
+        R(dx) = J(R(gy) w + gy R(w)) + R(s)/s J(gy w) - s (R(xhat) mean(gy w xhat) + xhat mean(gy w R(xhat))).
+    """
+
+    layout = "tn"
+    fresh_output = fresh_grad_input = True
+
+    def __init__(self, module: nn.LayerNorm, slots):
+        super().__init__(module, slots)
+        self.ns = tuple(module.normalized_shape)
+        self.eps = module.eps
+        self.dims = tuple(range(-len(self.ns), 0))
+
+    def _w(self, w, x, batched):
+        """A weight [*ns] (shared) or [T, *ns] viewed to broadcast over x [T, N, ..., *ns]."""
+        return w if not batched else w.view(w.shape[0], *([1] * (x.dim() - 1 - len(self.ns))), *self.ns)
+
+    def _mean(self, v):
+        return v.mean(self.dims, keepdim=True)
+
+    def _j(self, v, xhat, s):
+        return s * (v - self._mean(v) - xhat * self._mean(v * xhat))
+
+    def _per_task_sum(self, v):
+        return v.sum(tuple(range(1, v.dim() - len(self.ns))))
+
+    def forward(self, ws, batched, x, rc):
+        if torch.is_grad_enabled():
+            # differentiable statistics: the outer backward of the autograd path differentiates s too
+            # (native_layer_norm's rstd output has no derivative)
+            c = x - self._mean(x)
+            s = torch.rsqrt(self._mean(c * c) + self.eps)
+            xhat = c * s
+        else:
+            xhat, _, s = torch.native_layer_norm(x, self.ns, None, None, self.eps)
+        y = xhat
+        if ws:
+            y = y * self._w(ws[0], x, batched)
+            if len(ws) > 1:
+                y = y + self._w(ws[1], x, batched)
+        return y, (xhat, s)
+
+    def backward(self, ws, batched, saved, gy, need_gx, rc):
+        xhat, s = saved
+        gx = None
+        if need_gx:
+            gx = self._j(gy * self._w(ws[0], gy, batched) if ws else gy, xhat, s)
+        grads = []
+        if ws:
+            grads.append(self._per_task_sum(gy * xhat))
+            if len(ws) > 1:
+                grads.append(self._per_task_sum(gy))
+        return gx, grads
+
+    def rforward(self, ws, batched, saved, rx, rws, rc):
+        xhat, s = saved
+        rxh = None if rx is None else self._j(rx, xhat, s)
+        ry = None
+        if rxh is not None:
+            ry = rxh * self._w(ws[0], rxh, batched) if ws else rxh
+        if rws:
+            t = xhat * self._w(rws[0], xhat, True)
+            if len(rws) > 1:
+                t = t + self._w(rws[1], xhat, True)
+            ry = t if ry is None else ry + t
+        return ry, (rx, rxh)
+
+    def rbackward(self, ws, batched, saved, gy, rgy, rsaved, rws, need_gx, rc):
+        xhat, s = saved
+        rx, rxh = rsaved if rsaved is not None else (None, None)
+        grads = []
+        if ws:
+            r_gw = rgy * xhat if rxh is None else rgy * xhat + gy * rxh
+            grads.append(self._per_task_sum(r_gw))
+            if len(ws) > 1:
+                grads.append(self._per_task_sum(rgy))
+        if not need_gx:
+            return None, grads
+        w = self._w(ws[0], gy, batched) if ws else None
+        gxh = gy * w if ws else gy
+        r_gxh = rgy * w if ws else rgy
+        if rws:
+            r_gxh = r_gxh + gy * self._w(rws[0], gy, True)
+        rgx = self._j(r_gxh, xhat, s)
+        if rx is not None:
+            rs_over_s = -s * self._mean(xhat * rx)
+            rgx = rgx + rs_over_s * self._j(gxh, xhat, s) - s * (
+                rxh * self._mean(gxh * xhat) + xhat * self._mean(gxh * rxh))
+        return rgx, grads
+
+
+class Dropout(Layer):
+    """nn.Dropout: the identity in eval mode; in training a per-task mask (one draw over [T, N, ...], so
+    every task and sample gets its own), kept on the tape so the backward and R-operators apply the
+    same mask. Masks come from the layer's own generator: the k-th training forward after
+    ``reseed(seed)`` draws ``torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))``'s k-th
+    sample (in [T, N, ...] order, on the CPU), keep where >= p, scaled by 1/(1-p). The seed is drawn
+    from torch's global generator when the layer is built, so torch.manual_seed makes runs repeat."""
+
+    layout = "tn"  # masks indexed [T, N, ...] whatever layout the neighbours use
+
+    def __init__(self, module: nn.Dropout, slots=()):
+        super().__init__(module, slots)
+        self.reseed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+
+    def reseed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def mask(self, shape, dtype, device):
+        p = self.module.p
+        keep = torch.rand(shape, generator=self.gen, dtype=dtype) >= p
+        return (keep.to(dtype) / (1 - p)).to(device)
+
+    def forward(self, ws, batched, x, rc):
+        if not self.module.training:
+            return x, None
+        m = self.mask(x.shape, x.dtype, x.device)
+        return x * m, m
+
+    def _apply(self, g, m):
+        return g if m is None else g * m
+
+    def backward(self, ws, batched, m, gy, need_gx, rc):
+        return self._apply(gy, m), []
+
+    def rforward(self, ws, batched, m, rx, rws, rc):
+        return self._apply(rx, m), None
+
+    def rbackward(self, ws, batched, m, gy, rgy, rsaved, rws, need_gx, rc):
+        return self._apply(rgy, m), []
