@@ -88,3 +88,27 @@ def test_adapt_and_predict_match_the_per_task_adapted_model():
     for t in range(sx.shape[0]):
         ref = functional_call(model, params[t], (qx[t],))
         assert rel_err(out[t], ref) <= TOL
+
+
+def test_narrow_and_wide_constructors():
+    narrow, wide = ResNet12.narrow(5, image_size=32), ResNet12.wide(5, image_size=32)
+    widths = [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)][::4]
+    assert widths == list(NARROW)
+    assert [m.out_channels for m in wide.modules() if isinstance(m, torch.nn.Conv2d)][::4] == list(WIDE)
+
+
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_tiny_wide_resnet_matches_reference(meta_sgd):
+    from metafast.models import WideResNet
+
+    torch.manual_seed(0)
+    model = WideResNet(3, depth=10, widen=1, in_channels=2).to(DT)
+    maml = check(model, image_batch(H=8), 2, False, meta_sgd)
+    assert "per task" not in maml.describe()
+
+
+def test_wide_resnet_bad_arguments():
+    from metafast.models import WideResNet
+
+    with pytest.raises(ValueError, match="depth must be 6n"):
+        WideResNet(5, depth=27)
