@@ -324,3 +324,13 @@ def test_dropout_masks_per_task_reproducible_from_the_seed(exact, first_order):
     sx, sy, qx, qy = batch
     pred = maml.predict(maml.adapt(sx, sy, steps=0), qx)
     assert rel_err(pred[1], model(qx[1])) <= TOL
+
+
+def test_module_without_r_operators_runs_batched_on_local_autograd():
+    class Net(ResidualConcat):
+        def __init__(self):
+            super().__init__(act=nn.Softplus())
+
+    with pytest.warns(FallbackWarning, match="no batched layer for Softplus.*local autograd"):
+        maml = check(Net, image_batch(), steps=1, expect_exact=False)
+    assert "[local autograd: no batched layer for Softplus]" in maml.describe()

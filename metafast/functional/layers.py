@@ -164,6 +164,11 @@ class Conv2d(Layer):
         w = ws[0]
         b = ws[1] if len(ws) > 1 else None
         n, T = x.shape[0], rc.T
+        if not batched and _channels_last(x):
+            # "g" maps in channels_last memory do not view as [N*T, C, ...]: one grouped convolution
+            # with the shared weights repeated per task (the layout the per-task weight grads need)
+            ws = [w.repeat(T, *([1] * (w.dim() - 1))).view(T, *w.shape) for w in ws]
+            return self.forward(ws, True, x, rc)
         if not batched:
             # shared weights: "g" layout == [N*T, C, H, W], one plain convolution
             y = F.conv2d(x.reshape(n * T, self.cin, *x.shape[2:]), w, b, self.stride, self.padding,
@@ -226,6 +231,10 @@ class Conv2d(Layer):
         if need_gx:
             rgx = rgx.add_(self._input_grad(gy, saved[0], rwg, self.groups * T))
         return rgx, grads
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class BatchNorm(Layer):

@@ -155,7 +155,9 @@ def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of):
 
     def add(n: fx.Node, layer, inputs, why=None):
         if why is not None:
-            notes.append(f"{n.name}: {why}; it runs per task (vmap or a loop)")
+            how = ("it runs batched with a local autograd backward and no R-operators (no exact reverse)"
+                   if isinstance(layer, L.Stateless) else "it runs per task (vmap or a loop)")
+            notes.append(f"{n.name}: {why}; {how}")
         index[n] = len(nodes)
         nodes.append(GraphNode(n.name, layer, [ref(i) for i in inputs], why))
 
