@@ -82,6 +82,17 @@ def _needs_graph(module: nn.Module) -> bool:
     return visit(module)
 
 
+def loss_rgrad(loss, out, target, rout, out_layout: str, acc, scale: float, T: int):
+    """R(d loss / d out) along R(out), in the layout the tape ended in. With a tape in lower precision than
+    ``acc`` (mixed precision) it is computed in ``acc`` and scaled by the inner loss scale."""
+    if out.dtype != acc:
+        rgy = loss.rgrad(out.to(acc), target, rout.to(acc))
+        rgy = (rgy * scale if scale != 1 else rgy).to(out.dtype)
+    else:
+        rgy = loss.rgrad(out, target, rout)
+    return L.to_g(rgy, T) if out_layout == "g" else rgy
+
+
 class BatchedModel:
     """A module as a list of batched layers over one FlatParams.
 
@@ -244,14 +255,7 @@ class BatchedModel:
             if rx is not None or rws:
                 rx, r = layer.rforward(ws, batched, saved, rx, rws, rc)
             rsaved.append(r)
-        rx = self.output(rx, out_layout, T)
-        if low != acc:
-            rgy = loss.rgrad(out.to(acc), target, rx.to(acc))
-            rgy = (rgy * scale if scale != 1 else rgy).to(low)
-        else:
-            rgy = loss.rgrad(out, target, rx)
-        if out_layout == "g":
-            rgy = L.to_g(rgy, T)
+        rgy = loss_rgrad(loss, out, target, self.output(rx, out_layout, T), out_layout, acc, scale, T)
         first = next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         for k in range(len(tape) - 1, first - 1, -1):

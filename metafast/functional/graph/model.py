@@ -17,7 +17,7 @@ import torch
 
 from ... import fallback as _fallback
 from .. import layers as L
-from ..executor import BatchedModel, is_known, make_layer
+from ..executor import BatchedModel, is_known, loss_rgrad, make_layer
 from ..flat import FlatParams
 from .trace import GRAPH_INPUT, GraphNode, Untraceable, trace_graph
 
@@ -44,7 +44,7 @@ class GraphTape:
         return len(self.entries)
 
 
-CHANNELS_LAST = True  # CPU image maps in the tasks-in-channels layout are kept channels_last
+CHANNELS_LAST = False  # channels_last CPU maps: faster convolutions alone, slower meta-step (bench/NOTES.md)
 
 
 def _convert(x, src: str, dst: str, T: int):
@@ -189,13 +189,25 @@ class GraphModel(BatchedModel):
                                "not cover the adapted nodes)")
         return [found[k] for k in range(n)]
 
-    @staticmethod
-    def _accumulate(acc, j, g, own: bool, in_place: bool):
-        if j in acc:
-            prev, prev_own = acc[j]
-            acc[j] = (prev.add_(g) if (prev_own and in_place) else prev + g, True)
-        else:
-            acc[j] = (g, own)
+    def _propagate(self, node, layer, grads, gxs, gy, need, convs, acc, found, no_grad: bool, T: int):
+        """One node's reverse step: its weight grads into ``found`` (by piece index), its input grads,
+        back in each input's layout, added up at each input value in ``acc``. An input grad is owned
+        (may be overwritten by the producer's in-place forms) when it is new and the value's only one."""
+        if grads:
+            k = self._piece_index(layer)
+            for n, gw in enumerate(grads):
+                found[k + n] = gw.reshape(T, -1)
+        for j, gx, nd, conv in zip(node.inputs, gxs, need, convs):
+            if not nd:
+                continue
+            if conv is not None:
+                gx = _convert(gx, conv[1], conv[0], T)
+            own = _new(gx, gy) and self.nodes[j].consumers == 1
+            if j in acc:
+                prev, prev_own = acc[j]
+                acc[j] = (prev.add_(gx) if (prev_own and no_grad) else prev + gx, True)
+            else:
+                acc[j] = (gx, own)
 
     def backward(self, tape: GraphTape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False,
                  flat: bool = True):
@@ -221,16 +233,7 @@ class GraphModel(BatchedModel):
                 else:
                     gx, grads = layer.backward(ws, batched, saved, g, need[0], rc)
                 gxs = [gx]
-            if grads:
-                k = self._piece_index(layer)
-                for n, gw in enumerate(grads):
-                    found[k + n] = gw.reshape(T, -1)
-            for j, gx, nd, conv in zip(node.inputs, gxs, need, convs):
-                if not nd:
-                    continue
-                if conv is not None:
-                    gx = _convert(gx, conv[1], conv[0], T)
-                self._accumulate(acc, j, gx, _new(gx, g) and self.nodes[j].consumers == 1, no_grad)
+            self._propagate(node, layer, grads, gxs, g, need, convs, acc, found, no_grad, T)
         pieces = self._pieces(found)
         out = pieces if not flat else pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return (out, gys) if record_gy else out
@@ -284,14 +287,8 @@ class GraphModel(BatchedModel):
                 ry, rs = layer.rforward(ws, batched, saved, r0, rws, rc)
             rx[i] = (ry, node.consumers == 1 and _new(ry, *rxs))
             rsaved[i] = rs
-        ry_out = self.output(rx[tape.out][0], out_layout, T)
-        if low != acc_dtype:
-            rgy = loss.rgrad(out.to(acc_dtype), target, ry_out.to(acc_dtype))
-            rgy = (rgy * scale if scale != 1 else rgy).to(low)
-        else:
-            rgy = loss.rgrad(out, target, ry_out)
-        if out_layout == "g":
-            rgy = L.to_g(rgy, T)
+        rgy = loss_rgrad(loss, out, target, self.output(rx[tape.out][0], out_layout, T), out_layout, acc_dtype,
+                         scale, T)
         # R-backward, accumulating R(gy) at fan-out
         acc = {tape.out: (rgy, True)}
         no_grad = not torch.is_grad_enabled()
@@ -309,16 +306,7 @@ class GraphModel(BatchedModel):
                     r = r.clone()
                 rgx, grads = layer.rbackward(ws, batched, saved, gys[i], r, rsaved[i], rws_all[i], need[0], rc)
                 rgxs = [rgx]
-            if grads:
-                k = self._piece_index(layer)
-                for n, gw in enumerate(grads):
-                    found[k + n] = gw.reshape(T, -1)
-            for j, rgx, nd, conv in zip(node.inputs, rgxs, need, convs):
-                if not nd:
-                    continue
-                if conv is not None:
-                    rgx = _convert(rgx, conv[1], conv[0], T)
-                self._accumulate(acc, j, rgx, _new(rgx, r) and self.nodes[j].consumers == 1, no_grad)
+            self._propagate(node, layer, grads, rgxs, r, need, convs, acc, found, no_grad, T)
         pieces = self._pieces(found)
         if low == acc_dtype:
             return pieces
