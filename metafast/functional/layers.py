@@ -25,6 +25,8 @@ from . import conv_grad
 from .flat import ParamSlot
 
 _HALF = (torch.float16, torch.bfloat16)
+# grouped convolutions: input and weight gradients from one convolution_backward call
+ONE_CALL_BACKWARD = True
 
 
 class RunCtx:
@@ -193,13 +195,21 @@ class Conv2d(Layer):
             # uninitialised contiguous buffer: an expanded one would be copied to contiguous first).
             wg = w.new_empty((T * self.cout, *w.shape[1:]))
         elif need_gx:
+            if ONE_CALL_BACKWARD and not conv_grad.takes_channels_last_route(gy, x.shape, self.stride):
+                gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding,
+                                                                self.dilation, False, [0, 0], self.groups * T,
+                                                                [True, True, False])
+                return gx, self._weight_grads(gw, gy, ws, T)
             gx = self._input_grad(gy, x, wg, self.groups * T)
         gw = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding, self.dilation, False,
                                                  [0, 0], self.groups * T, [False, True, False])[1]
+        return gx, self._weight_grads(gw, gy, ws, T)
+
+    def _weight_grads(self, gw, gy, ws, T):
         grads = [gw.view(T, self.cout, *gw.shape[1:])]
         if len(ws) > 1:
             grads.append(gy.sum((0, 2, 3)).view(T, self.cout))
-        return gx, grads
+        return grads
 
     def _input_grad(self, gy, x, w, groups):
         return conv_grad.input_grad(gy, x, w, self.stride, self.padding, self.dilation, groups)
