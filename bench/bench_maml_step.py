@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
 from bench.baselines import MetaStep, PerTaskLoop, TorchFunc, available  # noqa: E402
 from bench.common import (RESULTS_DIR, RowSink, as_sink, base_row, finish, print_table, print_targets,  # noqa: E402
                           rel_err, speedup_target, time_ms)
-from metafast.models import MLP, Conv4  # noqa: E402
+from metafast.models import MLP, Conv4, ResNet12  # noqa: E402
 
 BENCH = "maml_step"
 # A meta-gradient this far from the per-task loop's is wrong, not rounding: fp32 rounding of the
@@ -94,11 +94,20 @@ def episodes(T: int, g: torch.Generator, ways: int, shots: int, queries: int,
     return sx, sy, qx, qy
 
 
+def _cifar_batch(T: int, g: torch.Generator, ways: int = 5, shots: int = 1, queries: int = 3):
+    # CIFAR-FS-shaped episodes: 32x32x3 images in [0, 1], 5-way 1-shot, 3 queries per class.
+    return episodes(T, g, ways, shots, queries, lambda rows: torch.rand(T, rows, 3, 32, 32, generator=g))
+
+
 WORKLOADS: Dict[str, Workload] = {
     "sinusoid": Workload("sinusoid", lambda: MLP(1, [40, 40], 1), "mse", 0.01, 1, 25, 5, 5.0, 21,
                          _sinusoid_batch),
     "omniglot": Workload("omniglot", lambda: Conv4.omniglot(5), "cross_entropy", 0.4, 1, 32, 4, 1.5, 7,
                          _omniglot_batch),
+    # ResNet-12 narrow (64-128-256-512) on CIFAR-FS-shaped episodes, meta-batch 4; the per-task loop
+    # only checks gradients (learn2learn, when importable, is the timed per-task method)
+    "resnet12": Workload("resnet12", lambda: ResNet12.cifar(5, wide=False), "cross_entropy", 0.01, 1, 4, 2, 2.0, 7,
+                         _cifar_batch, time_loop=False),
 }
 
 

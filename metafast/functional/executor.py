@@ -12,17 +12,21 @@ from torch import nn
 from . import layers as L
 from .flat import FlatParams
 
-_ELEMENTWISE = (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Mish,
-                nn.Hardswish, nn.Dropout, nn.AlphaDropout)
-_POOLING = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout2d)
+from .graph import layers as G
+
+_ELEMENTWISE = (nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Mish, nn.Hardswish, nn.AlphaDropout)
+_POOLING = (nn.AdaptiveMaxPool2d,)
 _SKIP = (nn.Identity,)
+_SMOOTH = {nn.ELU: G.ELU, nn.GELU: G.GELU, nn.SiLU: G.SiLU}
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
-def _make_layer(m: nn.Module, slots) -> Optional[L.Layer]:
+def make_layer(m: nn.Module, slots) -> Optional[L.Layer]:
+    """The batched layer of a module (None: it passes its input through); ``L.Generic`` runs
+    anything else per task."""
     if isinstance(m, _SKIP) or (isinstance(m, nn.Dropout) and m.p == 0):
         return None
     if type(m) is nn.Linear:
@@ -33,19 +37,60 @@ def _make_layer(m: nn.Module, slots) -> Optional[L.Layer]:
         return L.BatchNorm(m, slots)
     if type(m) is nn.ReLU:
         return L.ReLU(m)
+    if type(m) is nn.LeakyReLU:
+        return G.LeakyReLU(m)
+    if type(m) in _SMOOTH:
+        return _SMOOTH[type(m)](m)
     if type(m) is nn.Tanh:
         return L.Tanh(m)
     if type(m) is nn.Sigmoid:
         return L.Sigmoid(m)
     if type(m) is nn.MaxPool2d and not m.return_indices:
         return L.MaxPool2d(m)
+    if type(m) is nn.AvgPool2d:
+        return G.AvgPool2d(m)
+    if type(m) is nn.AdaptiveAvgPool2d:
+        return G.AdaptiveAvgPool2d(m)
     if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
         return L.Flatten(m)
+    if type(m) is nn.LayerNorm:
+        return G.LayerNorm(m, slots)
+    if type(m) is nn.Dropout:
+        return G.Dropout(m)
     if not slots and type(m) in _ELEMENTWISE:
         return L.Stateless(m, layout="any")
-    if not slots and type(m) in _POOLING:
+    if not slots and type(m) in _POOLING + (nn.Dropout2d,):
         return L.Stateless(m, layout="g")
     return L.Generic(m, slots)
+
+
+_make_layer = make_layer
+
+
+def is_known(m: nn.Module) -> bool:
+    """Whether the graph tracer keeps ``m`` as one leaf (a batched layer or a torch.nn module)."""
+    return not isinstance(m, nn.Sequential) and type(m).__module__.startswith("torch.nn")
+
+
+def _needs_graph(module: nn.Module) -> bool:
+    """A model with a module the chain would run per task whose own forward a graph may batch."""
+    def visit(m):
+        if _is_plain_sequential(m):
+            return any(visit(c) for c in m)
+        return not is_known(m)
+
+    return visit(module)
+
+
+def loss_rgrad(loss, out, target, rout, out_layout: str, acc, scale: float, T: int):
+    """R(d loss / d out) along R(out), in the layout the tape ended in. With a tape in lower precision than
+    ``acc`` (mixed precision) it is computed in ``acc`` and scaled by the inner loss scale."""
+    if out.dtype != acc:
+        rgy = loss.rgrad(out.to(acc), target, rout.to(acc))
+        rgy = (rgy * scale if scale != 1 else rgy).to(out.dtype)
+    else:
+        rgy = loss.rgrad(out, target, rout)
+    return L.to_g(rgy, T) if out_layout == "g" else rgy
 
 
 class BatchedModel:
@@ -54,6 +99,13 @@ class BatchedModel:
     ``adapt_from`` is the index of the first adapted layer: every parameter from that layer on is
     adapted per task (the suffix [a, P) of the flat buffer); layers before it run once with shared θ.
     """
+
+    def __new__(cls, module: nn.Module, flat: FlatParams, head_only: bool = False):
+        if cls is BatchedModel and _needs_graph(module):
+            from .graph.model import GraphModel  # a module graph: residual sums, concat, custom blocks
+
+            cls = GraphModel
+        return super().__new__(cls)
 
     def __init__(self, module: nn.Module, flat: FlatParams, head_only: bool = False):
         self.flat = flat
@@ -66,7 +118,7 @@ class BatchedModel:
                     visit(child)
                 return
             slots = [slots_by_id[id(p)] for p in m.parameters()]
-            layer = _make_layer(m, slots)
+            layer = make_layer(m, slots)
             if layer is not None:
                 self.layers.append(layer)
 
@@ -203,14 +255,7 @@ class BatchedModel:
             if rx is not None or rws:
                 rx, r = layer.rforward(ws, batched, saved, rx, rws, rc)
             rsaved.append(r)
-        rx = self.output(rx, out_layout, T)
-        if low != acc:
-            rgy = loss.rgrad(out.to(acc), target, rx.to(acc))
-            rgy = (rgy * scale if scale != 1 else rgy).to(low)
-        else:
-            rgy = loss.rgrad(out, target, rx)
-        if out_layout == "g":
-            rgy = L.to_g(rgy, T)
+        rgy = loss_rgrad(loss, out, target, self.output(rx, out_layout, T), out_layout, acc, scale, T)
         first = next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         for k in range(len(tape) - 1, first - 1, -1):

@@ -25,6 +25,8 @@ from . import conv_grad
 from .flat import ParamSlot
 
 _HALF = (torch.float16, torch.bfloat16)
+# grouped convolutions: input and weight gradients from one convolution_backward call
+ONE_CALL_BACKWARD = True
 
 
 class RunCtx:
@@ -68,6 +70,11 @@ class Layer:
     # backward_in_place(saved, gy) -> (gx, grads), for fresh tensors outside autograd (None: none)
     forward_in_place = None
     backward_in_place = None
+    # rforward/rbackward overwrite R(x) / R(gy) (a graph hands them an unshared copy where needed)
+    rop_in_place = False
+    # several inputs: forward(ws, batched, xs, rc), backward(..., need_gx: list) -> (gxs, grads),
+    # rforward(..., rxs, ...), rbackward(..., need_gx: list) -> (rgxs, grads)   (graph nodes only)
+    multi = False
 
     def __init__(self, module: nn.Module, slots: Sequence[ParamSlot] = ()):
         self.module = module
@@ -159,6 +166,11 @@ class Conv2d(Layer):
         w = ws[0]
         b = ws[1] if len(ws) > 1 else None
         n, T = x.shape[0], rc.T
+        if not batched and _channels_last(x):
+            # "g" maps in channels_last memory do not view as [N*T, C, ...]: one grouped convolution
+            # with the shared weights repeated per task (the layout the per-task weight grads need)
+            ws = [w.repeat(T, *([1] * (w.dim() - 1))).view(T, *w.shape) for w in ws]
+            return self.forward(ws, True, x, rc)
         if not batched:
             # shared weights: "g" layout == [N*T, C, H, W], one plain convolution
             y = F.conv2d(x.reshape(n * T, self.cin, *x.shape[2:]), w, b, self.stride, self.padding,
@@ -183,13 +195,21 @@ class Conv2d(Layer):
             # uninitialised contiguous buffer: an expanded one would be copied to contiguous first).
             wg = w.new_empty((T * self.cout, *w.shape[1:]))
         elif need_gx:
+            if ONE_CALL_BACKWARD and not conv_grad.takes_channels_last_route(gy, x.shape, self.stride):
+                gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding,
+                                                                self.dilation, False, [0, 0], self.groups * T,
+                                                                [True, True, False])
+                return gx, self._weight_grads(gw, gy, ws, T)
             gx = self._input_grad(gy, x, wg, self.groups * T)
         gw = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding, self.dilation, False,
                                                  [0, 0], self.groups * T, [False, True, False])[1]
+        return gx, self._weight_grads(gw, gy, ws, T)
+
+    def _weight_grads(self, gw, gy, ws, T):
         grads = [gw.view(T, self.cout, *gw.shape[1:])]
         if len(ws) > 1:
             grads.append(gy.sum((0, 2, 3)).view(T, self.cout))
-        return gx, grads
+        return grads
 
     def _input_grad(self, gy, x, w, groups):
         return conv_grad.input_grad(gy, x, w, self.stride, self.padding, self.dilation, groups)
@@ -221,6 +241,10 @@ class Conv2d(Layer):
         if need_gx:
             rgx = rgx.add_(self._input_grad(gy, saved[0], rwg, self.groups * T))
         return rgx, grads
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class BatchNorm(Layer):
@@ -336,6 +360,8 @@ class BatchNorm(Layer):
 
 
 class ReLU(Layer):
+    rop_in_place = True
+
     def forward(self, ws, batched, x, rc):
         y = torch.relu(x)
         return y, y
@@ -479,10 +505,11 @@ class Generic(Layer):
     layout = "tn"
     local_autograd = True
 
-    def __init__(self, module: nn.Module, slots):
+    def __init__(self, module: nn.Module, slots, loop: bool = False):
         super().__init__(module, slots)
         self.names = [n for n, _ in module.named_parameters()]
-        self.loop = _contains_batchnorm(module)
+        # a loop also serves forwards vmap cannot run (control flow on tensor values)
+        self.loop = loop or _contains_batchnorm(module)
 
     def _call(self, params, x):
         from torch.func import functional_call

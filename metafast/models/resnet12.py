@@ -9,9 +9,8 @@ BatchNorm uses batch statistics only (no running stats), as MAML uses it. DropBl
 MetaOptNet uses as a regulariser when pre-training the embedding, is left out: inner-loop adaptation
 on a handful of images gains nothing from it, and dropping units would make adaptation random.
 
-The model is an ``nn.Sequential`` of blocks so BatchedMAML's executor runs the head batched; each
-residual block runs as a per-task loop with a local autograd graph (exact second order, slower than
-the fused layers).
+BatchedMAML's graph executor traces the model (torch.fx) into batched layers: every convolution,
+batch norm, residual sum and pooling runs over all tasks at once, with the exact reverse.
 """
 from typing import Sequence
 
@@ -76,6 +75,16 @@ class ResNet12(nn.Sequential):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    @classmethod
+    def narrow(cls, ways: int = 5, in_channels: int = 3, image_size: int = 84) -> "ResNet12":
+        """64-128-256-512 (TADAM, learn2learn's benchmarks)."""
+        return cls(ways, in_channels, NARROW, image_size=image_size)
+
+    @classmethod
+    def wide(cls, ways: int = 5, in_channels: int = 3, image_size: int = 84) -> "ResNet12":
+        """64-160-320-640 (MetaOptNet)."""
+        return cls(ways, in_channels, WIDE, image_size=image_size)
 
     @classmethod
     def miniimagenet(cls, ways: int = 5, wide: bool = True) -> "ResNet12":
