@@ -26,6 +26,8 @@ from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
+from . import _ext_info
+
 BACKENDS = ("cuda", "triton", "torch")
 CHOICES = ("auto",) + BACKENDS
 ENV = "METAFAST_BACKEND"
@@ -288,6 +290,7 @@ def describe() -> Dict[str, object]:
         report["triton"] = f"not available: {tri_why}"
     ext_ok, ext_why = _probe("cuda_ext")
     report["metafast._C"] = _ext_path() if ext_ok else f"not built/loadable: {ext_why}"
+    report["metafast._C build"] = _ext_info.describe()  # which parts (CPU kernels, CUDA kernels) it holds
     dev_ok, dev_why = _probe("cuda_device")
     report["cuda device"] = _device_name() if dev_ok else dev_why
     try:

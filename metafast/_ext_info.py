@@ -70,7 +70,9 @@ def _has_op(symbol: str) -> bool:
 def _built_against_note(info: dict) -> str:
     built = info.get("torch", "unknown")
     running = torch.__version__.split("+")[0]
-    if built in ("unknown", running):
+    if built == "unknown":
+        return "an older binary without build_info(): rebuild it for details"
+    if built == running:
         return f"compiled against torch {built}"
     return f"compiled against torch {built} but running torch {torch.__version__}: rebuild it"
 
@@ -86,9 +88,10 @@ def describe() -> str:
     info = build_info()
     have = parts()
     cpu: List[str] = [n for n in CPU_PARTS if have[n]]
-    kind = f"CPU + CUDA {info['cuda_version']}" if info["cuda"] else "CPU only"
+    kind = (f"CPU + CUDA {info['cuda_version']}" if info["cuda_version"] != "unknown" else "CPU + CUDA") \
+        if info["cuda"] else "CPU only"
     text = f"{kind} ({_built_against_note(info)}); CPU kernels: {', '.join(cpu) or 'none'}"
     if info["cuda"]:
         cuda = [n for n in CUDA_PARTS if have[n]]
         text += f"; CUDA kernels: {', '.join(cuda) or 'none'}"
-    return f"{text}; {getattr(ext, '__file__', 'metafast._C')}"
+    return text
