@@ -261,12 +261,14 @@ class _Backend:
     def get_requires_for_build_wheel(self, config_settings=None):
         from setuptools import build_meta
 
-        return build_meta.get_requires_for_build_wheel(config_settings) + self._torch_requirement()
+        torch_req = self._torch_requirement()  # first: a build that cannot match stops before anything else
+        return build_meta.get_requires_for_build_wheel(config_settings) + torch_req
 
     def get_requires_for_build_editable(self, config_settings=None):
         from setuptools import build_meta
 
-        return build_meta.get_requires_for_build_editable(config_settings) + self._torch_requirement()
+        torch_req = self._torch_requirement()
+        return build_meta.get_requires_for_build_editable(config_settings) + torch_req
 
     @staticmethod
     def _torch_requirement():
@@ -280,7 +282,7 @@ class _Backend:
             _log(f"METAFAST_BUILD_TORCH=match: the isolated build installs torch=={version}")
             return [f"torch=={version}"]
         raise SystemExit("metafast setup: error: " + ISOLATION_HELP.format(
-            detail=f" than the torch {version} that {sys.executable} runs", version=version))
+            detail=f", not against the torch {version} that {sys.executable} runs", version=version))
 
 
 backend = _Backend()
