@@ -67,19 +67,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", help="DIR with train/ and test/ class folders (default: synthetic data)")
     ap.add_argument("--quick", action="store_true", help="a few seconds")
-    ap.add_argument("--steps", type=int, help="optimizer steps of each network (default 3000, --quick 150)")
+    ap.add_argument("--steps", type=int, help="optimizer steps of each network (default 3000, --quick 100)")
     args = ap.parse_args(argv)
-    steps = args.steps or (150 if args.quick else 3000)
+    steps = args.steps or (100 if args.quick else 3000)
     torch.manual_seed(0)
     if args.root is None:
         classes, dim = 10, 32
-        (x, y), (xt, yt) = synthetic(4000, classes, dim, seed=1), synthetic(2000, classes, dim, seed=2)
+        n = 2000 if args.quick else 4000
+        (x, y), (xt, yt) = synthetic(n, classes, dim, seed=1), synthetic(2000, classes, dim, seed=2)
     else:
         x, y, xt, yt, classes = folder(args.root)
         dim = x.shape[1]
 
     t0 = time.perf_counter()
-    teacher = train_on_labels(mlp(dim, 256, classes), x, y, steps)
+    teacher = train_on_labels(mlp(dim, 128 if args.quick else 256, classes), x, y, steps)
     baseline = train_on_labels(mlp(dim, 16, classes), x, y, steps, seed=1)
     student = mlp(dim, 16, classes)
     torch.manual_seed(0)

@@ -95,8 +95,8 @@ def test_isolated_build_against_another_torch_stops_with_the_message(monkeypatch
 
 def test_build_against_a_torch_other_than_the_runtime_one_stops(monkeypatch):
     setup = _import_setup(monkeypatch)
-    monkeypatch.setattr(setup, "_runtime_torch", lambda: ("2.13.0+cpu", True))
-    with pytest.raises(SystemExit, match=f"building against torch {re.escape(torch.__version__)}.*runs torch 2.13.0"):
+    monkeypatch.setattr(setup, "_runtime_torch", lambda: ("2.5.0+other", True))  # never the torch at hand
+    with pytest.raises(SystemExit, match=f"building against torch {re.escape(torch.__version__)}.*runs torch 2.5.0"):
         setup._check_build_torch(torch)
     monkeypatch.setattr(setup, "_runtime_torch",
                         lambda: (torch.__version__, bool(torch._C._GLIBCXX_USE_CXX11_ABI)))
