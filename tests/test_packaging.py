@@ -146,3 +146,49 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     assert out[3] == f"False {torch.__version__.split('+')[0]}"  # METAFAST_SKIP_CUDA_BUILD: CPU kernels only
     assert out[4].startswith("CPU only") and "cpu_cache" in out[4] and "fused_inner_loop (CPU)" in out[4]
     assert out[5] == "True"
+
+
+class _ExtImport:
+    """A meta-path finder that makes `import metafast._C` raise ``error``."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path, target=None):
+        if name == "metafast._C":
+            raise self.error
+        return None
+
+
+@pytest.mark.parametrize("case", ["not built", "not built, required", "built but broken", "stale"])
+def test_cxx_kernel_tests_skip_only_when_the_extension_is_legitimately_absent(case, monkeypatch):
+    from _pytest.outcomes import Failed
+
+    import cxx_ext
+
+    monkeypatch.delitem(sys.modules, "metafast._C", raising=False)
+    monkeypatch.delenv(cxx_ext.REQUIRE_ENV, raising=False)
+    if case == "stale":  # loads, but without the op a test needs
+        if not _loads():
+            pytest.skip("metafast._C is not built here")
+        with pytest.raises(Failed, match="lacks metafast::no_such_op_cxx"):
+            cxx_ext.skip_reason("no_such_op_cxx")
+        return
+    error = (ImportError("undefined symbol: _ZN3c10") if case == "built but broken"
+             else ModuleNotFoundError("No module named 'metafast._C'", name="metafast._C"))
+    monkeypatch.setattr(sys, "meta_path", [_ExtImport(error)] + sys.meta_path)
+    if case == "not built":
+        assert "not built" in cxx_ext.skip_reason("to_nchw_cxx")
+        return
+    if case == "not built, required":
+        monkeypatch.setenv(cxx_ext.REQUIRE_ENV, "1")
+    with pytest.raises(Failed, match="METAFAST_REQUIRE_EXT is set" if case.endswith("required") else "fails to import"):
+        cxx_ext.skip_reason("to_nchw_cxx")
+
+
+def _loads() -> bool:
+    try:
+        import metafast._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
