@@ -8,24 +8,27 @@ time, next to a copy of the same map. CPU only.
 """
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import cpu_bench_main, cpu_kernel_start, map_op_rows  # noqa: E402
+from bench.common import RowSink, as_sink, cpu_bench_main, cpu_kernel_start, map_op_check, map_op_rows  # noqa: E402
 from metafast.ops import batch_norm as bn  # noqa: E402
 
 BENCH = "batch_norm"
 
 
-def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
+def run(device="cpu", quick: bool = False, rounds: int = 5,
+        sink: Optional[RowSink] = None) -> Optional[List[Dict[str, object]]]:
     kernel = cpu_kernel_start(device, BENCH, "a CPU kernel only", "ATen's")
     if kernel is None:
-        return []
-    rows = []
+        return None
+    sink = as_sink(sink)
+    if not kernel:
+        sink.fail(f"metafast[cxx] {BENCH}: the extension's CPU kernel is not available")
     gen = torch.Generator().manual_seed(0)
     for hw in ((14,) if quick else (14, 7, 4)):
         shape = (5, 2048, hw, hw)
@@ -34,14 +37,15 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
         fns = {"aten": lambda: bn.forward(x, w, b, 1e-5, backend="torch")}
         if kernel:
             fns["metafast[cxx]"] = lambda: bn.forward(x, w, b, 1e-5, backend="cuda")
-        rows += map_op_rows(BENCH, shape, x, fns, "aten", rounds)
-    return rows
+        sink.expect(2)
+        map_op_check(sink, map_op_rows(BENCH, shape, x, fns, "aten", rounds), "aten")
+    return sink.rows
 
 
-def main(argv=None) -> None:
-    cpu_bench_main(argv, __doc__, BENCH, run, ["impl", "shape", "ms", "speedup_vs_aten", "GB/s", "copy_GB/s", "threads"],
+def main(argv=None) -> int:
+    return cpu_bench_main(argv, __doc__, BENCH, run, ["impl", "shape", "ms", "speedup_vs_aten", "GB/s", "copy_GB/s", "threads"],
                    quick_help="the 14x14 map only")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,14 +12,14 @@ GPU kernel; on CUDA the reference runs).
 """
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import base_row, cpu_bench_main, cpu_kernel_start, time_interleaved  # noqa: E402
+from bench.common import RowSink, as_sink, base_row, cpu_bench_main, cpu_kernel_start, max_abs_diff, time_interleaved  # noqa: E402
 from metafast.ops import batch_norm_rop as bnr  # noqa: E402
 
 BENCH = "batch_norm_rop"
@@ -38,12 +38,15 @@ def _case(shape, gen):
     return x, w, mean, invstd, maps, rw, rb, sx, s
 
 
-def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
+def run(device="cpu", quick: bool = False, rounds: int = 5,
+        sink: Optional[RowSink] = None) -> Optional[List[Dict[str, object]]]:
     kernel = cpu_kernel_start(device, BENCH, "CPU kernels only (GPUs run the reference)", "reference")
     if kernel is None:
-        return []
+        return None
+    sink = as_sink(sink)
+    if not kernel:
+        sink.fail(f"metafast[cxx] {BENCH}: the extension's CPU kernels are not available")
     device = torch.device("cpu")
-    rows = []
     gen = torch.Generator().manual_seed(0)
     for hw in ((14,) if quick else (14, 7, 4)):
         shape = (5, 2048, hw, hw)
@@ -54,6 +57,8 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
             fns[f"{name}|rforward"] = lambda b=b: bnr.rforward(x, w, mean, invstd, m["rx"], rw, rb, backend=b)
             fns[f"{name}|rbackward"] = lambda b=b: bnr.rbackward(x, w, mean, invstd, m["gy"], m["rgy"], m["rx"], sx, s,
                                                                  rw, True, backend=b)
+        sink.expect(4)
+        errs = {k: max_abs_diff(f(), fns[f"reference|{k.split('|')[1]}"]()) for k, f in fns.items() if k != "copy"}
         best = time_interleaved(fns, device, rounds, warmup=2, repeats=7)
         nbytes = x.numel() * x.element_size()
         copy_gbps = 2 * nbytes / best.pop("copy") / 1e6
@@ -61,17 +66,19 @@ def run(device="cpu", quick: bool = False, rounds: int = 5) -> List[Dict[str, ob
         for key, ms in best.items():
             name, op = key.split("|")
             gbps = moved[op] / ms / 1e6
-            rows.append({**base_row(BENCH, device), "impl": name, "op": op, "shape": list(shape), "ms": ms,
-                         "speedup_vs_reference": best[f"reference|{op}"] / ms, "GB/s": gbps,
-                         "copy_GB/s": copy_gbps, "frac_of_copy": gbps / copy_gbps,
-                         "threads": torch.get_num_threads()})
-    return rows
+            if not errs[key] <= 1e-4:
+                sink.fail(f"{name} {op} {list(shape)}: max |err| vs reference {errs[key]:.2e} > 1e-4")
+            sink.add({**base_row(BENCH, device), "impl": name, "op": op, "shape": list(shape), "ms": ms,
+                      "speedup_vs_reference": best[f"reference|{op}"] / ms, "GB/s": gbps,
+                      "copy_GB/s": copy_gbps, "frac_of_copy": gbps / copy_gbps,
+                      "max_abs_err_vs_reference": errs[key], "threads": torch.get_num_threads()})
+    return sink.rows
 
 
-def main(argv=None) -> None:
-    cpu_bench_main(argv, __doc__, BENCH, run, ["impl", "op", "shape", "ms", "speedup_vs_reference", "GB/s", "frac_of_copy", "threads"],
+def main(argv=None) -> int:
+    return cpu_bench_main(argv, __doc__, BENCH, run, ["impl", "op", "shape", "ms", "speedup_vs_reference", "GB/s", "frac_of_copy", "threads"],
                    quick_help="the 14x14 maps only")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
     sys.path.insert(0, ROOT)
 
-from bench.common import base_row, print_table, write_rows  # noqa: E402
+from bench.common import RESULTS_DIR, RowSink, base_row, finish, print_table  # noqa: E402
 
 BENCH = "distributed"
 META_BATCHES = (25, 200)  # per process: the paper's meta-batch, and one where compute outweighs the all_reduce
@@ -39,7 +39,7 @@ def _worker(device_name: str, threads: int, meta_batch: int, steps: int, blocks:
     torch.set_num_threads(threads)
     from metafast import distributed
     from metafast.data.sinusoid import SinusoidTasks
-    from metafast.train.sinusoid import SinusoidConfig, build
+    from metafast.jobs.sinusoid import SinusoidConfig, build
 
     rank, world = distributed.init(device_name, timeout=120)
     try:
@@ -145,13 +145,16 @@ def main(argv=None) -> int:
         cores = os.cpu_count() or 1
         configs = [(1, 1), (1, min(top, cores))] + [(w, 1) for w in range(2, top + 1)]
     load_before = os.getloadavg()[0]
-    rows = []
+    # rows stream as each meta-batch size is measured; a failed worker raises (non-zero exit)
+    sink = RowSink(None if args.no_write else f"{BENCH}_{args.device}", args.out or RESULTS_DIR)
     for meta_batch in args.meta_batch:
         steps = max(5, args.steps * META_BATCHES[0] // meta_batch)  # about the same time per block
         results = {}
         for world, threads in configs:
             if (world, threads) not in results:
                 results[(world, threads)] = _run(world, threads, meta_batch, args.device, steps, args.blocks)
+        sink.expect(len(results))
+        load_after = os.getloadavg()[0]
         base_tps = meta_batch / results[(1, 1)]["ms_per_step"] * 1e3
         for (world, threads), r in results.items():
             tps = world * meta_batch / r["ms_per_step"] * 1e3
@@ -161,16 +164,11 @@ def main(argv=None) -> int:
                         "ms_per_step": r["ms_per_step"], "tasks_per_s": tps, "speedup_vs_1x1": tps / base_tps,
                         "scaling_efficiency": tps / (world * base_tps), "all_reduce_ms": r["all_reduce_ms"],
                         "params": r["params"], "steps_per_block": steps, "blocks": args.blocks,
-                        "backend": "nccl" if args.device == "cuda" else "gloo"})
-            rows.append(row)
-    load_after = os.getloadavg()[0]
-    for row in rows:
-        row.update({"load_avg_1min_before": load_before, "load_avg_1min_after": load_after})
-    print_table(rows, COLUMNS)
-    if not args.no_write:
-        path = write_rows(f"{BENCH}_{args.device}", rows, **({"out_dir": args.out} if args.out else {}))
-        print(f"wrote {path}")
-    return 0
+                        "backend": "nccl" if args.device == "cuda" else "gloo",
+                        "load_avg_1min_before": load_before, "load_avg_1min_after": load_after})
+            sink.add(row)
+    print_table(sink.rows, COLUMNS)
+    return finish(sink)
 
 
 if __name__ == "__main__":

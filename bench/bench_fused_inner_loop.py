@@ -6,6 +6,8 @@ Workloads (the MAML paper's sinusoid regressor and an ANIL-style classifier head
 - sinusoid_1000x5: the same with 1,000 tasks and 5 steps (target >= 10x torch.func; the loop only
   checks gradients)
 - anil_head: a 64->5 linear head on fixed features, 32 tasks 5-way 5-shot, 10 steps (>= 10x)
+The targets are GPU targets (checked per row on CUDA only; learn2learn's recipe, the per-task loop,
+stands in for learn2learn where it is not installed).
 Every meta-gradient is checked against the per-task loop before timing (bench_maml_step's harness);
 rows also carry the achieved FLOP/s (analytic count of the meta-step's matmuls) and, on GPU, the
 fp32 matmul peak measured in the same run.
@@ -26,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
 from bench.baselines import available  # noqa: E402
 from bench.bench_maml_step import (Workload, _sinusoid_batch, bench_settings, bench_workload,  # noqa: E402
                                    episodes, metafast_status, report)
-from bench.common import RESULTS_DIR, time_ms, write_rows  # noqa: E402
-from metafast.algorithms.fused_path import mlp_dims  # noqa: E402
+from bench.common import RESULTS_DIR, RowSink, as_sink, finish, time_ms  # noqa: E402
+from metafast.algorithms.paths.fused import mlp_dims  # noqa: E402
 from metafast.models import MLP  # noqa: E402
 
 BENCH = "fused_inner_loop"
@@ -48,6 +50,14 @@ WORKLOADS: Dict[str, Workload] = {
                                 11, _sinusoid_batch, time_loop=False),
     "anil_head": Workload("anil_head", lambda: MLP(64, [], 5), "cross_entropy", 0.1, 10, 32, 4, 10.0, 11,
                           _head_batch),
+}
+
+
+# Per workload, what BatchedMAML's fused meta-step must reach on a GPU.
+GPU_TARGETS: Dict[str, Dict[str, float]] = {
+    "sinusoid": {"speedup_vs_torch_func": 20.0, "speedup_vs_learn2learn": 50.0},
+    "sinusoid_1000x5": {"speedup_vs_torch_func": 10.0},
+    "anil_head": {"speedup_vs_torch_func": 10.0},
 }
 
 
@@ -79,12 +89,16 @@ def fp32_peak_tflops(device: torch.device) -> Optional[float]:
 
 
 def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = None,
-        threads: Optional[int] = 1) -> List[Dict[str, object]]:
+        threads: Optional[int] = 1, sink: Optional[RowSink] = None) -> List[Dict[str, object]]:
+    """Rows of the fused-inner-loop bench, each streamed to ``sink`` once its workload is measured."""
     device = torch.device(device)
+    sink = as_sink(sink)
     with bench_settings(device, workloads, WORKLOADS, threads) as names:
         use_metafast, graph, notes = metafast_status(device.type == "cuda", device)
         for n in notes:
             print(f"note: {n}")
+        if not use_metafast:
+            sink.fail(notes[0])
         peak = fp32_peak_tflops(device)
         if peak is not None:
             print(f"fp32 matmul peak measured here: {peak:.1f} TFLOP/s")
@@ -93,7 +107,13 @@ def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = 
         for n in names:
             wl = WORKLOADS[n]
             variants = [("metafast (unfused)", {"fused": False})]
-            wrows = bench_workload(wl, device, quick, classes, use_metafast, graph, variants=variants)
+            # the rows reach the sink after their FLOP/s columns are added below
+            collect = RowSink()
+            wrows = bench_workload(wl, device, quick, classes, use_metafast, graph, variants=variants, sink=collect,
+                                   goals=GPU_TARGETS[n] if device.type == "cuda" else {})
+            sink.expect(collect.expected)
+            for why in collect.failures:
+                sink.fail(why)
             model = wl.make_model()
             dims = mlp_dims(model)
             sx, _, qx, _ = wl.make_batch(1, torch.Generator().manual_seed(0))
@@ -104,6 +124,7 @@ def run(device="cpu", quick: bool = False, workloads: Optional[Sequence[str]] = 
                 r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
                 r["fp32_peak_tflops"] = peak
                 r["fraction_of_peak"] = None if peak is None else r["tflops"] / peak
+                sink.add(r)
             rows += wrows
         return rows
 
@@ -119,16 +140,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads < 1:
         ap.error(f"--threads: expected >= 1, got {args.threads}")
     workloads = None if args.workload == "all" else [args.workload]
-    rows = run(args.device, quick=args.quick, workloads=workloads, threads=args.threads)
-    ok = report(rows)
+    name = f"{BENCH}_{args.device}" + ("" if workloads is None else f"_{args.workload}") + ("_quick" if args.quick else "")
+    sink = RowSink(name, args.out)
+    rows = run(args.device, quick=args.quick, workloads=workloads, threads=args.threads, sink=sink)
+    report(rows)
     print()
     for r in rows:
         if math.isfinite(r["tflops"]):
             peak = "" if r["fraction_of_peak"] is None else f" ({100 * r['fraction_of_peak']:.2f}% of fp32 peak)"
             print(f"{r['workload']:>16} {r['method']:>22}: {1e3 * r['tflops']:9.2f} GFLOP/s{peak}")
-    name = f"{BENCH}_{args.device}" + ("" if workloads is None else f"_{args.workload}") + ("_quick" if args.quick else "")
-    print(f"\nrows written to {write_rows(name, rows, args.out)}")
-    return 0 if ok else 1
+    return finish(sink)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ and glibc told to keep freed memory (fresh page faults would otherwise dominate)
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +26,24 @@ if __package__ in (None, ""):
 
 from bench.common import (  # noqa: E402
     RESULTS_DIR,
+    RowSink,
+    as_sink,
     base_row,
+    check_grads,
+    finish,
     keep_freed_memory,
     print_table,
+    print_targets,
+    set_targets,
     time_interleaved,
-    write_rows,
 )
 from metafast import _backend  # noqa: E402
 from metafast.ops.kd_loss import kd_loss  # noqa: E402
 
 BENCH = "kd_loss"
 TEMPERATURE, ALPHA = 4.0, 0.9
+# GPU target (metafast rows of this shape): >= 3x eager fwd+bwd at <= half its peak memory.
+TARGET_SHAPE, TARGET_SPEEDUP, TARGET_PEAK = (4096, 32768), 3.0, 0.5
 
 
 def eager_kd(s, t, y, temperature=TEMPERATURE, alpha=ALPHA):
@@ -79,15 +86,18 @@ def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
+def run(device, quick: bool = False, rounds: int = 5, sink: Optional[RowSink] = None) -> List[Dict[str, object]]:
+    """Rows (each streamed to ``sink`` once its case is measured); a fused implementation missing on
+    CUDA or off eager's loss and gradient is a failure of the sink."""
     device = torch.device(device)
+    sink = as_sink(sink)
     if device.type == "cpu":
         keep_freed_memory()  # multi-MB temporaries: page faults of fresh mappings would dominate
-        return _run(device, quick, rounds)
+        return _run(device, quick, rounds, sink)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
     os.environ["METAFAST_CHECK_LABELS"] = "0"  # time the kernels, not a host sync
     try:
-        return _run(device, quick, rounds)
+        return _run(device, quick, rounds, sink)
     finally:
         if saved is None:
             del os.environ["METAFAST_CHECK_LABELS"]
@@ -95,8 +105,10 @@ def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]
             os.environ["METAFAST_CHECK_LABELS"] = saved
 
 
-def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, object]]:
-    rows = []
+def _run(device: torch.device, quick: bool, rounds: int, sink: RowSink) -> List[Dict[str, object]]:
+    impls = _impls(device)
+    if len(impls) < 2:
+        sink.fail(f"no metafast kd_loss backend on {device} ({_backend.available()})")
     gen = torch.Generator(device="cpu").manual_seed(0)
     for (B, C), dtype in _cases(device, quick):
         s = (torch.randn(B, C, generator=gen) * 3).to(device=device, dtype=dtype)
@@ -104,8 +116,17 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         y = torch.randint(0, C, (B,), generator=gen).to(device)
         g = torch.tensor(1.7, device=device)  # grad_out != 1
 
+        sink.expect(1 + max(1, len(impls) - 1))
+        errs = {}
+        for name, fn in impls.items():
+            x = s.detach().requires_grad_()
+            loss = fn(x, t, y)
+            got = (loss.detach(), torch.autograd.grad(loss, x, g.to(loss.dtype))[0])
+            if name == "eager":
+                ref = got
+            errs[name] = check_grads(sink, f"{name} {B}x{C} {dtype}", got, ref, dtype)
         fns = {}
-        for name, fn in _impls(device).items():
+        for name, fn in impls.items():
             def fwd_bwd(fn=fn):
                 x = s.detach().requires_grad_()
                 loss = fn(x, t, y)
@@ -116,11 +137,14 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         for name in fns:
             row = dict(base_row(BENCH, device), impl=name, mode="fwd+bwd", B=B, C=C,
                        dtype=str(dtype).replace("torch.", ""), ms=best[name],
-                       speedup_vs_eager=best["eager"] / best[name])
+                       speedup_vs_eager=best["eager"] / best[name], rel_err_vs_eager=errs[name])
             if peaks:
                 row.update(peak_MiB=peaks[name], peak_vs_eager=peaks[name] / peaks["eager"])
-            rows.append(row)
-    return rows
+            if device.type == "cuda" and name.startswith("metafast") and (B, C) == TARGET_SHAPE:
+                set_targets(row, {f"cuda: >= {TARGET_SPEEDUP:g}x eager": row["speedup_vs_eager"] >= TARGET_SPEEDUP,
+                                  f"cuda: peak <= {TARGET_PEAK:g} x eager's": row["peak_vs_eager"] <= TARGET_PEAK})
+            sink.add(row)
+    return sink.rows
 
 
 COLUMNS = ["impl", "mode", "B", "C", "dtype", "ms", "speedup_vs_eager", "peak_MiB", "peak_vs_eager"]
@@ -136,11 +160,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    rows = run(device, args.quick)
+    sink = RowSink(f"{BENCH}_{device.type}", args.out)
+    rows = run(device, args.quick, sink=sink)
     print_table(rows, COLUMNS)
-    path = write_rows(f"{BENCH}_{device.type}", rows, args.out)
-    print(f"wrote {path}")
-    return 0
+    print_targets(rows, lambda r: f"{r['impl']} {r['B']}x{r['C']} {r['dtype']}")
+    return finish(sink)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ and the fastest round's median kept.
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, base_row, print_table, time_interleaved, write_rows  # noqa: E402
+from bench.common import (RESULTS_DIR, RowSink, as_sink, base_row, check_grads, finish, print_table,  # noqa: E402
+                          print_targets, speedup_target, time_interleaved)
 from metafast import _backend  # noqa: E402
 from metafast.ops.multitask_heads import (  # noqa: E402
     multitask_heads_cross_entropy,
@@ -34,6 +35,8 @@ from metafast.ops.multitask_heads import (  # noqa: E402
 
 BENCH = "multitask_heads"
 HEADS = 16
+# GPU target of every fused row of mode fwd+bwd.
+GPU_GOALS = {"speedup_vs_loop": 3.0}
 
 
 def loop_over_heads(x, ws, bs, y):
@@ -97,13 +100,16 @@ def _mode_fns(x, w, b, y, g, impls) -> Dict[str, Callable]:
     return fns
 
 
-def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
+def run(device, quick: bool = False, rounds: int = 5, sink: Optional[RowSink] = None) -> List[Dict[str, object]]:
+    """Rows (each streamed to ``sink`` once its case is measured); a fused implementation missing on
+    CUDA or off the loop's losses and gradients is a failure of the sink."""
     device = torch.device(device)
+    sink = as_sink(sink)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
     if device.type == "cuda":
         os.environ["METAFAST_CHECK_LABELS"] = "0"  # time the kernels, not the host-side label check
     try:
-        return _run(device, quick, rounds)
+        return _run(device, quick, rounds, sink)
     finally:
         if device.type == "cuda":
             if saved is None:
@@ -112,10 +118,22 @@ def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]
                 os.environ["METAFAST_CHECK_LABELS"] = saved
 
 
-def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, object]]:
-    rows = []
+def _grads(fn, x, w, b, y, g):
+    """(losses, d features, d weights, d biases) of one implementation (fn None: the loop)."""
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    if fn is None:
+        ws, bs = list(leaves[1].unbind(0)), list(leaves[2].unbind(0))
+        loss = loop_over_heads(leaves[0], ws, bs, y)
+    else:
+        loss = fn(*leaves, y)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves, g.to(loss.dtype)))
+
+
+def _run(device: torch.device, quick: bool, rounds: int, sink: RowSink) -> List[Dict[str, object]]:
     gen = torch.Generator().manual_seed(0)
     impls = _impls(device)
+    if not any(k.startswith("metafast") for k in impls):
+        sink.fail(f"no metafast multitask_heads backend on {device} ({_backend.available()})")
     for N, I, O, shared, dtype in _cases(device, quick):
         H = HEADS
         x = torch.randn(*((N, I) if shared else (H, N, I)), generator=gen).to(device=device, dtype=dtype)
@@ -123,6 +141,11 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         b = torch.randn(H, O, generator=gen).to(device=device, dtype=dtype)
         y = torch.randint(0, O, (H, N), generator=gen).to(device)
         g = (torch.rand(H, generator=gen) + 0.5).to(device)  # grad_out != 1
+        sink.expect(2 * (1 + len(impls)))
+        ref = _grads(None, x, w, b, y, g)
+        errs = {"loop": 0.0}
+        for name, fn in impls.items():
+            errs[name] = check_grads(sink, f"{name} N{N} I{I} O{O} {dtype}", _grads(fn, x, w, b, y, g), ref, dtype)
         measured = time_interleaved(_mode_fns(x, w, b, y, g, impls), device, rounds)
         times: Dict[str, Dict[str, float]] = {}
         for key, ms in measured.items():
@@ -130,17 +153,20 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
             times.setdefault(name, {})[mode] = ms
         for name, per_mode in times.items():
             for mode, ms in per_mode.items():
-                rows.append({
+                row = {
                     **base_row(BENCH, device), "impl": name, "mode": mode, "H": H, "N": N, "I": I, "O": O,
                     "features": "shared" if shared else "per-head", "dtype": str(dtype).replace("torch.", ""),
                     "ms": ms, "speedup_vs_loop": times["loop"][mode] / ms,
-                    "speedup_vs_reference": times["reference"][mode] / ms,
+                    "speedup_vs_reference": times["reference"][mode] / ms, "rel_err_vs_loop": errs[name],
                     "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                })
-    return rows
+                }
+                if device.type == "cuda" and name.startswith("metafast") and mode == "fwd+bwd":
+                    speedup_target(row, GPU_GOALS, "cuda")
+                sink.add(row)
+    return sink.rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
@@ -151,13 +177,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
-    rows = run(args.device, quick=args.quick)
+    device = torch.device(args.device)
+    sink = RowSink(f"{BENCH}_{device.type}", args.out)
+    rows = run(args.device, quick=args.quick, sink=sink)
     print_table(rows, ["impl", "mode", "H", "N", "I", "O", "features", "dtype", "ms", "speedup_vs_loop",
                        "speedup_vs_reference"])
-    device = torch.device(args.device)
-    path = write_rows(f"{BENCH}_{device.type}", rows, out_dir=args.out)
-    print(f"wrote {path}")
+    print_targets(rows, lambda r: f"{r['impl']} {r['mode']} N{r['N']} I{r['I']} O{r['O']} {r['features']} {r['dtype']}")
+    return finish(sink)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,14 +12,14 @@ only on that shape.
 import argparse
 import os
 import sys
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
+from bench.common import RESULTS_DIR, RowSink, as_sink, base_row, finish, print_table, time_ms  # noqa: E402
 
 BENCH = "sampler"
 COLUMNS = ["what", "ms", "vs_meta_step", "tasks", "classes", "threads"]
@@ -36,12 +36,15 @@ def _split(classes: int):
     return ImageSplit(images, labels, [str(c) for c in range(classes)], "omniglot-shaped")
 
 
-def run(device: Union[str, torch.device] = "cpu", quick: bool = False, threads: int = 1) -> List[dict]:
+def run(device: Union[str, torch.device] = "cpu", quick: bool = False, threads: int = 1,
+        sink: Optional[RowSink] = None) -> List[dict]:
     from metafast import BatchedMAML
     from metafast.data.episodes import EpisodeSampler
     from metafast.models import Conv4
 
     device = torch.device(device)
+    sink = as_sink(sink)
+    sink.expect(3)
     old = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads)  # 2 threads stall when the machine is shared
@@ -66,13 +69,12 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False, threads: 
         draw_ms = time_ms(lambda: sampler.draw_indices(tasks, sampler.generator), device, warmup=2, repeats=repeats)
         step_ms = time_ms(step, device, warmup=1, repeats=repeats)
         nthreads = torch.get_num_threads() if device.type == "cpu" else None
-        rows = []
         for what, ms in (("sample (indices + gather)", sample_ms), ("draw indices only", draw_ms),
                          ("meta-step (Conv4, 2nd order)", step_ms)):
-            rows.append(dict(base_row(BENCH, device), what=what, ms=ms, vs_meta_step=ms / step_ms, tasks=tasks,
-                             classes=classes, threads=nthreads, quick=quick,
-                             load_avg_1min_before=load_before, load_avg_1min_after=os.getloadavg()[0]))
-        return rows
+            sink.add(dict(base_row(BENCH, device), what=what, ms=ms, vs_meta_step=ms / step_ms, tasks=tasks,
+                          classes=classes, threads=nthreads, quick=quick,
+                          load_avg_1min_before=load_before, load_avg_1min_after=os.getloadavg()[0]))
+        return sink.rows
     finally:
         torch.set_num_threads(old)
 
@@ -84,11 +86,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=RESULTS_DIR, help="where to write sampler_<device>.json")
     args = p.parse_args(argv)
-    rows = run(args.device, quick=args.quick, threads=args.threads)
+    sink = RowSink(None if args.quick else f"{BENCH}_{args.device}", args.out)  # a quick run writes nothing
+    rows = run(args.device, quick=args.quick, threads=args.threads, sink=sink)
     print_table(rows, COLUMNS)
-    if not args.quick:
-        print(write_rows(f"{BENCH}_{args.device}", rows, args.out))
-    return 0
+    return finish(sink)
 
 
 if __name__ == "__main__":

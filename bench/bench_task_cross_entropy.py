@@ -21,7 +21,7 @@ logits-sized tensor timed in the same run.
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +31,16 @@ if __package__ in (None, ""):
 
 from bench.common import (  # noqa: E402
     RESULTS_DIR,
+    RowSink,
+    as_sink,
     base_row,
+    check_grads,
+    finish,
     keep_freed_memory,
     print_table,
+    print_targets,
+    speedup_target,
     time_interleaved,
-    write_rows,
 )
 from metafast import _backend  # noqa: E402
 from metafast.ops.task_cross_entropy import (  # noqa: E402
@@ -45,6 +50,8 @@ from metafast.ops.task_cross_entropy import (  # noqa: E402
 )
 
 BENCH = "task_cross_entropy"
+# GPU target of every fused row of mode fwd+bwd.
+GPU_GOALS = {"speedup_vs_eager": 2.0}
 
 
 def eager_per_task(logits, labels):
@@ -98,15 +105,18 @@ def _mode_fns(fn, x, y, g):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
-def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]:
+def run(device, quick: bool = False, rounds: int = 5, sink: Optional[RowSink] = None) -> List[Dict[str, object]]:
+    """Rows (each streamed to ``sink`` once its case is measured); a fused implementation missing on
+    CUDA or off eager's loss and gradient is a failure of the sink."""
     device = torch.device(device)
+    sink = as_sink(sink)
     if device.type == "cpu":
         keep_freed_memory()
-        return _run(device, quick, rounds)
+        return _run(device, quick, rounds, sink)
     saved = os.environ.get("METAFAST_CHECK_LABELS")
     os.environ["METAFAST_CHECK_LABELS"] = "0"  # time the kernels; "+labelcheck" adds the check back
     try:
-        return _run(device, quick, rounds)
+        return _run(device, quick, rounds, sink)
     finally:
         if saved is None:
             del os.environ["METAFAST_CHECK_LABELS"]
@@ -114,8 +124,9 @@ def run(device, quick: bool = False, rounds: int = 5) -> List[Dict[str, object]]
             os.environ["METAFAST_CHECK_LABELS"] = saved
 
 
-def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, object]]:
-    rows = []
+def _run(device: torch.device, quick: bool, rounds: int, sink: RowSink) -> List[Dict[str, object]]:
+    if not _fused_impls(device):
+        sink.fail(f"no metafast task_cross_entropy backend on {device} ({_backend.available()})")
     gen = torch.Generator(device="cpu").manual_seed(0)
     for (T, N, C), dtype in _cases(device, quick):
         x = (torch.randn(T, N, C, generator=gen) * 3).to(device=device, dtype=dtype)
@@ -129,6 +140,14 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         impls = {"eager": eager_per_task,
                  "reference": lambda a, b: task_cross_entropy_reference(a, b),
                  **_fused_impls(device)}
+        sink.expect(3 * len(impls))
+        errs, ref = {}, None
+        for name, fn in impls.items():  # loss and gradient against eager's (the first) before timing
+            xg = x.detach().requires_grad_()
+            loss = fn(xg, y)
+            got = (loss.detach(), torch.autograd.grad(loss, xg, g.to(loss.dtype))[0])
+            ref = got if ref is None else ref
+            errs[name] = check_grads(sink, f"{name} {T}x{N}x{C} {dtype}", got, ref, dtype)
         fns = {"copy": lambda: dst.copy_(src)}
         for name, fn in impls.items():
             for mode, f in _mode_fns(fn, x, y, g).items():
@@ -142,17 +161,21 @@ def _run(device: torch.device, quick: bool, rounds: int) -> List[Dict[str, objec
         for name, per_mode in times.items():
             for mode, ms in per_mode.items():
                 gbps = moved[mode] / ms / 1e6
-                rows.append({
+                row = {
                     **base_row(BENCH, device), "impl": name, "mode": mode, "T": T, "N": N, "C": C,
                     "dtype": str(dtype).replace("torch.", ""), "ms": ms,
                     "speedup_vs_eager": times["eager"][mode] / ms,
                     "speedup_vs_reference": times["reference"][mode] / ms,
                     "GB/s": gbps, "copy_GB/s": copy_gbps, "frac_of_copy": gbps / copy_gbps,
-                })
-    return rows
+                    "rel_err_vs_eager": errs[name],
+                }
+                if device.type == "cuda" and name.startswith("metafast[") and mode == "fwd+bwd":
+                    speedup_target(row, GPU_GOALS, "cuda")
+                sink.add(row)
+    return sink.rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
@@ -163,13 +186,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
-    rows = run(args.device, quick=args.quick)
+    device = torch.device(args.device)
+    sink = RowSink(f"{BENCH}_{device.type}", args.out)
+    rows = run(args.device, quick=args.quick, sink=sink)
     print_table(rows, ["impl", "mode", "T", "N", "C", "dtype", "ms", "speedup_vs_eager",
                        "speedup_vs_reference", "GB/s", "frac_of_copy"])
-    device = torch.device(args.device)
-    path = write_rows(f"{BENCH}_{device.type}", rows, out_dir=args.out)
-    print(f"wrote {path}")
+    print_targets(rows, lambda r: f"{r['impl']} {r['mode']} {r['T']}x{r['N']}x{r['C']} {r['dtype']}")
+    return finish(sink)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,8 +14,9 @@ import torch
 
 import metafast
 from metafast import cli
-from metafast.train import checkpoint as ckpt
-from metafast.train.sinusoid import SinusoidConfig, train_sinusoid
+from metafast.runtime import checkpoint as ckpt
+from metafast.commands import bench as bench_command, train as train_command
+from metafast.jobs.sinusoid import SinusoidConfig, train_sinusoid
 
 
 def _run(capsys, *argv):
@@ -67,7 +68,7 @@ def test_training_reduces_heldout_error(tmp_path):
 def test_default_config_is_the_papers_setup():
     args = cli.build_parser().parse_args(["train"])
     assert args.dataset == "sinusoid"
-    assert all(getattr(args, k) is None for k in cli._TRAIN_FIELDS)  # everything from SinusoidConfig
+    assert all(getattr(args, k) is None for k in train_command.SINUSOID_FIELDS)  # everything from SinusoidConfig
     c = SinusoidConfig()
     assert (c.meta_batch, c.shots, c.queries, c.inner_lr, c.inner_steps, c.meta_lr, c.first_order) == \
         (25, 10, 10, 0.01, 1, 1e-3, False)
@@ -148,11 +149,11 @@ def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("choice,called", [(None, True), ("keep", True), ("default", False)])
 def test_train_keeps_freed_memory_unless_told_not_to(capsys, monkeypatch, choice, called):
-    from metafast.train import allocator
+    from metafast.runtime import allocator
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setitem(cli._TRAIN_JOBS, "sinusoid", lambda args: 0)
+    monkeypatch.setitem(train_command.JOBS, "sinusoid", lambda args: 0)
     rc, _, _ = _run(capsys, "train", *([] if choice is None else ["--allocator", choice]))
     assert rc == 0 and calls == ([1] if called else [])
 
@@ -164,7 +165,7 @@ def test_keep_freed_memory_reuses_large_blocks():
     # in none after the first
     script = textwrap.dedent("""
         import ctypes, resource, sys
-        from metafast.train.allocator import keep_freed_memory
+        from metafast.runtime.allocator import keep_freed_memory
         if sys.argv[1] == "keep":
             assert keep_freed_memory()
         libc = ctypes.CDLL("libc.so.6")
@@ -218,41 +219,49 @@ def test_info_without_backend_module(capsys, monkeypatch):
 
 
 def test_bench_without_bench_dir(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "find_bench_dir", lambda: None)
+    monkeypatch.setattr(bench_command, "find_bench_dir", lambda: None)
     rc, _, err = _run(capsys, "bench")
     assert rc == 2 and "bench/ directory of a metafast source checkout" in err, err
 
 
-def test_bench_runs_modules_and_reports_failures(tmp_path, capsys, monkeypatch):
+def test_bench_runs_scripts_as_processes_and_reports_failures(tmp_path, capfd, monkeypatch):
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "__init__.py").write_text("")
-    (bench / "common.py").write_text(textwrap.dedent("""
-        def device_name(device):
-            return "fake " + device.type
-        def print_table(rows, columns):
-            print("|".join(columns))
-            for r in rows:
-                print("|".join(str(r.get(c)) for c in columns))
-    """))
+    (bench / "common.py").write_text("")
+    # a microbenchmark: a top-level run() and the command line --device D --out DIR [--quick]
     (bench / "bench_alpha.py").write_text(textwrap.dedent("""
+        import os, sys
         def run(device, quick=False):
-            return [{"bench": "alpha", "date": "d", "op": "add", "ms": 2.5, "quick": quick, "dev": device.type}]
+            return []
+        if __name__ == "__main__":
+            print("alpha argv", sys.argv[1:], "cwd", os.path.basename(os.getcwd()))
+            os.makedirs(sys.argv[sys.argv.index("--out") + 1], exist_ok=True)
+            open(os.path.join(sys.argv[sys.argv.index("--out") + 1], "alpha_cpu.json"), "w").write("[]")
     """))
-    (bench / "bench_beta.py").write_text("def run(device, quick=False):\n    raise RuntimeError('beta exploded')\n")
-    (bench / "bench_gamma.py").write_text("COLUMNS = ['x']\ndef run(device, quick=False):\n    return [{'x': 7, 'y': 8}]\n")
-    for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
-    monkeypatch.setattr(cli, "find_bench_dir", lambda: bench)
-    rc, out, err = _run(capsys, "bench", "--device", "cpu", "--quick")
+    (bench / "bench_beta.py").write_text("import sys\ndef run(device, quick=False):\n    pass\n"
+                                         "sys.exit('beta exploded')\n")
+    (bench / "bench_gamma.py").write_text("raise SystemExit('gamma must not run')\n")  # no run(): skipped
+    monkeypatch.setattr(bench_command, "find_bench_dir", lambda: bench)
+    rows = tmp_path / "rows"
+    rc = cli.main(["bench", "--device", "cpu", "--quick", "--out", str(rows)])
+    out, err = capfd.readouterr()
     assert rc == 1
-    assert "== bench_alpha on fake cpu (quick)" in out
-    assert "op|ms|quick|dev\nadd|2.5|True|cpu" in out  # metadata columns left out of the table
-    assert "x\n7" in out  # a module's COLUMNS choose the columns
-    assert "beta exploded" in err and "1 of 3 benchmarks failed" in err
-    rc, out, _ = _run(capsys, "bench", "--device", "cpu", "--only", "gamma")
-    assert rc == 0 and "bench_gamma" in out and "bench_alpha" not in out
+    assert "== bench_alpha on cpu (quick)" in out
+    assert f"alpha argv ['--device', 'cpu', '--out', '{rows}', '--quick'] cwd {tmp_path.name}" in out
+    assert (rows / "alpha_cpu.json").read_text() == "[]"  # --out keeps the rows
+    assert "bench_gamma: skipped" in out and "gamma must not run" not in err
+    assert "beta exploded" in err and "bench_beta failed (exit status 1)" in err and "1 of 2 benchmarks failed" in err
+    rc = cli.main(["bench", "--device", "cpu", "--only", "alpha"])
+    out, _ = capfd.readouterr()
+    assert rc == 0 and "bench_alpha on cpu\n" in out and "bench_beta" not in out and "'--quick'" not in out
+
+
+def test_cli_does_not_import_bench():
+    # the library never imports bench/: `metafast bench` runs the scripts as processes
+    res = subprocess.run([sys.executable, "-c", "import sys, metafast.cli; "
+                          "print(sorted(m for m in sys.modules if m == 'bench' or m.startswith('bench.')))"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-2000:]
 
 
 def test_python_dash_m_entry_point():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from metafast.distill import Distiller, DistillInterrupted, KDLoss, accuracy, kd_loss
-from metafast.distill.job import DistillConfig, make_dataset, mlp, run_distill_job
+from metafast.jobs.distill import DistillConfig, make_dataset, mlp, run_distill_job
 
 TINY = dict(train_size=200, transfer_size=600, test_size=400, teacher_hidden=32, student_hidden=8,
             teacher_steps=150, student_steps=120, batch_size=64, checkpoint_every=50)
@@ -142,7 +142,7 @@ def test_job_reports_all_three_and_resume_skips_finished_phases(tmp_path):
 
 
 def test_command_module(tmp_path, capsys):
-    from metafast.distill import command
+    from metafast.commands import distill as command
 
     parser = argparse.ArgumentParser(prog="metafast")
     command.add_parser(parser.add_subparsers(dest="command"))

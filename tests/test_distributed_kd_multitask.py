@@ -81,7 +81,7 @@ def _worker(mode, out_dir, timeout):
             torch.save({name: _run_case(build) for name, build in CASES.items()},
                        os.path.join(out_dir, f"rank{rank}.pt"))
         else:  # the multitask job until Ctrl-C
-            from metafast.multitask.job import MultiTaskConfig, run_multitask
+            from metafast.jobs.multitask import MultiTaskConfig, run_multitask
 
             started = os.path.join(os.path.dirname(out_dir), f"rank{rank}.training")
 

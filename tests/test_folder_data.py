@@ -86,7 +86,7 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
 
 def test_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
     root = make_folder(tmp_path, classes=5, per_class=2)
-    import metafast.train.checkpoint as ckpt
+    import metafast.runtime.checkpoint as ckpt
 
     def fail(path, write):
         raise PermissionError(13, "Permission denied", path)

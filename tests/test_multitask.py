@@ -248,7 +248,7 @@ def test_trainer_learns_two_tasks(strategy):
 
 
 def _tiny_config(**kw):
-    from metafast.multitask.job import MultiTaskConfig
+    from metafast.jobs.multitask import MultiTaskConfig
 
     base = dict(iterations=12, tasks=3, classes=3, in_dim=6, latent=4, hidden=8, train_size=64, test_size=64,
                 batch_size=16, checkpoint_every=5, device="cpu")
@@ -257,8 +257,8 @@ def _tiny_config(**kw):
 
 
 def test_job_writes_metrics_and_resumes_exactly(tmp_path):
-    from metafast.multitask.job import TrainingInterrupted, run_multitask
-    from metafast.train.checkpoint import load_checkpoint
+    from metafast.jobs.multitask import TrainingInterrupted, run_multitask
+    from metafast.runtime.checkpoint import load_checkpoint
 
     full = run_multitask(_tiny_config(), str(tmp_path / "full"), progress=False, log=lambda s: None)
     with open(tmp_path / "full" / "metrics.json") as f:
@@ -288,7 +288,7 @@ def test_job_writes_metrics_and_resumes_exactly(tmp_path):
 
 
 def test_command_runs_and_rejects_bad_arguments(tmp_path, capsys):
-    from metafast.multitask import command
+    from metafast.commands import multitask as command
 
     parser = argparse.ArgumentParser(prog="metafast")
     command.add_parser(parser.add_subparsers(dest="command"))

@@ -6,7 +6,7 @@ import torch
 
 from metafast.data import SinusoidBatch, SinusoidTasks
 from metafast.data import sinusoid as sinusoid_data
-from metafast.train import sinusoid as job
+from metafast.jobs import sinusoid as job
 
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=0, atol=0)}
 

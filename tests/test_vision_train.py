@@ -69,8 +69,9 @@ def test_resnet12_meta_gradients_match_per_task_loop(first_order, steps, one_thr
 
 # ----------------------------------------------------------------------------- the vision job
 from metafast.data import cifar as cifar_mod  # noqa: E402
-from metafast.train import vision  # noqa: E402
-from metafast.train.checkpoint import load_checkpoint  # noqa: E402
+from metafast import cli  # noqa: E402
+from metafast.jobs import vision  # noqa: E402
+from metafast.runtime.checkpoint import load_checkpoint  # noqa: E402
 from test_vision_data import write_cifar100  # noqa: E402
 
 TINY = ["--meta-batch", "4", "--width", "8", "--queries", "2", "--eval-queries", "2", "--device", "cpu",
@@ -93,7 +94,7 @@ def trained_run(cifar_root, tmp_path_factory):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run") / "cifarfs"
-    rc = vision.main(["train", "--dataset", "cifarfs", "--root", cifar_root, "--out", str(out), "--iterations", "200",
+    rc = cli.main(["train", "--dataset", "cifarfs", "--root", cifar_root, "--out", str(out), "--iterations", "200",
                       "--first-order", "--val-every", "100", "--val-episodes", "20", "--eval-episodes", "100"] + TINY)
     torch.set_num_threads(old)
     assert rc == 0
@@ -122,12 +123,12 @@ def test_training_learns_above_chance(trained_run):
 
 def test_eval_command_reproduces_the_final_metrics(trained_run, cifar_root, tmp_path, one_thread, capsys):
     out = tmp_path / "m.json"
-    rc = vision.main(["eval", str(trained_run), "--episodes", "100", "--device", "cpu", "--out", str(out)])
+    rc = cli.main(["eval", str(trained_run), "--episodes", "100", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     m, final = json.loads(out.read_text()), json.loads((trained_run / "metrics.json").read_text())
     assert m["per_episode_accuracy"] == final["per_episode_accuracy"]
     assert "accuracy" in capsys.readouterr().out
-    rc = vision.main(["eval", str(trained_run / "best.pt"), "--split", "val", "--episodes", "20", "--device", "cpu",
+    rc = cli.main(["eval", str(trained_run / "best.pt"), "--split", "val", "--episodes", "20", "--device", "cpu",
                       "--out", str(out)])
     assert rc == 0
     val = json.loads(out.read_text())
@@ -139,9 +140,9 @@ def test_resume_is_exact(cifar_root, tmp_path, one_thread):
     common = ["--dataset", "cifarfs", "--root", cifar_root, "--val-every", "2", "--val-episodes", "4",
               "--eval-episodes", "4", "--checkpoint-every", "0"] + TINY
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert vision.main(["train", "--out", str(straight), "--iterations", "6"] + common) == 0
-    assert vision.main(["train", "--out", str(split), "--iterations", "3"] + common) == 0
-    assert vision.main(["train", "--resume", str(split), "--iterations", "6"] + common) == 0
+    assert cli.main(["train", "--out", str(straight), "--iterations", "6"] + common) == 0
+    assert cli.main(["train", "--out", str(split), "--iterations", "3"] + common) == 0
+    assert cli.main(["train", "--resume", str(split), "--iterations", "6"] + common) == 0
     a, b = load_checkpoint(str(straight)), load_checkpoint(str(split))
     assert a["iteration"] == b["iteration"] == 6
     for k in a["maml"]:
@@ -152,25 +153,25 @@ def test_resume_is_exact(cifar_root, tmp_path, one_thread):
 
 
 def test_command_errors(cifar_root, tmp_path, capsys):
-    rc = vision.main(["train", "--dataset", "miniimagenet", "--root", str(tmp_path), "--out", str(tmp_path / "r")])
+    rc = cli.main(["train", "--dataset", "miniimagenet", "--root", str(tmp_path), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "mini-imagenet-cache-train.pkl" in err and "metafast train: error" in err
     assert not (tmp_path / "r").exists()  # nothing written before the data is found
-    rc = vision.main(["train", "--dataset", "cifarfs", "--root", cifar_root, "--ways", "70", "--out", str(tmp_path / "w")]
+    rc = cli.main(["train", "--dataset", "cifarfs", "--root", cifar_root, "--ways", "70", "--out", str(tmp_path / "w")]
                      + TINY)
     assert rc == 2 and "ways" in capsys.readouterr().err
-    rc = vision.main(["train", "--dataset", "cifarfs", "--train-split", "trainval", "--root", cifar_root])
+    rc = cli.main(["train", "--dataset", "cifarfs", "--train-split", "trainval", "--root", cifar_root])
     assert rc == 2 and "train_split" in capsys.readouterr().err
-    rc = vision.main(["eval", str(tmp_path / "nothing")])
+    rc = cli.main(["eval", str(tmp_path / "nothing")])
     assert rc == 2 and "no checkpoint" in capsys.readouterr().err
-    assert vision.main(["train", "--dataset", "imagenet"]) == 2
+    assert cli.main(["train", "--dataset", "imagenet"]) == 2
 
 
 def test_resume_with_a_different_setup_is_refused(cifar_root, tmp_path, one_thread, capsys):
     common = ["--dataset", "cifarfs", "--root", cifar_root, "--val-every", "0", "--eval-episodes", "2"] + TINY
     run = tmp_path / "run"
-    assert vision.main(["train", "--out", str(run), "--iterations", "1"] + common) == 0
-    rc = vision.main(["train", "--resume", str(run), "--iterations", "2", "--shots", "2"] + common)
+    assert cli.main(["train", "--out", str(run), "--iterations", "1"] + common) == 0
+    rc = cli.main(["train", "--resume", str(run), "--iterations", "2", "--shots", "2"] + common)
     assert rc == 2 and "shots" in capsys.readouterr().err
 
 
@@ -204,7 +205,7 @@ def test_omniglot_job_on_png_fixture(tmp_path, monkeypatch, one_thread):
     write_omniglot(str(tmp_path), sum(lists.values(), []), size=28, drawings=20)
     monkeypatch.setattr(omniglot, "split_characters", lambda split: lists[split])
     out = tmp_path / "run"
-    rc = vision.main(["train", "--dataset", "omniglot", "--root", str(tmp_path), "--out", str(out), "--iterations", "3",
+    rc = cli.main(["train", "--dataset", "omniglot", "--root", str(tmp_path), "--out", str(out), "--iterations", "3",
                       "--val-every", "3", "--val-episodes", "3", "--eval-episodes", "5", "--eval-queries", "5"] + TINY)
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())

@@ -1,22 +1,29 @@
-"""BatchedMAML: MAML, Meta-SGD and ANIL over a whole batch of tasks at once."""
+"""BatchedMAML: MAML, Meta-SGD and ANIL over a whole batch of tasks at once.
+
+BatchedMAML validates its arguments and each batch, and picks one meta-step path per batch signature;
+the paths themselves (fused, exact reverse, unrolled autograd, CUDA graph) and the conditions under
+which each runs are in metafast/algorithms/paths/.
+"""
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .. import _backend
 from ..functional.executor import BatchedModel
 from ..functional.flat import FlatParams
-from ..functional.layers import RunCtx
-from ..functional.losses import CrossEntropy, make_loss
-from ..functional.meta_step import MetaStep
-from .. import _backend
-from . import fused_path
-from . import precision as _precision
-from .cuda_graph import GraphedMetaSteps
-from ..ops.inner_update import inner_update
+from ..functional.losses import make_loss
+from ..functional import precision as _precision
+from .paths import FastWeights, FiniteGuard, MetaStepPath, Setup, Where, choose, make_paths
+from .paths import autograd as _autograd
+from .paths import exact_reverse as _exact_reverse
+
+__all__ = ["BatchedMAML", "MetaOutput", "FastWeights", "explain_paths", "MEMORY_MODES"]
+
+MEMORY_MODES = ("fast", "low")
+_MAX_SIGNATURES = 16  # batch signatures whose checks and path are remembered (a train and an eval shape...)
 
 
 @dataclass
@@ -27,17 +34,18 @@ class MetaOutput:
     support_losses: torch.Tensor            # [T] support loss before the last inner step, detached
 
 
-@dataclass
-class FastWeights:
-    """Adapted weights of T tasks: θ for the shared prefix, ``fast`` [T, Pa] for the adapted suffix."""
+def _setting(name: str, doc: str) -> property:
+    """A setting the meta-step paths read: assigning it rebuilds them (and forgets checked signatures)."""
+    attr = "_" + name
 
-    theta: torch.Tensor
-    fast: Optional[torch.Tensor]
-    offset: int
+    def get(self):
+        return getattr(self, attr)
 
-    @property
-    def num_tasks(self) -> Optional[int]:
-        return None if self.fast is None else self.fast.shape[0]
+    def set(self, value):
+        object.__setattr__(self, attr, value)
+        self._settings_changed()
+
+    return property(get, set, doc=doc)
 
 
 class BatchedMAML(nn.Module):
@@ -56,7 +64,8 @@ class BatchedMAML(nn.Module):
         check_finite: raise when a loss becomes NaN/inf (one host sync per call on GPU).
         cuda_graph: on CUDA, capture the whole meta-step (inner loop, query loss and their backward)
             in a CUDA graph on first use and replay it; a new input shape captures again (up to 8),
-            then runs eagerly with one warning. Results equal the eager path.
+            then runs eagerly with one warning. Results equal the eager path. With CPU inputs it runs
+            eagerly (a metafast.FallbackWarning, an error under METAFAST_STRICT=1).
         exact_reverse: where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU,
             Tanh, Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL) and the
             loss is "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is
@@ -79,17 +88,37 @@ class BatchedMAML(nn.Module):
             With fp16, ``check_finite`` checks the support losses and whether the scaled inner gradient
             overflowed (FloatingPointError naming inner_loss_scale), not the query loss: a non-finite
             query loss (fp16 overflow) is left to the GradScaler, which skips that step.
+        memory: "fast" (default) keeps every inner step's activations for the reverse pass; "low" keeps
+            only each step's fast weights (K x T x P numbers) and recomputes one step's forward and
+            backward when the reverse reaches it, so the peak holds one step's activations whatever
+            ``inner_steps`` is, for about one more support forward+backward per step. It runs on the
+            exact-reverse path; where that does not apply, "fast" runs with a FallbackWarning
+            (``describe()`` says why). Both modes give the same meta-gradients.
+        task_chunk: run the meta-batch in chunks of this many tasks whose meta-gradients add up (the
+            result equals the unchunked one). With memory="low" the peak is then one step of one chunk;
+            with "fast" chunks split the work, not the peak. None (default): all tasks at once. A chunk
+            larger than the batch is clamped.
+
+    The settings (inner_lrs, inner_steps, first_order, anil, clip_grad_norm, check_finite, cuda_graph,
+    exact_reverse, fused, loss_fn, memory, task_chunk, and the Meta-SGD parameter lrs) may be reassigned between steps;
+    the next step checks its batch and picks its path again. Change them by assignment (an in-place
+    edit of the inner_lrs list is not seen).
     """
 
     def __init__(self, model: nn.Module, inner_lr: Union[float, Sequence[float]] = 0.01, inner_steps: int = 1,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
                  check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True,
-                 fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None):
+                 fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None,
+                 memory: str = "fast", task_chunk: Optional[int] = None):
         super().__init__()
+        self._built = None        # (Setup, paths) of the current settings
+        self._choices = {}        # Where -> the path that runs it
+        self._signatures = {}     # batch signature -> (path, steps, prepared)
+        self._keyed_buffer = None  # the flat buffer the signatures were checked against
+        self._fallbacks = {}      # fallbacks of this instance, by key (describe())
         self._prec = _precision.resolve(precision, inner_loss_scale)
         self.precision = precision
-        self._overflow = None  # fp16: per-task "the scaled inner gradient overflowed" of the last call
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -103,117 +132,157 @@ class BatchedMAML(nn.Module):
             raise ValueError("inner_lr: meta_sgd learns one rate per parameter; pass a single float as its init")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected None or a value > 0, got {clip_grad_norm}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory: expected one of {MEMORY_MODES}, got {memory!r}")
+        if task_chunk is not None and (type(task_chunk) is not int or task_chunk < 1):
+            raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+        if fused and self._prec.mixed:
+            raise ValueError(f"fused=True: the fused inner loop runs float32/float64 only; precision={precision!r} "
+                             "runs on the batched path (use fused=None or False)")
         self.module = model
+        self.meta_sgd = meta_sgd
+        self._flat = FlatParams(model)
+        self._engine = BatchedModel(model, self._flat, head_only=anil)
         self.inner_lrs = lrs
         self.inner_steps = inner_steps
         self.first_order = first_order
-        self.meta_sgd = meta_sgd
         self.anil = anil
         self.clip_grad_norm = clip_grad_norm
         self.check_finite = check_finite
         self.cuda_graph = cuda_graph
-        self._graphs = GraphedMetaSteps(self) if cuda_graph else None
         self.loss_fn = make_loss(loss)
-        self._flat = FlatParams(model)
-        self._engine = BatchedModel(model, self._flat, head_only=anil)
-        self.exact_reverse = (exact_reverse and self._engine.supports_rop() and clip_grad_norm is None
-                              and hasattr(self.loss_fn, "rgrad"))
-        if fused not in (None, True, False):
-            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+        self.exact_reverse = exact_reverse
         self.fused = fused
-        self._fused_plans = {}
-        self._fused_checked = (None, None)  # (_fused_key, checked op arguments) of the last fused call
-        if fused and self._prec.mixed:
-            raise ValueError(f"fused=True: the fused inner loop runs float32/float64 only; precision={precision!r} "
-                             "runs on the batched path (use fused=None or False)")
-        if fused:
-            self._fused_dims(self._flat.buffer.device)  # raises with the reason when it cannot
+        self.memory = memory
+        self.task_chunk = task_chunk
         if meta_sgd:
-            self.lrs = nn.Parameter(torch.full((self._engine.adapted_numel,), lrs[0], dtype=self._flat.buffer.dtype,
-                                               device=self._flat.buffer.device))
+            self.lrs = nn.Parameter(torch.full((self._engine.adapted_numel,),
+                                               lrs[0], dtype=self._flat.buffer.dtype, device=self._flat.buffer.device))
         else:
             self.lrs = None
+        if fused:  # required: raise now, naming the reason, when it cannot run
+            buffer = self._flat.buffer
+            choose([p for p in self._paths() if p.name == "fused"], Where(buffer.device, buffer.dtype,
+                                                                          max(inner_steps, 1), True))
 
-    # -- public API ------------------------------------------------------------------------------
+    inner_lrs = _setting("inner_lrs", "inner-loop rates: one float, or one per inner step")
+    inner_steps = _setting("inner_steps", "inner SGD steps of a meta-training step")
+    first_order = _setting("first_order", "FOMAML: drop the second-order terms")
+    anil = _setting("anil", "adapt only the head (set at construction: the engine is built for it)")
+    clip_grad_norm = _setting("clip_grad_norm", "per-task max norm of the inner gradient, or None")
+    check_finite = _setting("check_finite", "raise when a loss becomes NaN/inf")
+    cuda_graph = _setting("cuda_graph", "capture the meta-step in CUDA graphs (CUDA inputs)")
+    fused = _setting("fused", "None: fused where it applies; True: required; False: never")
+    loss_fn = _setting("loss_fn", "the per-task loss (metafast.functional.losses.TaskLoss)")
+    memory = _setting("memory", '"fast": keep every inner step for the reverse; "low": step checkpointing')
+    task_chunk = _setting("task_chunk", "tasks per chunk of the meta-batch, or None (all at once)")
+
+    @property
+    def exact_reverse(self) -> bool:
+        """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
+        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+
+    @exact_reverse.setter
+    def exact_reverse(self, value: bool) -> None:
+        object.__setattr__(self, "_exact_reverse", bool(value))
+        self._settings_changed()
+
+    def register_parameter(self, name, param) -> None:
+        super().register_parameter(name, param)
+        if name == "lrs":  # Meta-SGD's rates reassigned: the paths hold the old ones
+            self._settings_changed()
+
+    def _settings_changed(self) -> None:
+        self._built = None
+        self._choices.clear()
+        self._signatures.clear()
+
+    def _setup(self) -> Setup:
+        return self._paths_and_setup()[0]
+
+    def _paths(self):
+        return self._paths_and_setup()[1]
+
+    def _paths_and_setup(self):
+        if self._built is None:
+            setup = Setup(owner=self, module=self.module, flat=self._flat, engine=self._engine, loss_fn=self.loss_fn,
+                          prec=self._prec, inner_lrs=tuple(self.inner_lrs), lrs=self.lrs,
+                          first_order=self.first_order, anil=self.anil, clip_grad_norm=self.clip_grad_norm,
+                          fused=self.fused, exact_reverse=self._exact_reverse, cuda_graph=self.cuda_graph,
+                          guard=FiniteGuard(self.check_finite, self._prec), fallbacks=self._fallbacks,
+                          memory=self.memory, task_chunk=self.task_chunk)
+            self._built = (setup, make_paths(setup))
+        return self._built
+
+    @property
+    def _overflow(self) -> Optional[torch.Tensor]:
+        """fp16: per task, whether the scaled inner gradient of the last call overflowed."""
+        return None if self._built is None else self._built[0].guard.overflow
+
+    # -- the meta-step: a checked batch signature runs its path directly -----------------------------
     def forward(self, support_x, support_y, query_x, query_y, inner_steps: Optional[int] = None) -> MetaOutput:
         """Adapt to every task on its support set, then return the query loss (mean over tasks)."""
-        # only a model whose fused call was checked before can take the short path (no key otherwise)
-        same = inner_steps is None or (type(inner_steps) is int and inner_steps == self.inner_steps)
-        key = None if self._fused_checked[0] is None else self._fused_key(support_x, support_y, query_x, query_y,
-                                                                          None if same else inner_steps)
-        if key is not None and self._fused_checked[0] == key:
-            # the configuration and these shapes passed every check before: only the per-call ones remain
-            out = self._fused_step(self._flat.buffer, self._fused_checked[1], support_x, support_y, query_x, query_y)
-            return MetaOutput(out[3], out[0].detach(), out[1], out[2].detach())
-        self._check_batch(support_x, support_y, query_x, query_y)
-        steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
-        graphed = self._graphs(support_x, support_y, query_x, query_y, steps) if self._graphs is not None else None
-        if graphed is not None:
-            task_losses, support_losses = graphed[0], graphed[1]
-            acc = graphed[2] if len(graphed) > 2 else None
-            self._overflow = None  # recorded at capture, not by the replay
-            self._finite(task_losses, "query loss", support_losses)
-        else:
-            task_losses, acc, support_losses, mean = self._meta_forward(support_x, support_y, query_x, query_y, steps)
-            if mean is not None:
-                return MetaOutput(mean, task_losses.detach(), acc, support_losses.detach())
-        return MetaOutput(task_losses.mean(), task_losses.detach(), acc, support_losses.detach())
+        batch = (support_x, support_y, query_x, query_y)
+        key = self._signature(batch, inner_steps)
+        entry = None if key is None else self._signatures.get(key)
+        if entry is None:
+            entry = self._prepare(batch, inner_steps)
+            if key is None:  # the parameters may have been bound only now
+                key = self._signature(batch, inner_steps)
+            if key is not None:
+                if len(self._signatures) >= _MAX_SIGNATURES:
+                    self._signatures.clear()
+                self._signatures[key] = entry
+        path, steps, prepared = entry
+        out = path.run(batch, steps, prepared)
+        mean = out.task_losses.mean() if out.mean is None else out.mean
+        return MetaOutput(mean, out.task_losses.detach(), out.accuracies, out.support_losses.detach())
 
-    def _meta_forward(self, support_x, support_y, query_x, query_y, steps: int):
-        """(per-task query losses, accuracies or None, support losses, their mean or None) - the
-        graph-capturable step."""
+    def _signature(self, batch, inner_steps):
+        """What the checks and the choice of a meta-step depend on beyond the settings (whose changes
+        clear the remembered signatures): shapes, dtypes, devices, steps, grad mode and the requested
+        backend; None when they must run (parameters moved to new storage, a non-int step count, a
+        non-tensor argument, a compiling call)."""
+        if (torch.compiler.is_compiling() or self._flat.buffer is not self._keyed_buffer
+                or not (inner_steps is None or type(inner_steps) is int) or not self._flat.is_bound()):
+            return None
+        sx, sy, qx, qy = batch
+        try:
+            return (inner_steps, torch.is_grad_enabled(), sx.shape, sy.shape, qx.shape, qy.shape, sx.dtype, sy.dtype,
+                    qx.dtype, qy.dtype, sx.device, sy.device, qx.device, qy.device, _backend.env_value())
+        except AttributeError:
+            return None
+
+    def _prepare(self, batch, inner_steps):
+        """Validate a batch and pick its path: (path, steps, what the path prepared for the signature)."""
+        self._check_batch(*batch)
+        steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
         buffer = self._flat.buffer  # bound by _check_batch
         self._prec.check_params(buffer.dtype)
-        self._overflow = None
-        dims = self._fused_dims(buffer.device) if steps else None
-        if dims is not None:
-            from ..ops import fused_inner_loop as op
+        if buffer is not self._keyed_buffer and not torch.compiler.is_compiling():
+            self._signatures.clear()  # checked against other parameters
+            self._keyed_buffer = buffer
+        path = self._choose(Where(buffer.device, buffer.dtype, steps, torch.is_grad_enabled()))
+        return path, steps, path.prepare(batch, steps)
 
-            key = self._fused_key(support_x, support_y, query_x, query_y, None if steps == self.inner_steps else steps)
-            if key is not None and op.runs_eager_node(buffer.device):
-                # checked once per batch signature; later calls with it skip straight to _fused_step
-                self._fused_checked = (key, self._fused_args(buffer, support_x, support_y, query_x, query_y, dims,
-                                                             steps))
-                return self._fused_step(buffer, self._fused_checked[1], support_x, support_y, query_x, query_y)
-            mean, r = self._fused_call(buffer, support_x, support_y, query_x, query_y, dims, steps, self.first_order)
-            return self._fused_outputs(mean, r, query_y)
-        theta = self._flat.theta()
-        if self.exact_reverse and torch.is_grad_enabled():
-            report = [] if self._watch_overflow() else None
-            plan = (self._engine, self.loss_fn, steps, self._lr, self.first_order, self._prec, report)
-            task_losses, support_losses, out = MetaStep.apply(theta, self.lrs, support_x, support_y, query_x,
-                                                               query_y, plan)
-            self._overflow = report[0] if report else None
-        else:
-            mode = "first" if self.first_order else "second"
-            fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, mode)
-            out = self._predict(theta, fast, query_x, support_x.shape[0])
-            self.loss_fn.check_target(out, query_y, "query_y")
-            task_losses = self.loss_fn.value(out, query_y)
-        self._finite(task_losses, "query loss", support_losses)
-        acc = CrossEntropy.accuracy(out.detach(), query_y) if self.loss_fn.classification else None
-        return task_losses, acc, support_losses, None
+    def _choose(self, where: Where) -> MetaStepPath:
+        path = self._choices.get(where)
+        if path is None:
+            path = choose(self._paths(), where)[0]
+            self._choices[where] = path
+        return path
 
+    # -- evaluation ----------------------------------------------------------------------------------
     def adapt(self, support_x, support_y, steps: Optional[int] = None) -> FastWeights:
         """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
         self._check_batch(support_x, support_y)
         steps = self.inner_steps if steps is None else self._check_steps(steps)
-        theta = self._flat.theta().detach()
-        self._prec.check_params(theta.dtype)
-        self._overflow = None
-        dims = self._fused_dims(theta.device) if steps else None
-        if dims is not None:
-            with torch.no_grad():
-                r = self._fused_call(theta, support_x, support_y, support_x, support_y, dims, steps, True)[1]
-            self._finite(r.support_loss, "support loss")
-            return FastWeights(theta, r.fast, 0)
-        if self._engine.local_autograd:
-            theta.requires_grad_(True)
-        with torch.enable_grad():
-            fast, support_losses = self._inner_loop(theta, support_x, support_y, steps, "eval")
-        if steps:
-            self._finite(support_losses, "support loss")
-        return FastWeights(theta.detach(), None if fast is None else fast.detach(), self._engine.adapt_offset)
+        buffer = self._flat.buffer
+        self._prec.check_params(buffer.dtype)
+        path = self._choose(Where(buffer.device, buffer.dtype, steps, False, adapt=True))
+        return path.adapt(support_x, support_y, steps)
 
     def predict(self, weights: FastWeights, x: torch.Tensor) -> torch.Tensor:
         """Outputs [T, N, ...] of the adapted models on inputs x [T, N, ...] (float32 with bf16/fp16)."""
@@ -222,191 +291,60 @@ class BatchedMAML(nn.Module):
         self._check_x(x, "x")
         if weights.fast is not None and weights.fast.shape[0] != x.shape[0]:
             raise ValueError(f"x: weights were adapted for {weights.fast.shape[0]} tasks, x has {x.shape[0]}")
-        return self._predict(weights.theta, weights.fast, x, x.shape[0])
+        return _autograd.predict(self._setup(), weights.theta, weights.fast, x, x.shape[0])
 
     def describe(self) -> str:
-        """Which layer runs how ('*' marks adapted layers) and how the meta-gradient is computed."""
+        """Which layer runs how ('*' marks adapted layers), how the meta-gradient is computed, and every
+        meta-step path with the reason it runs or not ('>' marks the one a training step takes here)."""
         how = ("meta-gradient: exact reverse (R-operator Hessian-vector products, one autograd node)"
                if self.exact_reverse else "meta-gradient: autograd through the unrolled inner loop")
-        device = self._flat.ensure_bound().device
+        buffer = self._flat.ensure_bound()
+        verdicts = self._verdicts()
+        fused = dict((p.name, v) for p, v in verdicts)["fused"]
         if self.fused is False:
-            path = "meta-step: batched layers (fused=False)"
-        elif self._prec.mixed:
-            path = f"meta-step: batched layers; not fused because precision={self.precision!r} (the fused op is fp32/fp64)"
+            line = "meta-step: batched layers (fused=False)"
+        elif fused.ok:
+            line = f"meta-step: {fused.reason}"
         else:
-            dims, why = self._fused_plan(device)
-            path = f"meta-step: {why}" if dims is not None else f"meta-step: batched layers; not fused because {why}"
-        return "\n".join(self._engine.describe() + [how, path, self._prec.describe()])
+            line = f"meta-step: batched layers; not fused because {fused.reason}"
+        chosen = next(p for p, v in verdicts if v.ok)
+        listing = [f"meta-step paths on {buffer.device} (the first that applies runs; metafast/algorithms/paths):"]
+        listing += [f"  {'>' if p is chosen else ' '} {p.name}: {'yes' if v.ok else 'no'}, {v.reason}"
+                    for p, v in verdicts]
+        falls = ", ".join(f"{k} x{n}" for k, n in sorted(self._fallbacks.items())) or "none"
+        return "\n".join(self._engine.describe() + [how, line, self._prec.describe(), self.memory_plan()] + listing
+                         + [f"fallbacks: {falls}"])
 
-    # -- fused path ------------------------------------------------------------------------------
-    def _fused_plan(self, device: torch.device):
-        key = (device.type, self._flat.buffer.dtype)  # callers bound the buffer
-        if key not in self._fused_plans:
-            self._fused_plans[key] = fused_path.plan(self.module, self.loss_fn, self.anil, self.clip_grad_norm,
-                                                     key[1], device)
-        return self._fused_plans[key]
+    def memory_plan(self, num_tasks: Optional[int] = None) -> str:
+        """The memory mode a training step runs in and what it keeps for the reverse pass (sizes for
+        ``num_tasks`` tasks when given)."""
+        chosen, verdict = next((p, v) for p, v in self._verdicts() if v.ok)
+        asked = f"memory={self.memory!r}, task_chunk={self.task_chunk!r}"
+        if chosen.name == "fused":
+            return (f"memory: the fused kernel's own saved state (small: an MLP's per-step activations); {asked} "
+                    "apply to the batched paths")
+        if chosen.name != "exact_reverse":
+            if self.memory == "fast" and self.task_chunk is None:
+                return "memory: fast (autograd keeps every inner step's graph)"
+            why = dict((p.name, v) for p, v in self._verdicts())["exact_reverse"].reason
+            return f"memory: fast, although {asked} was asked: they need the exact reverse, which does not run: {why}"
+        chunk = "all" if self.task_chunk is None else str(min(self.task_chunk, num_tasks or self.task_chunk))
+        if self.memory == "fast":
+            return (f"memory: fast (every inner step's activations kept for the reverse: grows with inner_steps="
+                    f"{self.inner_steps}; chunks of {chunk} task(s) split the work, not the peak)")
+        numel = self._engine.adapted_numel
+        per_task = self.inner_steps * numel * self._flat.buffer.element_size() / 2**20
+        kept = f"{per_task:.1f} MB per task" + (f", {per_task * num_tasks:.1f} MB in all" if num_tasks else "")
+        return (f"memory: low (step-checkpointed exact reverse, chunks of {chunk} task(s)): peak ~ one inner step's "
+                f"activations of one chunk + fast weights of {self.inner_steps} steps x {numel} parameters ({kept})")
 
-    def _fused_dims(self, device: torch.device):
-        """The MLP dims when this meta-step runs fused on ``device``, else None."""
-        if self.fused is False or self._prec.mixed:
-            return None
-        dims, why = self._fused_plan(device)
-        if dims is None and self.fused:
-            raise ValueError(f"fused=True: the fused inner loop cannot run this configuration: {why}")
-        return dims
+    def _verdicts(self):
+        """(path, Support) of every path for a training step of the current settings on the model's device."""
+        buffer = self._flat.ensure_bound()
+        where = Where(buffer.device, buffer.dtype, self.inner_steps, True)
+        return [(p, p.supports(where)) for p in self._paths()]
 
-    def _fused_op_args(self, sx, sy, qx, qy, dims):
-        """(lr, loss) of the fused op, after the batched path's target checks."""
-        for x, y, name in ((sx, sy, "support_y"), (qx, qy, "query_y")):
-            # the same target checks as the batched path, against the output shape alone (the op
-            # itself checks label ranges on every device)
-            self.loss_fn.check_target(torch.empty(*x.shape[:2], dims[-1], device="meta"), y, name)
-        lr = self.lrs if self.lrs is not None else (self.inner_lrs if len(self.inner_lrs) > 1 else self.inner_lrs[0])
-        return lr, "cross_entropy" if self.loss_fn.classification else "mse"
-
-    def _fused_call(self, buffer, sx, sy, qx, qy, dims, steps: int, first_order: bool):
-        """(mean query loss, FusedInnerLoopResult) with the meta-gradient going to the parameters."""
-        from ..ops.fused_inner_loop import fused_meta_loss
-
-        lr, loss = self._fused_op_args(sx, sy, qx, qy, dims)
-        return fused_meta_loss(buffer, self._flat.params, lr, sx, sy, qx, qy, dims, steps, loss,
-                               first_order=first_order)
-
-    def _fused_args(self, buffer, sx, sy, qx, qy, dims, steps: int):
-        """The fused op's checked arguments for this batch (errors name the argument)."""
-        from ..ops.fused_inner_loop import check_args
-
-        lr, loss = self._fused_op_args(sx, sy, qx, qy, dims)
-        return check_args(buffer, lr, sx, sy, qx, qy, dims, steps, loss)
-
-    def _fused_key(self, sx, sy, qx, qy, steps: Optional[int]):
-        """What the checks of a fused meta-step depend on beyond the module, or None when they must run
-        (parameters moved to new storage, a non-tensor argument, a compiling or graphed call)."""
-        if self._graphs is not None or torch.compiler.is_compiling() or not self._flat.is_bound():
-            return None
-        try:
-            shapes = (sx.shape, sy.shape, qx.shape, qy.shape, sx.dtype, sy.dtype, qx.dtype, qy.dtype,
-                      sx.device, sy.device, qx.device, qy.device)
-        except AttributeError:
-            return None
-        buffer = self._flat.buffer
-        return (shapes, buffer.dtype, buffer.device, steps, self.inner_steps, tuple(self.inner_lrs), id(self.lrs),
-                self.first_order, self.fused, _backend.env_value())
-
-    def _fused_step(self, buffer, checked, sx, sy, qx, qy):
-        """The fused meta-step through the C++ autograd node, for arguments that passed every check."""
-        from ..ops.fused_inner_loop import LOSS_KINDS, check_labels, eager_meta_loss
-
-        if checked.kind == LOSS_KINDS["cross_entropy"]:  # label values: every call (the kernels index logits by them)
-            check_labels(sy, checked.dims[-1], "support_y")
-            check_labels(qy, checked.dims[-1], "query_y")
-        self._overflow = None
-        # the meta-parameters go in as the flat buffer and its parameter views: the op's own
-        # autograd node hands each parameter its gradient
-        mean, r = eager_meta_loss(buffer, self._flat.params, checked, sx, sy, qx, qy, self.first_order,
-                                  need_fast=False)
-        return self._fused_outputs(mean, r, qy)
-
-    def _fused_outputs(self, mean, r, query_y):
-        """_meta_forward's outputs of a fused step, after the finite check."""
-        self._finite(r.query_loss, "query loss", r.support_loss, mean)
-        acc = CrossEntropy.accuracy(r.query_out.detach(), query_y) if self.loss_fn.classification else None
-        return r.query_loss, acc, r.support_loss, mean
-
-    # -- engine ----------------------------------------------------------------------------------
-    def _lr(self, step: int):
-        if self.lrs is not None:
-            return self.lrs
-        return self.inner_lrs[step] if len(self.inner_lrs) > 1 else self.inner_lrs[0]
-
-    def _inner_loop(self, theta, sx, sy, steps: int, mode: str):
-        engine = self._engine
-        prec = self._prec
-        T = sx.shape[0]
-        second = mode == "second"
-        rc = RunCtx(T, create_graph=second)
-        # first-order / eval: the inner graph is not differentiated later, so skip recording it
-        # (unless a layer computes its backward through a local autograd graph).
-        grad_ctx = nullcontext() if (second or engine.local_autograd) else torch.no_grad()
-        watch = self._watch_overflow()
-        a = engine.adapt_offset
-        # mixed precision: layers run on low-precision casts of the float32 θ and fast weights
-        theta_c = prec.low(theta)
-        with grad_ctx:
-            x, layout, _ = engine.forward(0, engine.adapt_from, theta_c, None, prec.low(sx), "tn", rc, record=False)
-        fast = None
-        support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
-        for step in range(steps):
-            with grad_ctx:
-                out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta_c, prec.low(fast),
-                                                       x, layout, rc, record=True)
-                out = engine.output(out, out_layout, T)
-                if step == 0:
-                    self.loss_fn.check_target(out, sy, "support_y")
-                # loss in float32; the backward runs on S * dloss/dout in the compute precision
-                loss, dout = self.loss_fn.value_and_grad(out.to(theta.dtype), sy, create_graph=second)
-            with nullcontext() if second else torch.no_grad():
-                g = prec.unscale(engine.backward(tape, prec.grad_seed(dout), out_layout, rc), theta.dtype)
-            if watch:  # a finite loss with a non-finite gradient: the scale S overflowed fp16
-                bad = prec.overflowed([g], loss)
-                self._overflow = bad if self._overflow is None else self._overflow | bad
-            if not second:
-                g = g.detach()
-            support_losses = loss
-            lr = self._lr(step)
-            if mode == "eval" and torch.is_tensor(lr):
-                lr = lr.detach()
-            start = theta[a:] if fast is None else fast
-            fast = inner_update(start, g, lr, self.clip_grad_norm)
-        return fast, support_losses
-
-    def _predict(self, theta, fast, x, T):
-        engine = self._engine
-        prec = self._prec
-        rc = RunCtx(T, create_graph=False)
-        out, layout, _ = engine.forward(0, len(engine.layers), prec.low(theta), prec.low(fast), prec.low(x), "tn",
-                                        rc, record=False)
-        out = engine.output(out, layout, T)
-        return out.to(theta.dtype) if prec.mixed else out
-
-    # -- validation ------------------------------------------------------------------------------
-    def _watch_overflow(self) -> bool:
-        """Whether to record which tasks' scaled fp16 inner gradients overflowed (checked by _finite)."""
-        return self._prec.name == "fp16" and self.check_finite and not (
-            self._flat.buffer.is_cuda and torch.cuda.is_current_stream_capturing())
-
-    def _finite(self, losses: torch.Tensor, what: str, support_losses: Optional[torch.Tensor] = None,
-                mean: Optional[torch.Tensor] = None) -> None:
-        """One check per meta-step: a NaN in the inner loop propagates to the query loss, and is then
-        blamed on the support loss when that is where it started. ``mean``: the losses' mean, when
-        already computed (it is then the one value read)."""
-        if not self.check_finite or (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return  # a host sync would break capture; checked on the replayed outputs instead
-        if self._overflow is not None and bool(self._overflow.any()):
-            # no GradScaler sees the inner gradient: skipping the step would not lower S, so say so
-            bad = torch.nonzero(self._overflow).flatten().tolist()
-            raise FloatingPointError(
-                f"the fp16 inner gradient (support loss x inner_loss_scale={self._prec.scale:g}) overflowed for "
-                f"tasks {bad[:10]}{'...' if len(bad) > 10 else ''}; lower inner_loss_scale or use precision='bf16' "
-                "(check_finite=False leaves the resulting non-finite query loss to a GradScaler to skip)")
-        if self._prec.name == "fp16" and what == "query loss":
-            # fp16 overflow in the query pass or its backward is the GradScaler's to skip; a
-            # non-finite support loss is not (the scaler never sees the inner loop's forward).
-            if support_losses is None:
-                return
-            losses, what, support_losses = support_losses, "support loss", None
-        if torch.compiler.is_compiling():  # no host sync inside a compiled graph: assert on the device
-            torch._assert_async(torch.isfinite(losses).all(), f"{what} is NaN/inf")
-            return
-        # one reduction and one host read; a sum of finite losses that overflows is not an error
-        total = losses.detach().sum() if mean is None else mean.detach()
-        if not math.isfinite(float(total)) and not torch.isfinite(losses).all():
-            if support_losses is not None and not torch.isfinite(support_losses).all():
-                losses, what = support_losses, "support loss"
-            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
-            raise FloatingPointError(f"{what} is NaN/inf for tasks {bad[:10]}{'...' if len(bad) > 10 else ''}; "
-                                     "check the inputs, inner_lr and the model's initialisation")
-
+    # -- validation ----------------------------------------------------------------------------------
     @staticmethod
     def _check_steps(steps) -> int:
         if not isinstance(steps, int) or steps < 0:
@@ -448,3 +386,12 @@ class BatchedMAML(nn.Module):
                 raise ValueError(f"query_y: expected {qx.shape[1]} targets per task (query_x.shape[1]), "
                                  f"got shape {tuple(qy.shape)}")
         return T
+
+
+def explain_paths(model: nn.Module, loss: Union[str, Callable] = "mse", device="cpu") -> str:
+    """One line for ``metafast info``: the path a default ``BatchedMAML(model, loss=loss)`` training step
+    takes on ``device`` and why, then why each path before it does not apply."""
+    verdicts = BatchedMAML(model.to(device), loss=loss)._verdicts()
+    chosen, why = next((p, v) for p, v in verdicts if v.ok)
+    skipped = [f"{p.name}: {v.reason}" for p, v in verdicts if not v.ok and not v.quiet]
+    return f"{chosen.name}: {why.reason}" + (f" (not {'; '.join(skipped)})" if skipped else "")

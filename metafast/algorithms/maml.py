@@ -16,6 +16,7 @@ from .module_utils import clone_module, update_module
 
 __all__ = ["MAML", "maml_update", "inner_sgd_step"]
 
+
 def _wants_fused(params: Sequence[torch.Tensor], lr) -> bool:
     """True when the fused multi-tensor op applies: CUDA tensors, and a float lr or one lr tensor per
     parameter of the params' dtype and device. The per-tensor loop stays the CPU path because it is
@@ -49,9 +50,7 @@ def inner_sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         if len(lr) != len(params):
             raise ValueError(f"lr: expected one learning rate per parameter ({len(params)}), got {len(lr)}")
     if _wants_fused(params, lr):
-        fused = inner_update_multi
-        if fused is not None:
-            return list(fused(params, grads, lr if per_tensor else float(lr)))
+        return list(inner_update_multi(params, grads, lr if per_tensor else float(lr)))
     if per_tensor:
         # Meta-SGD: learn2learn writes p - lr_p * g_p.
         return [p - lr_p * g for p, lr_p, g in zip(params, lr, grads)]

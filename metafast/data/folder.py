@@ -204,7 +204,7 @@ class FolderDataset(ImageSplit):
 
     @staticmethod
     def _write_cache(path: str, key: dict, images: torch.Tensor) -> None:
-        from ..train.checkpoint import atomic_write
+        from ..runtime.checkpoint import atomic_write
 
         try:
             atomic_write(path, lambda f: torch.save({"key": key, "images": images}, f))

@@ -138,7 +138,7 @@ class Omniglot(ImageSplit):
         if drawings is None:
             drawings = _load_characters(base, chars, image_size)
             if cache:
-                from ..train.checkpoint import atomic_write
+                from ..runtime.checkpoint import atomic_write
 
                 atomic_write(cache_path, lambda f: torch.save({"characters": chars, "drawings": drawings}, f))
         angles = ROTATIONS if rotations else (0,)

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..ops.kd_loss import _check_args, kd_loss
-from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from ..train.interrupt import DeferredInterrupt
-from ..train.progress import RunningLoss, progress_bar
+from ..runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from ..runtime.interrupt import DeferredInterrupt
+from ..runtime.progress import RunningLoss, progress_bar
 
 __all__ = ["Distiller", "DistillInterrupted", "accuracy"]
 

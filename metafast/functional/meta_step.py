@@ -14,7 +14,13 @@ computes the meta-gradient directly:
 H_s(W_k) v is the R-operator of the recorded inner backward (Pearlmutter 1994). On small few-shot
 models this removes the autograd engine's per-node cost, which dominates their meta-step.
 
-Mixed precision (an optional sixth plan entry, metafast.algorithms.precision.Precision): the layers
+Step checkpointing (an optional eighth plan entry, True): the forward keeps only each step's fast
+weights W_k (K * T * P numbers) instead of every step's activations, and the reverse recomputes step k's
+support forward and backward when it reaches it (and the query pass from W_K), so the peak holds one
+step's activations whatever K is. Recomputation runs the same ops on the same inputs, so the
+meta-gradient is the same.
+
+Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
 accumulated Wbar stay float32; the inner gradient (and its R-operator) is taken of S * loss and
 divided by S in float32.
@@ -22,7 +28,7 @@ divided by S in float32.
 import torch
 
 from .. import cpu_cache
-from ..algorithms.precision import FP32
+from .precision import FP32
 from .layers import RunCtx
 
 
@@ -50,6 +56,7 @@ class MetaStep(torch.autograd.Function):
         engine, loss_fn, steps, lr_of, first_order = plan[:5]
         prec = plan[5] if len(plan) > 5 else FP32
         report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
+        ckpt = len(plan) > 7 and bool(plan[7])
         overflow = None
         low, scale = prec.low, prec.scale
         T = sx.shape[0]
@@ -71,15 +78,20 @@ class MetaStep(torch.autograd.Function):
             if report is not None:  # which tasks' scaled inner gradient overflowed, for the caller
                 bad = prec.overflowed(g, support_losses)
                 overflow = bad if overflow is None else overflow | bad
-            records.append((tape, gys, out, layout, g))
+            # checkpointed: W_k alone (None: theta); the step's tape is dropped here and rebuilt by the reverse
+            records.append(fast if ckpt else (tape, gys, out, layout, g))
+            del tape, gys, out
             fast = _update(theta.split(sizes) if fast is None else fast, g, lr_parts if lrs is not None else lr_of(k))
-        out_q, layout_q, tape_q = engine.forward(0, n, theta_c, _low(low, fast), qx, "tn", rc, record=True)
+        out_q, layout_q, tape_q = engine.forward(0, n, theta_c, _low(low, fast), qx, "tn", rc, record=not ckpt)
         out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
+        if ckpt:
+            tape_q = None
+            ctx.ckpt_inputs = (theta_c, sx, qx, fast)  # W_K, to rebuild the query tape in the reverse
         if report is not None and overflow is not None:
             report.append(overflow)
         loss_fn.check_target(out_q, qy, "query_y")
         task_losses, dq = loss_fn.value_and_grad(out_q, qy, False)
-        ctx.plan, ctx.rc, ctx.sy, ctx.scale = plan, rc, sy, scale
+        ctx.plan, ctx.rc, ctx.sy, ctx.scale, ctx.ckpt, ctx.dtype = plan, rc, sy, scale, ckpt, theta.dtype
         ctx.records, ctx.tape_q, ctx.layout_q, ctx.dq = records, tape_q, layout_q, dq
         ctx.lrs, ctx.theta_shape, ctx.records_dtype = lrs, theta.shape, theta_c.dtype
         ctx.mark_non_differentiable(support_losses, out_q)
@@ -97,17 +109,30 @@ class MetaStep(torch.autograd.Function):
         rc = ctx.rc
         scale = g_losses.view(-1, *([1] * (ctx.dq.dim() - 1)))
         gq = ctx.dq * scale
+        tape_q, layout_q = ctx.tape_q, ctx.layout_q
+        if ctx.ckpt:  # rebuild the query tape from W_K
+            theta_c, _, qx, fast_k = ctx.ckpt_inputs
+            low = (ctx.plan[5] if len(ctx.plan) > 5 else FP32).low
+            _, layout_q, tape_q = engine.forward(0, len(engine.layers), theta_c, _low(low, fast_k), qx, "tn", rc,
+                                                 record=True)
         # Wbar is kept as per-parameter pieces [T, n_i] (what the layers return and the R-operators take),
         # so no [T, Pa] tensor is concatenated; the query backward runs in the tape's precision, what it
         # returns is accumulated in float32. The pieces are fresh, so they are updated in place.
-        wbar = [w.to(gq.dtype) for w in engine.backward(ctx.tape_q, gq.to(ctx.records_dtype), ctx.layout_q, rc,
+        wbar = [w.to(gq.dtype) for w in engine.backward(tape_q, gq.to(ctx.records_dtype), layout_q, rc,
                                                          flat=False)]
         sizes = [w.shape[1] for w in wbar]
         lrbar = None
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
+        del tape_q
         for k in range(steps - 1, -1, -1):
-            tape, gys, out, layout, g = ctx.records[k]
+            if ctx.ckpt:
+                if first_order and lrbar is None:
+                    break  # FOMAML without learned rates reads nothing of the inner steps
+                tape = gys = out = h = None  # drop step k+1's rebuilt activations before rebuilding step k's
+                tape, gys, out, layout, g = MetaStep._recompute(ctx, k)
+            else:
+                tape, gys, out, layout, g = ctx.records[k]
             if lrbar is not None:
                 lrbar -= torch.cat([(w * gk).sum(0) for w, gk in zip(wbar, g)])
             if not first_order:
@@ -123,3 +148,18 @@ class MetaStep(torch.autograd.Function):
                     h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale)
                     wbar = [w.add_(hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
         return torch.cat([w.sum(0) for w in wbar]), lrbar, None, None, None, None, None
+
+    @staticmethod
+    def _recompute(ctx, k):
+        """Step k's record (tape, gys, out, layout, g) rebuilt from its fast weights W_k: the same ops on the
+        same inputs as the forward, so the same values."""
+        engine, loss_fn = ctx.plan[:2]
+        prec = ctx.plan[5] if len(ctx.plan) > 5 else FP32
+        theta_c, sx, _, _ = ctx.ckpt_inputs
+        rc = ctx.rc
+        out, layout, tape = engine.forward(0, len(engine.layers), theta_c, _low(prec.low, ctx.records[k]), sx, "tn",
+                                           rc, record=True)
+        out = engine.output(out, layout, rc.T)
+        _, dout = loss_fn.value_and_grad(out.to(ctx.dtype), ctx.sy, False)
+        g, gys = engine.backward(tape, prec.grad_seed(dout), layout, rc, record_gy=True, flat=False)
+        return tape, gys, out, layout, [prec.unscale(p, ctx.dtype) for p in g]

@@ -31,7 +31,8 @@ from torch import Tensor
 from .. import _backend
 
 __all__ = ["fused_inner_loop", "fused_meta_loss", "fused_inner_loop_reference", "fused_inner_loop_backward_reference",
-           "eligible", "FusedInnerLoopResult", "MAX_LAYERS", "MAX_DIM"]
+           "eligible", "num_params", "check_args", "check_labels", "Checked", "eager_meta_loss", "runs_eager_node",
+           "FusedInnerLoopResult", "MAX_LAYERS", "MAX_DIM"]
 
 MAX_LAYERS = 4
 MAX_DIM = 256
@@ -65,7 +66,8 @@ def eligible(dims: Sequence[int]) -> Tuple[bool, str]:
     return True, f"{len(dims) - 1} layer(s), widths {dims}"
 
 
-def _num_params(dims: Sequence[int]) -> int:
+def num_params(dims: Sequence[int]) -> int:
+    """P, the flat parameter count of an MLP with these widths (weights and biases)."""
     return sum(dims[i + 1] * (dims[i] + 1) for i in range(len(dims) - 1))
 
 
@@ -274,7 +276,7 @@ def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, lr_per_p
     trajectory W_1..W_{K-1}, the query gradient, the last inner step's gradient (Meta-SGD only), the
     support activations and loss gradients, and the softmax for cross-entropy; on the CPU for whole
     task groups of one task vector's worth of lanes (kTaskVecBytes = 32, csrc/fused_inner_loop_cpu.h)."""
-    P = _num_params(dims)
+    P = num_params(dims)
     per_task = ((steps + bool(lr_per_param)) * P + 2 * Ns * sum(dims[1:])
                 + (Ns * dims[-1] if loss_kind == LOSS_KINDS["cross_entropy"] else 0))
     if theta.device.type == "cuda":
@@ -313,16 +315,12 @@ def _fwd_grad(ctx, g_query, _g_support, _g_fast, _g_out, _g_saved):
     return (g_theta, g_lr if lr_per_param else None) + (None,) * 11
 
 
-def _bwd_setup(ctx, inputs, output):
-    pass
-
-
 def _bwd_grad(ctx, *grads):
     raise RuntimeError(_SECOND_ORDER)
 
 
 _fwd_op.register_autograd(_fwd_grad, setup_context=_fwd_setup)
-_bwd_op.register_autograd(_bwd_grad, setup_context=_bwd_setup)
+_bwd_op.register_autograd(_bwd_grad)
 
 
 class _EagerFusedInnerLoop(torch.autograd.Function):
@@ -385,6 +383,13 @@ class Checked(NamedTuple):
     lr: Tensor       # [steps] rates, or [P] (Meta-SGD)
     per_param: bool  # lr is [P]
 
+    def check_labels(self, support_y: Tensor, query_y: Tensor) -> None:
+        """What :func:`check_args` validated that can change between calls with the same shapes, dtypes
+        and devices: the label values of cross-entropy (the kernels index logits by them)."""
+        if self.kind == LOSS_KINDS["cross_entropy"]:
+            check_labels(support_y, self.dims[-1], "support_y")
+            check_labels(query_y, self.dims[-1], "query_y")
+
 
 def check_args(theta, lr, sx, sy, qx, qy, dims, steps, loss) -> Checked:
     """Validate the arguments of :func:`fused_inner_loop` (errors name the argument)."""
@@ -428,7 +433,7 @@ def _check_tensors(theta, lr, sx, sy, qx, qy, dims, steps, kind) -> Tuple[List[i
     if theta.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{where}: theta must be float32 or float64, got {theta.dtype}")
     dtype, device = theta.dtype, theta.device
-    P = _num_params(dims)
+    P = num_params(dims)
     if theta.shape != (P,):
         raise ValueError(f"{where}: theta must have shape [P] = ({P},) for dims {dims} "
                          f"(sum of d_l * (d_(l-1) + 1)), got {tuple(theta.shape)}")
@@ -538,7 +543,8 @@ def runs_eager_node(device: torch.device, backend: Optional[str] = None) -> bool
 def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tensor, sy: Tensor, qx: Tensor,
                     qy: Tensor, first_order: bool, need_fast: bool = True) -> Tuple[Tensor, FusedInnerLoopResult]:
     """:func:`fused_meta_loss` through the C++ autograd node, for arguments that passed :func:`check_args`
-    (BatchedMAML calls it directly once a batch signature has been checked). Without ``need_fast`` the
+    (BatchedMAML's fused path calls it directly once a batch signature has been checked, after
+    :meth:`Checked.check_labels`). Without ``need_fast`` the
     result's ``fast`` is empty ([0, P]: not written, which saves a [T, P] store per call)."""
     out = torch.ops.metafast.fused_inner_loop_autograd(flat.contiguous(), params, c.lr.contiguous(), sx, sy, qx, qy,
                                                        c.dims, c.steps, c.kind, c.per_param, bool(first_order),

@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-from .checkpoint import atomic_write
+from ..runtime.checkpoint import atomic_write
 
 
 def plot_sinusoid_fits(path: str, grid_x: torch.Tensor, true_y: torch.Tensor, fits: Dict[str, torch.Tensor],

@@ -32,16 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..train.checkpoint import CHECKPOINT_NAME, write_json
-from .distiller import Distiller, accuracy
+from ..distill.distiller import Distiller, DistillInterrupted, accuracy
+from ..runtime.checkpoint import CHECKPOINT_NAME, write_json
+from ..runtime.config import JobConfig
+from ..runtime.job import Job
 
 CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.json"
 PHASES = ("teacher", "scratch", "distilled")
 
 
 @dataclasses.dataclass
-class DistillConfig:
+class DistillConfig(JobConfig):
     seed: int = 0
     features: int = 16
     classes: int = 10
@@ -60,27 +61,14 @@ class DistillConfig:
     checkpoint_every: int = 1000  # 0: only at the end of each phase and on Ctrl-C
 
     def validate(self) -> "DistillConfig":
-        for name, lo in (("features", 1), ("classes", 2), ("clusters_per_class", 1), ("train_size", 1),
-                         ("transfer_size", 0), ("test_size", 1), ("teacher_hidden", 1), ("student_hidden", 1), ("teacher_steps", 0),
-                         ("student_steps", 0), ("batch_size", 1), ("checkpoint_every", 0), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        self.check_ints((("features", 1), ("classes", 2), ("clusters_per_class", 1), ("train_size", 1),
+                         ("transfer_size", 0), ("test_size", 1), ("teacher_hidden", 1), ("student_hidden", 1),
+                         ("teacher_steps", 0), ("student_steps", 0), ("batch_size", 1), ("checkpoint_every", 0),
+                         ("seed", 0)))
+        self.check_positive(("lr", "temperature"))
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -161,41 +149,57 @@ def run_distill_job(config: DistillConfig, out_dir: str, resume: bool = False, p
     ranks other than 0 of a distributed run). Raises DistillInterrupted on Ctrl-C (after
     checkpointing). Launched by torchrun with WORLD_SIZE > 1 it joins the process group (gloo: the
     job runs on the CPU) and leaves it at the end, unless the caller already did."""
-    config.validate()
-    with distributed.session("cpu"):
-        return _run_job(config, out_dir, resume, progress)
+    return DistillJob(config, out_dir, resume, progress).run()
 
 
-def _run_job(config: DistillConfig, out_dir: str, resume: bool, progress: bool) -> Optional[dict]:
-    main, world = distributed.is_main(), distributed.world_size()
-    cfg_path = os.path.join(out_dir, CONFIG_NAME)
-    if resume:
-        if not os.path.isfile(cfg_path):
+class DistillJob(Job):
+    """The run's settings live in config.json and all of them are kept on resume; each phase
+    checkpoints in its own sub-directory (Distiller.fit), so a resume finishes the interrupted phase."""
+    task = "distill"
+    config_type = DistillConfig
+    interrupted = (DistillInterrupted,)
+
+    @classmethod
+    def read_saved(cls, out_dir: str):
+        path = os.path.join(out_dir, CONFIG_NAME)
+        if not os.path.isfile(path):
             raise ValueError(f"{out_dir} holds no {CONFIG_NAME}: nothing to resume")
-        with open(cfg_path) as f:
-            saved = DistillConfig.from_dict(json.load(f))
-        if saved != config:
-            diffs = [f"{k}: run has {v!r}, asked for {getattr(config, k)!r}"
-                     for k, v in saved.to_dict().items() if getattr(config, k) != v]
-            raise ValueError("a resumed run must keep its settings (" + "; ".join(diffs) + ")")
-    else:
-        if os.path.exists(cfg_path):
-            raise ValueError(f"{out_dir} already holds a run; resume it or pick another output directory")
+        with open(path) as f:
+            return DistillConfig.from_dict(json.load(f)), {}
+
+    @classmethod
+    def check_resume(cls, saved: DistillConfig, wanted: DistillConfig, state: dict) -> None:
+        diffs = [f"{k} (run has {v!r}, asked for {getattr(wanted, k)!r})"
+                 for k, v in saved.to_dict().items() if getattr(wanted, k) != v]
+        if diffs:
+            raise ValueError("a resumed run must keep its settings; cannot change " + ", ".join(diffs))
+
+    @classmethod
+    def holds_run(cls, out_dir: str) -> bool:
+        return os.path.exists(os.path.join(out_dir, CONFIG_NAME))
+
+    def open(self, create: bool = True) -> None:
+        if self.resume:
+            return super().open(create)
+        if self.holds_run(self.out_dir):
+            raise ValueError(f"{self.out_dir} already holds a run; resume it or pick another output directory")
         distributed.barrier()  # every rank has checked before rank 0 writes
-        if main:
-            write_json(cfg_path, config.to_dict())
-    if world > 1 and main:
-        print(f"distributed: {world} processes (gloo), batch {config.batch_size} split across them")
+        if self.main:
+            write_json(os.path.join(self.out_dir, CONFIG_NAME), self.config.to_dict())
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small MLPs: more threads only add overhead, and stall on a busy machine
-    try:
-        return _run(config, out_dir, progress and main)
-    finally:
-        torch.set_num_threads(threads)
+    def execute(self, device: torch.device) -> Optional[dict]:
+        self.open()
+        if self.world > 1:
+            self.log(f"distributed: {self.world} processes (gloo), batch {self.config.batch_size} split across them")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small MLPs: more threads only add overhead, and stall on a busy machine
+        try:
+            return _run(self, self.config, self.out_dir, self.progress)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def _run(config: DistillConfig, out_dir: str, progress: bool) -> Optional[dict]:
+def _run(job: DistillJob, config: DistillConfig, out_dir: str, progress: bool) -> Optional[dict]:
     x_train, y_train, x_transfer, x_test, y_test = make_dataset(config)
     teacher, r_teacher = _phase("teacher", config, out_dir, None, x_train, y_train, progress)
     scratch, r_scratch = _phase("scratch", config, out_dir, None, x_train, y_train, progress)
@@ -224,7 +228,7 @@ def _run(config: DistillConfig, out_dir: str, progress: bool) -> Optional[dict]:
         "transfer_examples": config.transfer_size,
         "torch": torch.__version__,
     }
-    write_json(os.path.join(out_dir, METRICS_NAME), metrics)
+    job.write_metrics(metrics)
     return metrics
 
 

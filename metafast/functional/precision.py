@@ -1,4 +1,4 @@
-"""Mixed precision for BatchedMAML: low-precision compute, float32 master and fast weights.
+"""Mixed precision for the batched meta-step: low-precision compute, float32 master and fast weights.
 
 The meta-parameters (θ) and the per-task fast weights stay float32. Each forward/backward of the
 inner loop and the query pass runs on a low-precision copy cast from them (differentiably, so

@@ -1,0 +1,256 @@
+"""Peak memory of one second-order MAML meta-step against the number of inner steps K: metafast's memory
+modes against learn2learn and torch.func, in the same run.
+
+Workload (the MAML paper's miniImageNet setting): Conv4 with 32 channels on 84x84x3 images, 5-way 5-shot,
+15 queries per class, meta-batch 2, inner lr 0.01, second order.
+
+CPU: every (method, K) runs in a fresh process. The process builds model and batch, notes its resident
+memory, runs one warm-up meta-step (forward + backward), resets the peak (``/proc/self/clear_refs``) and
+runs the measured step; the row's ``peak_mb`` is that step's peak resident memory minus the resident
+memory before the warm-up, i.e. what the meta-step adds (blocks a cache kept from the warm-up count).
+GPU: ``torch.cuda.max_memory_allocated`` over the measured step, minus what was allocated before it.
+
+A baseline whose memory, extrapolated linearly in K from its two previous rows, would exceed
+``--budget-mb`` is skipped at that K (its row says so): at K = 100 torch.func would need tens of GB.
+Each method's meta-gradient is compared with learn2learn's at the same K where both ran.
+
+    python bench/bench_memory.py [--steps 1 5 10 25 100] [--budget-mb 12000] [--device cpu|cuda] [--quick]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.baselines import Learn2Learn, TorchFunc  # noqa: E402
+from bench.common import RESULTS_DIR, base_row, print_table, write_rows  # noqa: E402
+
+BENCH = "memory"
+WAYS, SHOTS, QUERIES, TASKS, LR = 5, 5, 15, 2, 0.01
+# (method, BatchedMAML keyword arguments); baselines take none
+METHODS = {
+    "metafast fast": {"memory": "fast"},
+    "metafast low": {"memory": "low"},
+    "metafast low chunk=1": {"memory": "low", "task_chunk": 1},
+    "learn2learn": None,
+    "torch.func": None,
+}
+GRAD_RTOL = 1e-3  # fp32, deep inner loops: rounding grows with K; a wrong gradient is off by O(1)
+COLUMNS = ["method", "steps", "peak_mb", "s_per_step", "vs_learn2learn", "grad_rel_err_vs_learn2learn", "note"]
+
+
+def _batch(image: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    sx = torch.randn(TASKS, WAYS * SHOTS, 3, image, image, generator=g)
+    qx = torch.randn(TASKS, WAYS * QUERIES, 3, image, image, generator=g)
+    sy = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
+    qy = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(TASKS, 1)
+    return [t.to(device) for t in (sx, sy, qx, qy)]
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+
+
+def child(method: str, steps: int, image: int, device: torch.device, grad_path: str) -> Dict[str, object]:
+    """One (method, K) in this process: measure, save the meta-gradient, return the numbers."""
+    import metafast
+    from metafast.models import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(WAYS, in_channels=3, hidden=32, image_size=image, stride=1, pool=True).to(device)
+    batch = _batch(image, device)
+    if METHODS[method] is not None:
+        maml = metafast.BatchedMAML(model, inner_lr=LR, inner_steps=steps, loss="cross_entropy",
+                                    **METHODS[method])
+        params = list(maml.parameters())
+
+        def step():
+            maml(*batch).loss.backward()
+    else:
+        subject = (Learn2Learn if method == "learn2learn" else TorchFunc)(model, LR, steps, "cross_entropy")
+        params = subject.params
+
+        def step():
+            subject.forward_backward(*batch)
+
+    def run() -> float:
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if device.type == "cuda":
+        run()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for p in params:
+            p.grad = None
+        seconds = run()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        base = _rss_mb("VmRSS")
+        run()
+        _reset_peak()
+        seconds = run()
+        peak = _rss_mb("VmHWM") - base
+    torch.save(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).cpu(), grad_path)
+    desc = maml.describe().splitlines()[-1] if METHODS[method] is not None else ""
+    return {"peak_mb": round(peak, 1), "s_per_step": round(seconds, 4), "describe": desc}
+
+
+def _run_child(method: str, steps: int, args, grad_path: str) -> Dict[str, object]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--steps", str(steps), "--image",
+           str(args.image), "--device", args.device, "--grad-out", grad_path, "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} at K={steps} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _predicted(rows: List[Dict[str, object]], method: str, steps: int) -> Optional[float]:
+    mine = [(r["steps"], r["peak_mb"]) for r in rows if r["method"] == method and r.get("peak_mb") is not None]
+    if len(mine) < 2:
+        return None
+    (k0, m0), (k1, m1) = mine[-2:]
+    return m1 + (m1 - m0) / max(k1 - k0, 1) * (steps - k1)
+
+
+def targets(rows: List[Dict[str, object]]) -> List[str]:
+    """The memory issue's targets, each 'PASS ...' or 'FAIL ...' (or 'n/a ...' without the rows)."""
+    at = {(r["method"], r["steps"]): r for r in rows if r.get("peak_mb") is not None}
+    out = []
+
+    def check(name, ok, detail):
+        out.append(f"{'n/a ' if ok is None else 'PASS' if ok else 'FAIL'} {name}: {detail}")
+
+    low, l2l, fast = at.get(("metafast low", 10)), at.get(("learn2learn", 10)), at.get(("metafast fast", 10))
+    check("K=10 low peak <= 0.5x learn2learn", None if not (low and l2l) else low["peak_mb"] <= 0.5 * l2l["peak_mb"],
+          f"{low and low['peak_mb']} vs {l2l and l2l['peak_mb']} MB")
+    check("K=10 low time <= 1.3x fast", None if not (low and fast) else low["s_per_step"] <= 1.3 * fast["s_per_step"],
+          f"{low and low['s_per_step']} vs {fast and fast['s_per_step']} s")
+    ks = sorted(k for (m, k) in at if m == "metafast low")
+    if ks:
+        lo, hi = at[("metafast low", ks[0])], at[("metafast low", ks[-1])]
+        check(f"low peak at K={ks[-1]} <= 1.5x K={ks[0]}", hi["peak_mb"] <= 1.5 * lo["peak_mb"],
+              f"{hi['peak_mb']} vs {lo['peak_mb']} MB")
+    both = [k for (m, k) in at if m == "metafast low chunk=1" and ("learn2learn", k) in at]
+    check("chunk=1 peak <= learn2learn at every K",
+          None if not both else all(at[("metafast low chunk=1", k)]["peak_mb"] <= at[("learn2learn", k)]["peak_mb"]
+                                    for k in both), f"K = {sorted(both)}")
+    return out
+
+
+def plot(rows: List[Dict[str, object]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        pts = [(r["steps"], r["peak_mb"]) for r in rows if r["method"] == method and r.get("peak_mb") is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("inner steps K")
+    ax.set_ylabel("peak memory one meta-step adds (MB)")
+    r0 = rows[0]
+    ax.set_title(f"second-order MAML, Conv4 miniImageNet 5w5s, meta-batch {TASKS}\n{r0['device']}, "
+                 f"{r0['commit']}, {r0['date']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 25, 100])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budget-mb", type=float, default=12000.0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--image", type=int, default=84)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="32x32 images, K = 1 2 4 (a smoke run)")
+    p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--grad-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, args.steps[0], args.image, device, args.grad_out)))
+        return 0
+    if args.quick:
+        args.image, args.steps = 32, [1, 2, 4]
+    rows: List[Dict[str, object]] = []
+    failed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in args.steps:
+            grads = {}
+            for method in args.methods:
+                row = dict(base_row(BENCH, device), method=method, steps=steps, image=args.image, tasks=TASKS,
+                           peak_mb=None, s_per_step=None, note="")
+                guess = _predicted(rows, method, steps)
+                if METHODS[method] is None and guess is not None and guess > args.budget_mb:
+                    row["note"] = f"skipped: ~{guess:.0f} MB predicted > --budget-mb {args.budget_mb:.0f}"
+                else:
+                    path = os.path.join(tmp, f"{len(rows)}.pt")
+                    try:
+                        row.update(_run_child(method, steps, args, path))
+                        grads[method] = torch.load(path)
+                    except RuntimeError as e:
+                        print(e, file=sys.stderr)
+                        row["note"] = "failed"
+                        if METHODS[method] is not None:
+                            failed.append(f"{method} K={steps}")
+                rows.append(row)
+                print(f"{method:22s} K={steps:<4d} {row['peak_mb']} MB  {row['s_per_step']} s  {row['note']}",
+                      flush=True)
+            ref = grads.get("learn2learn")
+            for row in rows[-len(args.methods):]:
+                l2l = next((r for r in rows if r["method"] == "learn2learn" and r["steps"] == steps), None)
+                if l2l and l2l["peak_mb"] and row["peak_mb"] is not None:
+                    row["vs_learn2learn"] = round(row["peak_mb"] / l2l["peak_mb"], 3)
+                if ref is not None and row["method"] in grads:
+                    err = float((grads[row["method"]] - ref).norm() / ref.norm())
+                    row["grad_rel_err_vs_learn2learn"] = err
+                    if err > GRAD_RTOL and METHODS[row["method"]] is not None:
+                        failed.append(f"{row['method']} K={steps}: meta-gradient off by {err:.2e}")
+            write_rows(f"{BENCH}_{args.device}", rows, out_dir=args.out)  # rows stream: rewritten after each K
+    print_table(rows, COLUMNS)
+    for line in targets(rows):
+        print(line)
+    if not args.quick:
+        png = os.path.join(args.out, f"{BENCH}_{args.device}.png")
+        plot(rows, png)
+        print(f"wrote {png}")
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The exact-reverse path: the meta-step as one autograd node whose backward is the hand-derived
+reverse of the inner loop (metafast.functional.meta_step.MetaStep: Hessian-vector products by
+R-operators) instead of autograd through the unrolled loop. Same gradients, far fewer autograd nodes;
+the result supports one backward (no third-order derivatives).
+
+It applies where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU, Tanh,
+Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL), there is no inner gradient
+clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and a meta-gradient is
+wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
+graph).
+
+Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
+weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
+chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
+asked for where this path does not run is a fallback (the next path keeps every step).
+"""
+import torch
+
+from ...functional.losses import CrossEntropy
+from ...functional.meta_step import MetaStep
+from .base import MetaStepPath, StepOutput, Support, Where
+
+
+def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
+    """Whether the exact reverse covers this model, loss and clipping (``requested``: exact_reverse)."""
+    if not requested:
+        return Support(False, "exact_reverse=False")
+    if engine.adapt_from != 0:
+        return Support(False, "only the head is adapted (anil=True): the reverse covers fully adapted models")
+    missing = sorted({type(layer.module).__name__ for layer in engine.layers if not hasattr(layer, "rforward")})
+    if missing:
+        return Support(False, f"no R-operator for {', '.join(missing)} (the layers with one: Linear, Conv2d, "
+                                "BatchNorm, MaxPool2d, ReLU, Tanh, Sigmoid, Flatten)")
+    if clip_grad_norm is not None:
+        return Support(False, "clip_grad_norm is set (the reverse has no clipped update)")
+    if not hasattr(loss_fn, "rgrad"):
+        return Support(False, "the loss is a custom function (no R-operator)")
+    return Support(True, "exact reverse (R-operator Hessian-vector products, one autograd node)")
+
+
+class ExactReversePath(MetaStepPath):
+    name = "exact_reverse"
+    title = "the exact reverse"
+
+    def __init__(self, setup):
+        super().__init__(setup)
+        self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
+
+    @property
+    def flag(self) -> str:
+        s = self.setup
+        return f"memory={s.memory!r}, task_chunk={s.task_chunk!r}"
+
+    def required(self):
+        """A memory mode asks for this path: not running it is a fallback (warned, counted, strict error)."""
+        return False if (self.setup.memory != "fast" or self.setup.task_chunk is not None) else None
+
+    def supports(self, where: Where) -> Support:
+        if not self._support.ok:
+            return self._support
+        if where.adapt:
+            return Support(False, "adapt() differentiates nothing", quiet=True)
+        if not where.grad:
+            return Support(False, "no meta-gradient is recorded (no_grad / inference mode)", quiet=True)
+        return self._support
+
+    def run(self, batch, steps, prepared) -> StepOutput:
+        s = self.setup
+        sx, sy, qx, qy = batch
+        watch = s.guard.watching(s.flat.buffer)
+        theta = s.flat.theta()
+        T = sx.shape[0]
+        n = T if s.task_chunk is None else min(s.task_chunk, T)
+        outs, flags = [], []
+        for lo in range(0, T, n):
+            c = slice(lo, lo + n)
+            report = [] if watch else None
+            plan = (s.engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low")
+            outs.append(MetaStep.apply(theta, s.lrs, sx[c], sy[c], qx[c], qy[c], plan))
+            if report:
+                flags.append(report[0])
+        task_losses, support_losses, out = outs[0] if len(outs) == 1 else (torch.cat(t) for t in zip(*outs))
+        s.guard.overflow = torch.cat(flags) if flags else None
+        s.guard.check(task_losses, "query loss", support_losses)
+        acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
+        return StepOutput(task_losses, acc, support_losses)
