@@ -36,7 +36,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5,
         w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
         fns = {"aten": lambda: bn.forward(x, w, b, 1e-5, backend="torch")}
         if kernel:
-            fns["metafast[cxx]"] = lambda: bn.forward(x, w, b, 1e-5, backend="cuda")
+            fns["metafast[cxx]"] = lambda: bn.forward(x, w, b, 1e-5, backend="cpp")
         sink.expect(2)
         map_op_check(sink, map_op_rows(BENCH, shape, x, fns, "aten", rounds), "aten")
     return sink.rows

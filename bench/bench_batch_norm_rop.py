@@ -51,7 +51,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5,
     for hw in ((14,) if quick else (14, 7, 4)):
         shape = (5, 2048, hw, hw)
         x, w, mean, invstd, m, rw, rb, sx, s = _case(shape, gen)
-        impls = {"reference": "torch"} | ({"metafast[cxx]": "cuda"} if kernel else {})
+        impls = {"reference": "torch"} | ({"metafast[cxx]": "cpp"} if kernel else {})
         fns = {"copy": lambda: m["rx"].clone()}
         for name, b in impls.items():
             fns[f"{name}|rforward"] = lambda b=b: bnr.rforward(x, w, mean, invstd, m["rx"], rw, rb, backend=b)

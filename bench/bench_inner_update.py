@@ -1,6 +1,6 @@
 """inner_update microbenchmark: the fused update of T tasks x P parameters against PyTorch eager, for
 the forward, the backward and both, with the bandwidth achieved against a device copy measured in
-the same run.
+the same run. inner_update_multi (one task's list of tensors): bench/bench_inner_update_multi.py.
 
 Implementations (every "speedup" is reference_ms / ms of the same phase and case):
   reference    inner_update_reference: the eager formula on the [T, P] tensors (the baseline)
@@ -8,8 +8,6 @@ Implementations (every "speedup" is reference_ms / ms of the same phase and case
   dispatch     inner_update() on CPU: the reference behind the public entry point (its overhead)
   loop         learn2learn style: one `p - lr * g` per parameter tensor per task (forward only)
   foreach      torch._foreach_add over the same tensors (forward only; no clipping)
-inner_update_multi (one task, a module's parameter list): cuda (one launch) vs torch (_foreach,
-or per-tensor ops when differentiated) vs loop.
 
 GB/s counts the bytes the forward must move (theta, grad, lr read; fast written; grad read twice with
 clipping); copy_gbps is dst.copy_(src) over T*P elements in the same run.
@@ -17,9 +15,10 @@ clipping); copy_gbps is dst.copy_(src) over T*P elements in the same run.
     python bench/bench_inner_update.py [--device cuda|cpu] [--out DIR] [--quick]
 """
 import argparse
+import contextlib
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -31,8 +30,7 @@ import time  # noqa: E402
 
 from bench.common import RESULTS_DIR, base_row, print_table, time_ms, write_rows  # noqa: E402
 from metafast import _backend  # noqa: E402
-from metafast.ops.inner_update import (inner_update, inner_update_multi,  # noqa: E402
-                                       inner_update_multi_reference, inner_update_reference)
+from metafast.ops.inner_update import inner_update, inner_update_reference  # noqa: E402
 
 BENCH = "inner_update"
 COLUMNS = ["op", "T", "P", "dtype", "lr", "clip", "phase", "impl", "ms", "speedup", "gbps", "frac_of_copy"]
@@ -80,7 +78,8 @@ def _split_sizes(P: int, n: int) -> List[int]:
     return sizes
 
 
-def _bytes_fwd(T: int, P: int, dtype: torch.dtype, broadcast: bool, lr_kind: str, clip: bool) -> int:
+def bytes_fwd(T: int, P: int, dtype: torch.dtype, broadcast: bool, lr_kind: str, clip: bool) -> int:
+    """Bytes the forward must move: theta, grad (twice with clipping) and lr read, fast written."""
     elems = (P if broadcast else T * P) + T * P * (3 if clip else 2) + (P if lr_kind == "vector" else 0)
     return elems * torch.empty((), dtype=dtype).element_size()
 
@@ -118,7 +117,8 @@ def _inner_update_fn(impl: str, max_norm):
     return lambda th, g, lr: inner_update(th, g, lr, max_norm, backend=impl)
 
 
-def _rows_for(common, phase, times, reference, gbps_of=None):
+def rows_for(common, phase, times, reference, gbps_of=None):
+    """One row per implementation: its ms and speedup against ``reference`` (and GB/s with gbps_of)."""
     rows = []
     for impl, ms in times.items():
         row = {**common, "phase": phase, "impl": impl, "ms": ms, "speedup": times[reference] / ms}
@@ -133,7 +133,7 @@ def _bench_case(device, T, P, dtype, lr_kind, clip, copy_gbps) -> List[Dict[str,
     max_norm = CLIP if clip else None
     common = {"op": "inner_update", "T": T, "P": P, "dtype": str(dtype).replace("torch.", ""), "lr": lr_kind,
               "clip": clip}
-    nbytes = _bytes_fwd(T, P, dtype, True, lr_kind, clip)
+    nbytes = bytes_fwd(T, P, dtype, True, lr_kind, clip)
     gbps_of = lambda ms: (nbytes / ms / 1e6, copy_gbps)  # noqa: E731
     impls = ["reference"] + _fused_impls(device)
 
@@ -152,7 +152,7 @@ def _bench_case(device, T, P, dtype, lr_kind, clip, copy_gbps) -> List[Dict[str,
             fns["loop"] = lambda: [p - lr * g for p, g in zip(ps, gs)]
             fns["foreach"] = lambda: torch._foreach_add(ps, gs, alpha=-lr)
     with torch.no_grad():
-        rows = _rows_for(common, "fwd", time_group(fns, device), "reference", gbps_of)
+        rows = rows_for(common, "fwd", time_group(fns, device), "reference", gbps_of)
 
     # backward alone (graph retained) and forward + backward
     theta, grad, lr = _make(T, P, dtype, device, lr_kind, True)
@@ -160,91 +160,42 @@ def _bench_case(device, T, P, dtype, lr_kind, clip, copy_gbps) -> List[Dict[str,
     go = torch.randn(T, P, dtype=dtype, device=device)
     outs = {impl: _inner_update_fn(impl, max_norm)(theta, grad, lr) for impl in impls}
     bwd = {impl: (lambda out=out: torch.autograd.grad(out, xs, go, retain_graph=True)) for impl, out in outs.items()}
-    rows += _rows_for(common, "bwd", time_group(bwd, device), "reference")
+    rows += rows_for(common, "bwd", time_group(bwd, device), "reference")
     del outs, bwd
     full = {impl: (lambda fn=_inner_update_fn(impl, max_norm): torch.autograd.grad(fn(theta, grad, lr), xs, go))
             for impl in impls}
-    rows += _rows_for(common, "full", time_group(full, device), "reference")
+    rows += rows_for(common, "full", time_group(full, device), "reference")
     return rows
 
 
-def _module_shapes(total: int) -> List[tuple]:
-    """A Conv4-like parameter list (conv weight/bias + BN weight/bias per block, linear head), with
-    the conv widths chosen so the total is about `total`."""
-    width = 64
-    while True:
-        shapes = []
-        cin = 1
-        for _ in range(4):
-            shapes += [(width, cin, 3, 3), (width,), (width,), (width,)]
-            cin = width
-        shapes += [(5, width), (5,)]
-        n = sum(torch.Size(s).numel() for s in shapes)
-        if n >= total or width >= 4096:
-            return shapes
-        width *= 2
-
-
-def _bench_multi(device, total, dtype, clip, copy_gbps_fn) -> List[Dict[str, object]]:
-    max_norm = CLIP if clip else None
-    shapes = _module_shapes(total)
-    P = sum(torch.Size(s).numel() for s in shapes)
-    common = {"op": "inner_update_multi", "T": 1, "P": P, "dtype": str(dtype).replace("torch.", ""),
-              "lr": "float", "clip": clip}
-    copy_gbps = copy_gbps_fn(P)
-    nbytes = _bytes_fwd(1, P, dtype, True, "float", clip)
-    gbps_of = lambda ms: (nbytes / ms / 1e6, copy_gbps)  # noqa: E731
-    params = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
-    grads = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
-    impls = ["torch"] + (["cuda"] if device.type == "cuda" and _usable_multi_cuda(device) else [])
-
-    fns = {impl: (lambda impl=impl: inner_update_multi(params, grads, 0.01, max_norm, backend=impl)) for impl in impls}
-    if not clip:
-        fns["loop"] = lambda: [p - 0.01 * g for p, g in zip(params, grads)]
-    with torch.no_grad():
-        rows = _rows_for(common, "fwd", time_group(fns, device), "torch", gbps_of)
-
-    for x in params + grads:
-        x.requires_grad_()
-    gos = [torch.randn_like(p) for p in params]
-    xs = params + grads
-    makers = {impl: ((lambda: inner_update_multi_reference(params, grads, 0.01, max_norm)) if impl == "torch" else
-                     (lambda impl=impl: inner_update_multi(params, grads, 0.01, max_norm, backend=impl)))
-              for impl in impls}
-    outs = {impl: make() for impl, make in makers.items()}
-    bwd = {impl: (lambda o=o: torch.autograd.grad(o, xs, gos, retain_graph=True)) for impl, o in outs.items()}
-    rows += _rows_for(common, "bwd", time_group(bwd, device), "torch")
-    del outs, bwd
-    full = {impl: (lambda make=make: torch.autograd.grad(make(), xs, gos)) for impl, make in makers.items()}
-    rows += _rows_for(common, "full", time_group(full, device), "torch")
-    return rows
-
-
-def _usable_multi_cuda(device) -> bool:
-    try:
-        return _backend.resolve("inner_update_multi", device, "cuda") == "cuda"
-    except Exception as e:  # noqa: BLE001
-        print(f"note: inner_update_multi backend cuda not timed: {e}")
-        return False
-
-
-def _copy_gbps(device, n: int, dtype) -> float:
+def copy_gbps(device, n: int, dtype) -> float:
+    """GB/s of dst.copy_(src) over n elements (the bandwidth a kernel's GB/s is a fraction of)."""
     src = torch.randn(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     ms = time_group({"copy": lambda: dst.copy_(src)}, device)["copy"]
     return 2 * n * src.element_size() / ms / 1e6
 
 
-def run(device: Union[str, torch.device] = "cpu", quick: bool = False,
-        threads: Optional[int] = 2) -> List[Dict[str, object]]:
-    """Time every case on ``device`` and return the rows (``threads`` applies on CPU)."""
+@contextlib.contextmanager
+def bench_device(device: Union[str, torch.device], threads: Optional[int]) -> Iterator[torch.device]:
+    """``device`` as a torch.device, checked to exist, with torch's CPU threads set to ``threads`` for a
+    CPU run (restored afterwards)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-    old_threads = torch.get_num_threads()
+    old = torch.get_num_threads()
     if device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
     try:
+        yield device
+    finally:
+        torch.set_num_threads(old)
+
+
+def run(device: Union[str, torch.device] = "cpu", quick: bool = False,
+        threads: Optional[int] = 2) -> List[Dict[str, object]]:
+    """Time every case on ``device`` and return the rows (``threads`` applies on CPU)."""
+    with bench_device(device, threads) as device:
         sizes = QUICK_SIZES if quick else (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
         dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and not quick else [])
         rows = []
@@ -252,23 +203,18 @@ def run(device: Union[str, torch.device] = "cpu", quick: bool = False,
             for dtype in dtypes:
                 if dtype != torch.float32 and T * P < (1 << 22):
                     continue  # half precision only where bandwidth matters
-                copy = _copy_gbps(device, T * P, dtype)
+                copy = copy_gbps(device, T * P, dtype)
                 for lr_kind in ("float", "vector"):
                     for clip in (False, True):
                         rows += _bench_case(device, T, P, dtype, lr_kind, clip, copy)
-        totals = [1 << 14] if quick else ([112_005, 1 << 24] if device.type == "cuda" else [112_005])
-        for total in totals:
-            for clip in (False, True):
-                rows += _bench_multi(device, total, torch.float32, clip,
-                                     lambda n: _copy_gbps(device, n, torch.float32))
         base = base_row(BENCH, device)
         return [{**base, **r} for r in rows]
-    finally:
-        torch.set_num_threads(old_threads)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main_for(bench: str, doc: str, run_fn: Callable[..., List[Dict[str, object]]],
+             argv: Optional[Sequence[str]] = None) -> int:
+    """The command line of the inner_update benchmarks: time ``run_fn``, print and write its rows."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=RESULTS_DIR, help="directory for the JSON rows")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
@@ -278,11 +224,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--threads: expected >= 1, got {args.threads}")
     if hasattr(os, "getloadavg"):
         print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
-    rows = run(args.device, quick=args.quick, threads=args.threads)
+    rows = run_fn(args.device, quick=args.quick, threads=args.threads)
     print_table(rows, COLUMNS)
-    name = f"{BENCH}_{args.device}" + ("_quick" if args.quick else "")
+    name = f"{bench}_{args.device}" + ("_quick" if args.quick else "")
     print(f"\nrows written to {write_rows(name, rows, args.out)}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return main_for(BENCH, __doc__, run, argv)
 
 
 if __name__ == "__main__":

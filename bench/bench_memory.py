@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.baselines import Learn2Learn, TorchFunc  # noqa: E402
-from bench.common import RESULTS_DIR, base_row, print_table, write_rows  # noqa: E402
+from bench.common import RESULTS_DIR, RowSink, base_row, finish, print_table  # noqa: E402
 
 BENCH = "memory"
 WAYS, SHOTS, QUERIES, TASKS, LR = 5, 5, 15, 2, 0.01
@@ -205,7 +205,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.image, args.steps = 32, [1, 2, 4]
     rows: List[Dict[str, object]] = []
-    failed = []
+    sink = RowSink(f"{BENCH}_{args.device}", out_dir=args.out)
+    sink.expect(len(args.steps) * len(args.methods))
     with tempfile.TemporaryDirectory() as tmp:
         for steps in args.steps:
             grads = {}
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
                         print(e, file=sys.stderr)
                         row["note"] = "failed"
                         if METHODS[method] is not None:
-                            failed.append(f"{method} K={steps}")
+                            sink.fail(f"{method} K={steps} did not run")
                 rows.append(row)
                 print(f"{method:22s} K={steps:<4d} {row['peak_mb']} MB  {row['s_per_step']} s  {row['note']}",
                       flush=True)
@@ -237,8 +238,8 @@ def main(argv=None) -> int:
                     err = float((grads[row["method"]] - ref).norm() / ref.norm())
                     row["grad_rel_err_vs_learn2learn"] = err
                     if err > GRAD_RTOL and METHODS[row["method"]] is not None:
-                        failed.append(f"{row['method']} K={steps}: meta-gradient off by {err:.2e}")
-            write_rows(f"{BENCH}_{args.device}", rows, out_dir=args.out)  # rows stream: rewritten after each K
+                        sink.fail(f"{row['method']} K={steps}: meta-gradient off by {err:.2e} from learn2learn's")
+                sink.add(row)  # each K's rows once their comparisons are known
     print_table(rows, COLUMNS)
     for line in targets(rows):
         print(line)
@@ -246,10 +247,7 @@ def main(argv=None) -> int:
         png = os.path.join(args.out, f"{BENCH}_{args.device}.png")
         plot(rows, png)
         print(f"wrote {png}")
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return finish(sink)
 
 
 if __name__ == "__main__":

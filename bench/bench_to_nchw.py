@@ -34,7 +34,7 @@ def run(device="cpu", quick: bool = False, rounds: int = 5,
         x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
         fns = {"torch": lambda: x.contiguous()}
         if kernel:
-            fns["metafast[cxx]"] = lambda: to_nchw(x, backend="cuda")
+            fns["metafast[cxx]"] = lambda: to_nchw(x, backend="cpp")
         sink.expect(2)
         map_op_check(sink, map_op_rows(BENCH, shape, x.contiguous(), fns, "torch", rounds), "torch")
     return sink.rows

@@ -76,16 +76,17 @@ def cpu_kernel_start(device, op: str, only: str, fallback: str) -> Optional[bool
     """Start of a microbenchmark of an op that has C++ CPU kernels only: None (after saying so) when
     ``device`` is not the CPU; else keeps freed memory (multi-MB outputs: fresh mappings' page faults
     would otherwise dominate) and returns whether the extension's kernel runs the op, as the op
-    itself decides (``_backend.use_cpu_kernel``). ``only`` / ``fallback`` complete the messages."""
+    itself decides (the cpp backend). ``only`` / ``fallback`` complete the messages."""
     from metafast import _backend
 
     if torch.device(device).type != "cpu":
         print(f"   {op} has {only}: nothing to time on {device}")
         return None
     keep_freed_memory()
-    kernel = _backend.use_cpu_kernel(op)
+    backend, why = _backend.explain(op, "cpu")
+    kernel = backend == "cpp"
     if not kernel:
-        print(f"metafast._C has no {op} kernel here ({_backend.available()['cuda'][1]}): {fallback} only")
+        print(f"metafast._C's {op} kernel does not run here ({why}): {fallback} only")
     return kernel
 
 

@@ -24,8 +24,9 @@ def _bench(benchmark, group: str, fn, expected=None, check=None):
 
 
 def _cxx_or_skip(op: str):
-    if not _backend.use_cpu_kernel(op):
-        pytest.skip(f"metafast._C has no {op} CPU kernel here ({_backend.available()['cuda'][1]})")
+    backend, why = _backend.explain(op, "cpu")
+    if backend != "cpp":
+        pytest.skip(f"metafast._C's {op} CPU kernel does not run here ({why})")
 
 
 # ---------------------------------------------------------------------------- inner_update
@@ -67,7 +68,7 @@ def test_batch_norm(benchmark, impl):
     shape = (5, 2048, 14, 14)  # bench_batch_norm's quick case: Conv4's task-grouped map
     x = torch.randn(shape) * 2 + 0.5
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-    backend = "torch" if impl == "aten" else "cuda"
+    backend = "torch" if impl == "aten" else "cpp"
     _bench(benchmark, f"batch_norm {shape}", lambda: bn.forward(x, w, b, 1e-5, backend=backend),
            bn.forward(x, w, b, 1e-5, backend="torch"),
            check=lambda a, e: [torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4) for u, v in zip(a, e)])
@@ -78,6 +79,6 @@ def test_to_nchw(benchmark, impl):
     if impl == "cxx":
         _cxx_or_skip("to_nchw")
     x = torch.randn(5, 2048, 14, 14).contiguous(memory_format=torch.channels_last)  # bench_to_nchw's quick case
-    fn = (lambda: x.contiguous()) if impl == "torch" else (lambda: to_nchw(x, backend="cuda"))
+    fn = (lambda: x.contiguous()) if impl == "torch" else (lambda: to_nchw(x, backend="cpp"))
     _bench(benchmark, "to_nchw (5, 2048, 14, 14)", fn, x.contiguous(), check=lambda a, e: torch.testing.assert_close(
         a, e, rtol=0, atol=0))

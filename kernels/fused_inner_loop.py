@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtypes
+
 LOSS_MSE = 0
 LOSS_CE = 1
 N_ACT = 6     # activation buffers per task: H, Z, DZ, RZ, RH, RDZ
@@ -429,7 +431,7 @@ def _config(dims: List[int], dtype: torch.dtype, device: torch.device, interpret
     else:
         block = 32 if use_dot else 16
     dlp = max(16, triton.next_power_of_2(dims[-1]))
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    acc = acc_dtypes(dtype)[1]
     return L, d, use_dot, block, dlp, acc
 
 

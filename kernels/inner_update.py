@@ -13,11 +13,13 @@ Accumulation is float32 (float64 for float64 inputs). Program ids are int64. Pyt
 kernel as float32, so lr and max_norm travel as (hi, lo) float32 pairs whose sum keeps ~48 bits.
 All launchers run under TRITON_INTERPRET=1 on CPU tensors as well.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import acc_dtypes, split_f64
 
 CLIP_EPS: tl.constexpr = tl.constexpr(1e-6)  # jit code may only read constexpr globals
 BLOCK = 1024         # elements per program along P
@@ -222,24 +224,10 @@ def _inner_update_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------- launchers
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _split(value: float) -> Tuple[float, float]:
-    """(hi, lo) float32 values with hi + lo == value to ~48 bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
-
-
 def _lr_args(lr: Optional[torch.Tensor], lr_scalar: float):
     """(lr pointer argument, LR_MODE, hi, lo)."""
     if lr is None:
-        hi, lo = _split(lr_scalar)
+        hi, lo = split_f64(lr_scalar)
         return None, LR_VALUE, hi, lo
     return lr, (LR_SCALAR_PTR if lr.dim() == 0 else LR_PER_ELEM), 0.0, 0.0
 
@@ -261,7 +249,7 @@ def _task_slices(T: int):
 
 def _row_partials(grad, gout, lr_arg, lr_mode, lr_hi, lr_lo, nparts, acc):
     T, P = grad.shape
-    sumsq = torch.empty((T, nparts), dtype=_acc_torch(grad.dtype), device=grad.device)
+    sumsq = torch.empty((T, nparts), dtype=acc_dtypes(grad.dtype)[0], device=grad.device)
     dot = torch.empty_like(sumsq) if gout is not None else sumsq
     for t0, t1 in _task_slices(T):
         g = grad[t0:t1]
@@ -283,12 +271,12 @@ def inner_update_fwd(theta: torch.Tensor, grad: torch.Tensor, lr: Optional[torch
     out = torch.empty((T, P), dtype=grad.dtype, device=grad.device)
     if out.numel() == 0:
         return out
-    acc = _acc(grad.dtype)
+    acc = acc_dtypes(grad.dtype)[1]
     lr_arg, lr_mode, lr_hi, lr_lo = _lr_args(lr, lr_scalar)
     clip = max_norm is not None
     nparts = _nparts(T, P) if clip else 1
     sumsq = _row_partials(grad, None, lr_arg, lr_mode, lr_hi, lr_lo, nparts, acc)[0] if clip else grad
-    mn_hi, mn_lo = _split(max_norm) if clip else (1.0, 0.0)
+    mn_hi, mn_lo = split_f64(max_norm) if clip else (1.0, 0.0)
     stride_th = 0 if theta.dim() == 1 else theta.stride(0)
     for t0, t1 in _task_slices(T):
         th = theta if theta.dim() == 1 else theta[t0:t1]
@@ -316,22 +304,22 @@ def inner_update_bwd(grad_out: torch.Tensor, grad: torch.Tensor, lr: Optional[to
         if need_theta:
             d_theta.zero_()
         return d_grad, d_theta, (torch.zeros_like(lr) if need_lr else d_lr)
-    acc = _acc(grad.dtype)
+    acc_torch, acc = acc_dtypes(grad.dtype)
     lr_arg, lr_mode, lr_hi, lr_lo = _lr_args(lr, lr_scalar)
     clip = max_norm is not None and (need_grad or need_lr)
     if clip:
         nparts = _nparts(T, P)
         sumsq, dot = _row_partials(grad, grad_out, lr_arg, lr_mode, lr_hi, lr_lo, nparts, acc)
-        scale = torch.empty((T,), dtype=_acc_torch(grad.dtype), device=grad.device)
+        scale = torch.empty((T,), dtype=acc_torch, device=grad.device)
         kk = torch.empty_like(scale)
-        mn_hi, mn_lo = _split(max_norm)
+        mn_hi, mn_lo = split_f64(max_norm)
         block_t = 16
         _clip_coeffs_kernel[(triton.cdiv(T, block_t),)](
             sumsq, dot, scale, kk, T, mn_hi, mn_lo,
             NPARTS=nparts, NPARTS_POW2=triton.next_power_of_2(nparts), BLOCK_T=block_t, ACC=acc)
     else:
         scale = kk = grad
-    d_lr_cols = torch.empty((P,), dtype=_acc_torch(grad.dtype), device=grad.device) if need_lr else grad
+    d_lr_cols = torch.empty((P,), dtype=acc_torch, device=grad.device) if need_lr else grad
     _inner_update_bwd_kernel[(triton.cdiv(P, BLOCK),)](
         grad_out, grad, lr_arg if lr_arg is not None else grad, scale, kk,
         d_grad if need_grad else grad, d_theta if need_theta else grad, d_lr_cols,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._online_softmax import NEG_BIG, acc_dtypes, online_softmax_update, row_tiles, split_f64
+from ._common import NEG_BIG, acc_dtypes, online_softmax_update, row_tiles, split_f64
 
 # Largest class chunk one program holds in registers (two logit tiles plus fp64 cost registers).
 MAX_BLOCK_C = 2048

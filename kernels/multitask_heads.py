@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._online_softmax import acc_dtypes
+from ._common import acc_dtypes
 
 # Widest head (classes) whose logits tile stays in registers.
 MAX_BLOCK_O = 1024

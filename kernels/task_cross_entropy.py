@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._online_softmax import NEG_BIG, acc_dtypes, online_softmax_update, row_tiles, split_f64
+from ._common import NEG_BIG, acc_dtypes, online_softmax_update, row_tiles, split_f64
 
 # Largest class chunk one program holds in registers (fp64 tiles cost twice the registers).
 MAX_BLOCK_C = 4096

@@ -1,68 +1,135 @@
-"""Which compute backend runs an op: the CUDA extension, Triton, or plain PyTorch.
+"""The backend registry: which implementation of an op runs on a device, and why.
 
-Backends
-- ``"cuda"``: ``metafast._C`` imports and a CUDA device is visible.
-- ``"triton"``: triton imports and a CUDA device is visible, or ``TRITON_INTERPRET=1`` (Triton's CPU
-  interpreter, used by the tests: it runs the kernels on CPU tensors).
-- ``"torch"``: always (the pure-PyTorch reference of each op).
+Backends (names say what runs)
+- ``"cuda"``: metafast._C's CUDA kernels, for CUDA tensors.
+- ``"cpp"``: metafast._C's C++ CPU kernels, for CPU tensors.
+- ``"triton"``: the Triton kernels of kernels/, for CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, which the tests use).
+- ``"torch"``: the op's pure-PyTorch reference; every op has it.
 
-Choice: ``METAFAST_BACKEND=auto|cuda|triton|torch`` (default ``auto``). ``auto`` picks, for CUDA
-tensors, the CUDA extension, else Triton, else torch; CPU tensors get torch, or the extension for
-ops registered with ``ext_on_cpu`` (their C++ op has a CPU kernel) when it is built with them. When ``auto``
-has to skip a backend on a CUDA device, one warning says why (once per process). A backend named
-explicitly (environment or an op's ``backend=`` argument) that cannot run raises instead.
+:data:`OPS` is the one list of ops and the backends each implements. The op modules register their
+kernels under (op, backend) with :func:`register`; :func:`dispatch` picks the implementation that runs
+an op on a device, :func:`explain` says why, and :func:`describe` reports it all for ``metafast info``.
 
-Probing is lazy (first :func:`resolve`/:func:`available`), so importing metafast never imports
-triton or the extension, and never fails because either is missing.
+Choice: the op's ``backend=`` argument, else ``METAFAST_BACKEND=auto|cuda|cpp|triton|torch``
+(default ``auto``).
+- ``auto``: CUDA tensors get cuda, else triton, else torch; CPU tensors get cpp where the op has it,
+  else torch. Skipping a backend the op has (metafast._C or triton missing, an extension built
+  without the op) is a fallback: reported through :func:`metafast.fallback.fallback` (a
+  ``FallbackWarning``, counted, an error under ``METAFAST_STRICT=1``).
+- A backend named by the ``backend=`` argument must run the op, or :class:`BackendUnavailableError`
+  says why. METAFAST_BACKEND applies the same to the ops that implement the backend it names; the
+  others run their PyTorch reference (``METAFAST_BACKEND=triton`` thus tests the Triton kernels while
+  batch norm, which has none, stays on PyTorch).
+- Before the cpp backend had its own name, ``cuda`` also meant metafast._C's CPU kernels; asking for
+  ``cuda`` on CPU tensors now raises an error that names ``cpp``.
 
-Ops register with :func:`register_op` to declare which backends they implement and, for ``"cuda"``,
-which ``torch.ops.metafast`` symbol must exist (an extension built without that op then counts as
-missing for it). Unregistered ops are assumed to implement all three.
+Probing is lazy (first :func:`resolve`), so importing metafast never imports triton or the extension
+and never fails because either is missing; ``METAFAST_REQUIRE_EXT=1`` makes a missing or unloadable
+metafast._C an error when metafast is imported (for CI and installs that must have it).
 """
+import importlib
 import os
 import threading
-import warnings
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import _ext_info
+from .fallback import counts as fallback_counts
+from .fallback import fallback, strict
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "cpp", "triton", "torch")
 CHOICES = ("auto",) + BACKENDS
 ENV = "METAFAST_BACKEND"
+REQUIRE_EXT_ENV = "METAFAST_REQUIRE_EXT"
 
-_lock = threading.Lock()
-_probes: Dict[str, Tuple[bool, str]] = {}   # "cuda_ext", "triton", "cuda_device" -> (ok, reason)
-_warned: set = set()
-_memo: Dict[tuple, str] = {}                # (op, device type, choice, TRITON_INTERPRET) -> resolved backend
-_ops: Dict[str, Dict[str, object]] = {}     # op -> {"backends": tuple, "cuda_symbol": str | None}
+# op -> {backend: the torch.ops.metafast symbol the backend needs in metafast._C (None: no symbol)}.
+# The one list of ops: dispatch and describe() read it; the op modules (metafast/ops/) register the kernels.
+OPS: Dict[str, Dict[str, Optional[str]]] = {
+    "inner_update": {"cuda": "inner_update_cuda", "triton": None, "torch": None},
+    "inner_update_multi": {"cuda": "inner_update_multi_cuda", "torch": None},
+    "fused_inner_loop": {"cuda": "fused_inner_loop_cxx", "cpp": "fused_inner_loop_cxx", "triton": None, "torch": None},
+    "task_cross_entropy": {"cuda": "task_cross_entropy_fwd_cuda", "triton": None, "torch": None},
+    "kd_loss": {"cuda": "kd_loss_fwd_cuda", "triton": None, "torch": None},
+    "multitask_heads_cross_entropy": {"cuda": "multitask_heads_ce_fwd_cuda", "triton": None, "torch": None},
+    "batch_norm": {"cpp": "batch_norm_forward_cxx", "torch": None},
+    "batch_norm_rop": {"cpp": "batch_norm_rforward_cxx", "torch": None},
+    "to_nchw": {"cpp": "to_nchw_cxx", "torch": None},
+}
 
-DeviceLike = Union[torch.device, str, None]
+# auto's order of preference by device type (torch closes every list)
+_AUTO = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+
+DeviceLike = Union[torch.Tensor, torch.device, str, None]  # a tensor stands for its device
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for explicitly but cannot run the op here."""
 
 
-def register_op(name: str, backends: Iterable[str] = BACKENDS, cuda_symbol: Optional[str] = None,
-                ext_on_cpu: bool = False) -> None:
-    """Declare the backends ``name`` implements; ``cuda_symbol`` is the ``torch.ops.metafast`` op
-    the CUDA backend calls (checked to exist once the extension is loaded). ``ext_on_cpu``: the
-    extension's op also runs CPU tensors, so "cuda" serves them (and ``auto`` prefers it on CPU)."""
-    backends = tuple(backends)
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad or "torch" not in backends:
-        raise ValueError(f"register_op({name!r}): backends must be a subset of {BACKENDS} including 'torch', "
-                         f"got {backends}")
-    _ops[name] = {"backends": backends, "cuda_symbol": cuda_symbol, "ext_on_cpu": bool(ext_on_cpu)}
-    _memo.clear()
+# ------------------------------------------------------------------------------ implementations
+class Implementation:
+    """An op's kernels on one backend, as attributes (``impl.forward(...)``). A kernel given as
+    ``"module:name"`` is imported on first use: triton and the extension load only when needed."""
+
+    def __init__(self, op: str, backend: str, kernels: Dict[str, Union[Callable, str]]):
+        self.op, self.backend = op, backend
+        self._lazy = {}
+        for name, kernel in kernels.items():
+            if isinstance(kernel, str):
+                self._lazy[name] = kernel
+            elif callable(kernel):
+                setattr(self, name, kernel)
+            else:
+                raise TypeError(f"register({op!r}, {backend!r}): kernel {name} must be a callable or a "
+                                f"'module:name' string, got {type(kernel).__name__}")
+
+    def __getattr__(self, name: str):  # only for names not set yet: the lazy kernels
+        target = self.__dict__.get("_lazy", {}).get(name)
+        if target is None:
+            raise AttributeError(f"{self.op} has no kernel {name!r} on the {self.backend} backend")
+        module, _, attr = target.partition(":")
+        kernel = getattr(importlib.import_module(module), attr)
+        setattr(self, name, kernel)
+        return kernel
+
+    def __repr__(self) -> str:
+        return f"Implementation({self.op!r}, {self.backend!r})"
 
 
-# ----------------------------------------------------------------------------------- probes
-def _probe_cuda_ext() -> Tuple[bool, str]:
+_impls: Dict[Tuple[str, str], Implementation] = {}
+
+
+def register(op: str, backend: str, **kernels: Union[Callable, str]) -> Implementation:
+    """Register ``op``'s kernels on ``backend`` (a pair :data:`OPS` lists); returns the implementation."""
+    if op not in OPS:
+        raise KeyError(f"register: unknown op {op!r}; the ops are listed in metafast._backend.OPS")
+    if backend not in OPS[op]:
+        raise ValueError(f"register: OPS lists no {backend} backend for {op} (it lists {', '.join(OPS[op])})")
+    impl = _impls[(op, backend)] = Implementation(op, backend, kernels)
+    return impl
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    """The registered implementation of ``op`` on ``backend`` (no availability check: see :func:`dispatch`)."""
+    impl = _impls.get((op, backend))
+    if impl is None:
+        raise LookupError(f"no {backend} implementation of {op} is registered (its module in metafast.ops "
+                          "registers it when imported)")
+    return impl
+
+
+def dispatch(op: str, device: DeviceLike = None, backend: Optional[str] = None) -> Implementation:
+    """The implementation that runs ``op`` on ``device`` tensors (see the module docstring; ``backend``
+    is the op's ``backend=`` argument). Its ``.backend`` names the choice."""
+    return implementation(op, resolve(op, device, backend))
+
+
+# ------------------------------------------------------------------------------------- probes
+def _probe_extension() -> Tuple[bool, str]:
     try:
-        import metafast._C  # noqa: F401  (loading it registers the torch.ops.metafast CUDA ops)
+        importlib.import_module("metafast._C")  # loading it registers the torch.ops.metafast ops
     except Exception as e:  # noqa: BLE001 - any failure means "not usable", with the reason kept
         return False, f"metafast._C failed to import ({type(e).__name__}: {e})"
     return True, "metafast._C loaded"
@@ -70,7 +137,7 @@ def _probe_cuda_ext() -> Tuple[bool, str]:
 
 def _probe_triton() -> Tuple[bool, str]:
     try:
-        import triton
+        triton = importlib.import_module("triton")
     except Exception as e:  # noqa: BLE001
         return False, f"triton failed to import ({type(e).__name__}: {e})"
     return True, f"triton {getattr(triton, '__version__', '?')}"
@@ -87,7 +154,9 @@ def _probe_cuda_device() -> Tuple[bool, str]:
         return False, f"CUDA initialisation failed ({type(e).__name__}: {e})"
 
 
-_PROBES = {"cuda_ext": "_probe_cuda_ext", "triton": "_probe_triton", "cuda_device": "_probe_cuda_device"}
+_PROBES = {"extension": "_probe_extension", "triton": "_probe_triton", "cuda_device": "_probe_cuda_device"}
+_lock = threading.Lock()
+_probes: Dict[str, Tuple[bool, str]] = {}
 
 
 def _probe(key: str) -> Tuple[bool, str]:
@@ -101,22 +170,45 @@ def _probe(key: str) -> Tuple[bool, str]:
     return hit
 
 
-def reset() -> None:
-    """Forget probe results and issued warnings (tests; after installing triton or the extension)."""
-    with _lock:
-        _probes.clear()
-        _warned.clear()
-        _memo.clear()
+def _ext_has(symbol: str) -> bool:
+    """Does the loaded extension register metafast::<symbol>?"""
+    return hasattr(torch.ops.metafast, symbol)
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def reset() -> None:
+    """Forget probe results and choices (tests; after installing triton or the extension)."""
+    with _lock:
+        _probes.clear()
+        _memo.clear()
+
+
+def extension() -> Tuple[bool, str]:
+    """(metafast._C is loaded, why / why not); loads it on first call."""
+    return _probe("extension")
+
+
+def require_extension() -> None:
+    """Raise ImportError unless metafast._C loads (``METAFAST_REQUIRE_EXT=1`` calls this on import)."""
+    ok, why = _probe("extension")
+    if not ok:
+        raise ImportError(f"{REQUIRE_EXT_ENV}=1 requires the C++/CUDA extension, but {why}. Build it "
+                          "(pip install . or python setup.py build_ext --inplace) or unset "
+                          f"{REQUIRE_EXT_ENV}.")
+
+
+def _flag(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# -------------------------------------------------------------------------------- availability
 def available() -> Dict[str, Tuple[bool, str]]:
-    """name -> (usable on this machine, why / why not)."""
+    """backend -> (usable on this machine for some device, why / why not)."""
+    ext_ok, ext_why = _probe("extension")
     dev_ok, dev_why = _probe("cuda_device")
-    ext_ok, ext_why = _probe("cuda_ext")
     tri_ok, tri_why = _probe("triton")
     out = {}
     if not ext_ok:
@@ -125,6 +217,7 @@ def available() -> Dict[str, Tuple[bool, str]]:
         out["cuda"] = (False, f"metafast._C is built but {dev_why}")
     else:
         out["cuda"] = (True, ext_why)
+    out["cpp"] = (ext_ok, ext_why)
     if not tri_ok:
         out["triton"] = (False, tri_why)
     elif dev_ok:
@@ -137,158 +230,153 @@ def available() -> Dict[str, Tuple[bool, str]]:
     return out
 
 
-def _cuda_has(symbol: str) -> bool:
-    """Does the loaded extension register metafast::<symbol>?"""
-    return hasattr(torch.ops.metafast, symbol)
-
-
-def _usable(backend: str, op_name: str, device: torch.device) -> Tuple[bool, str]:
-    """Can ``backend`` run ``op_name`` on tensors of ``device``?"""
-    info = _ops.get(op_name)
-    if info is not None and backend not in info["backends"]:
-        return False, f"{op_name} has no {backend} implementation (it has {', '.join(info['backends'])})"
+def _usable(backend: str, op: str, dev: str) -> Tuple[bool, str]:
+    """Can ``backend`` run ``op`` on tensors of device type ``dev``? (ok, why)."""
+    symbols = OPS[op]
+    if backend not in symbols:
+        return False, f"{op} has no {backend} implementation (it has {', '.join(symbols)})"
     if backend == "torch":
-        return True, "pure PyTorch"
-    if backend == "cuda":
-        if device.type != "cuda":
-            if info is None or not info.get("ext_on_cpu"):
-                return False, f"the CUDA extension needs CUDA tensors, got {device}"
-            ok, why = _probe("cuda_ext")  # the op's CPU kernel needs no device
-        else:
-            ok, why = available()["cuda"]
+        return True, "the PyTorch reference"
+    if backend == "triton":
+        ok, why = _probe("triton")
         if not ok:
             return False, why
-        symbol = info["cuda_symbol"] if info is not None else None
-        if symbol is not None and not _cuda_has(symbol):
-            return False, f"metafast._C was built without metafast::{symbol}"
-        return True, why
-    # triton
-    ok, why = _probe("triton")
+        if dev == "cuda":
+            dev_ok, dev_why = _probe("cuda_device")
+            return (True, f"Triton kernel ({why})") if dev_ok else (False, dev_why)
+        if dev == "cpu" and _interpret():
+            return True, f"Triton kernel, interpreted on CPU ({why}, TRITON_INTERPRET=1)"
+        return False, f"Triton needs CUDA tensors (got {dev}) unless TRITON_INTERPRET=1"
+    # the extension's backends
+    if backend == "cuda" and dev != "cuda":
+        hint = "; metafast._C's C++ CPU kernels are the cpp backend" if "cpp" in symbols else ""
+        return False, f"the cuda backend (metafast._C's CUDA kernels) needs CUDA tensors, got {dev}{hint}"
+    if backend == "cpp" and dev != "cpu":
+        return False, f"the cpp backend (metafast._C's C++ CPU kernels) needs CPU tensors, got {dev}"
+    ok, why = _probe("extension")
     if not ok:
         return False, why
-    if device.type == "cuda":
+    if backend == "cuda":
         dev_ok, dev_why = _probe("cuda_device")
-        return (True, why) if dev_ok else (False, dev_why)
-    if _interpret():
-        return True, f"{why} (TRITON_INTERPRET=1)"
-    return False, f"Triton needs CUDA tensors (got {device}) unless TRITON_INTERPRET=1"
+        if not dev_ok:
+            return False, f"metafast._C is built but {dev_why}"
+    symbol = symbols[backend]
+    if symbol is not None and not _ext_has(symbol):
+        return False, f"metafast._C was built without metafast::{symbol}"
+    return True, f"metafast._C's {'CUDA' if backend == 'cuda' else 'C++ CPU'} kernel"
 
 
-# os.environ.get costs ~1.3 us when the variable is unset (a KeyError is raised and caught inside);
-# the CPU hot path reads METAFAST_BACKEND on every call, so read CPython's backing dict directly.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEY = os.environ.encodekey(ENV)  # type: ignore[attr-defined]
-    _ENV_DECODE = os.environ.decodevalue  # type: ignore[attr-defined]
-except AttributeError:
-    _ENVIRON_DATA = None
-
-
-def env_value() -> Optional[str]:
-    """The raw METAFAST_BACKEND value, or None when unset (as os.environ.get, only faster)."""
-    if isinstance(_ENVIRON_DATA, dict):
-        raw = _ENVIRON_DATA.get(_ENV_KEY)
-        return None if raw is None else _ENV_DECODE(raw)
-    return os.environ.get(ENV)
-
-
+# ------------------------------------------------------------------------------------- choice
 def requested() -> str:
     """The validated METAFAST_BACKEND value ("auto" when unset)."""
-    raw = env_value() or ""
-    value = raw.strip().lower() or "auto"
+    return _parse(os.environ.get(ENV), ENV)
+
+
+def _parse(raw: Optional[str], name: str) -> str:
+    value = (raw or "").strip().lower() or "auto"
     if value not in CHOICES:
-        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}; got {raw!r}")
+        also = " or None" if name == "backend" else ""
+        raise ValueError(f"{name} must be one of {', '.join(CHOICES)}{also}; got {raw!r}")
     return value
 
 
-def resolve(op_name: str, device: DeviceLike = None, backend: Optional[str] = None) -> str:
-    """The backend that runs ``op_name`` on ``device`` tensors: "cuda", "triton" or "torch".
+def _device_type(device: DeviceLike) -> str:
+    if isinstance(device, torch.Tensor):  # is_cuda / is_cpu cost a tenth of torch.device.type
+        return "cuda" if device.is_cuda else ("cpu" if device.is_cpu else device.device.type)
+    if isinstance(device, torch.device):
+        return device.type
+    return torch.device("cpu" if device is None else device).type
 
-    ``backend`` (an op's ``backend=`` argument) overrides METAFAST_BACKEND. An explicit backend that
-    cannot run raises :class:`BackendUnavailableError` naming the reason; ``auto`` falls back with one
-    warning per process.
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    # The answer depends only on these (probes are cached); errors and warnings are not memoised.
-    key = (op_name, device.type, backend if backend is None else str(backend), env_value(), _interpret())
+
+# (op, device type, backend argument, METAFAST_BACKEND) -> (backend, TRITON_INTERPRET it depended on or
+# None, the fallback message or None). Errors are not memoised; fallbacks are re-raised under strict mode.
+_memo: Dict[tuple, Tuple[str, Optional[bool], Optional[Tuple[str, str]]]] = {}
+
+
+def resolve(op: str, device: DeviceLike = None, backend: Optional[str] = None) -> str:
+    """The name of the backend that runs ``op`` on ``device`` tensors (:func:`dispatch` without the lookup).
+    Runs on every op call: reading METAFAST_BACKEND (about a microsecond) is most of its cost."""
+    dev = _device_type(device)
+    env = os.environ.get(ENV)
+    key = (op, dev, backend, env)
     hit = _memo.get(key)
-    if hit is not None:
-        return hit
-    result = _resolve(op_name, device, backend)
-    _memo[key] = result
-    return result
+    if hit is not None and (hit[1] is None or hit[1] == _interpret()):
+        if hit[2] is not None and strict():
+            fallback(*hit[2], stacklevel=3)  # raises
+        return hit[0]
+    name, _, fell_back, interp = _decide(op, dev, backend, env)
+    if fell_back is not None:
+        fallback(*fell_back, stacklevel=3)
+    if len(_memo) > 256:
+        _memo.clear()
+    _memo[key] = (name, interp, fell_back)
+    return name
 
 
-def use_cpu_kernel(op_name: str, backend: Optional[str] = None) -> bool:
-    """Whether the extension's CPU kernel of ``op_name`` (registered with ``ext_on_cpu``) runs CPU tensors:
-    as :func:`resolve` decides, except that METAFAST_BACKEND=triton leaves an op without a Triton kernel
-    on torch instead of raising (such ops run inside others, e.g. BatchedMAML's reverse, where raising
-    would rule that setting out for every model using them)."""
-    if backend is None and env_value() and requested() == "triton" and "triton" not in _ops[op_name]["backends"]:
-        return False
-    return resolve(op_name, "cpu", backend) == "cuda"
+def explain(op: str, device: DeviceLike = None, backend: Optional[str] = None) -> Tuple[str, str]:
+    """(backend, why) for ``op`` on ``device``, as :func:`resolve` decides, without reporting a fallback."""
+    name, why, _, _ = _decide(op, _device_type(device), backend, os.environ.get(ENV))
+    return name, why
 
 
-def _resolve(op_name: str, device: torch.device, backend: Optional[str]) -> str:
+def _decide(op: str, dev: str, backend: Optional[str], env: Optional[str]):
+    """(backend, why, (fallback key, message) or None, TRITON_INTERPRET value the choice depends on or None)."""
+    symbols = OPS.get(op)
+    if symbols is None:
+        raise KeyError(f"unknown op {op!r}; the ops are listed in metafast._backend.OPS")
     if backend is None:
-        choice = requested()
+        choice = _parse(env, ENV)
         source = f"{ENV}={choice}"
     else:
-        choice = str(backend).strip().lower()
-        if choice not in CHOICES:
-            raise ValueError(f"backend must be one of {', '.join(CHOICES)} or None; got {backend!r}")
+        choice = _parse(str(backend), "backend")
         source = f"backend={choice!r}"
+    interp = _interpret() if dev != "cuda" and choice == "triton" else None  # auto never interprets
     if choice != "auto":
-        ok, why = _usable(choice, op_name, device)
+        if backend is None and choice not in symbols:
+            return "torch", f"{source}, which {op} does not implement: its PyTorch reference runs", None, interp
+        ok, why = _usable(choice, op, dev)
         if not ok:
-            raise BackendUnavailableError(f"{source} was requested for {op_name} on {device}, "
-                                          f"but the {choice} backend cannot run it: {why}")
-        return choice
-    if device.type != "cuda":
-        info = _ops.get(op_name)
-        if info is not None and info.get("ext_on_cpu") and _usable("cuda", op_name, device)[0]:
-            return "cuda"
-        return "torch"
+            raise BackendUnavailableError(f"{source} was requested for {op} on {dev}, but the {choice} backend "
+                                          f"cannot run it: {why}")
+        return choice, f"{source}: {why}", None, interp
     skipped = []
-    for candidate in ("cuda", "triton"):
-        ok, why = _usable(candidate, op_name, device)
+    for candidate in _AUTO.get(dev, ()):
+        if candidate not in symbols:
+            continue
+        ok, why = _usable(candidate, op, dev)
         if ok:
-            _warn_fallback(op_name, candidate, skipped)
-            return candidate
+            return candidate, f"auto: {why}" + _skipped_text(skipped), _fallback_of(op, dev, candidate, skipped), interp
         skipped.append((candidate, why))
-    _warn_fallback(op_name, "torch", skipped)
-    return "torch"
+    if skipped:
+        why = "auto: the PyTorch reference" + _skipped_text(skipped)
+    else:
+        why = f"auto: {op} has no kernel for {dev} tensors, so its PyTorch reference runs"
+    return "torch", why, _fallback_of(op, dev, "torch", skipped), interp
 
 
-def _warn_fallback(op_name: str, chosen: str, skipped) -> None:
-    # Skipping a backend the op never had is not worth a warning.
-    info = _ops.get(op_name)
-    skipped = [(b, why) for b, why in skipped if info is None or b in info["backends"]]
+def _skipped_text(skipped) -> str:
+    return "".join(f"; not {b}: {why}" for b, why in skipped)
+
+
+def _fallback_of(op: str, dev: str, chosen: str, skipped) -> Optional[Tuple[str, str]]:
+    """(count key, message) when auto skipped a backend ``op`` has, else None."""
     if not skipped:
-        return
-    key = (chosen, tuple(b for b, _ in skipped))
-    if key in _warned:
-        return
-    with _lock:
-        if key in _warned:
-            return
-        _warned.add(key)
+        return None
+    ext_missing = not _probe("extension")[0] and any(b in ("cuda", "cpp") for b, _ in skipped)
+    key = "metafast._C missing" if ext_missing else f"backend {op}"
     reasons = "; ".join(f"{b}: {why}" for b, why in skipped)
-    warnings.warn(f"metafast: using the {chosen} backend on CUDA ({reasons}). Set {ENV}={chosen} to "
-                  "silence this, or install the missing piece for the fused kernels.", RuntimeWarning, stacklevel=3)
+    return key, (f"metafast: {op} runs on the {chosen} backend for {dev} tensors ({reasons}). Set {ENV}={chosen} "
+                 "to choose it, or install the missing piece for the fused kernels.")
 
 
+# ------------------------------------------------------------------------------------ describe
 def describe() -> Dict[str, object]:
-    """Versions, what is available and why, and the backend each registered op would use."""
+    """Versions, what is available and why, per op the backend on cpu and cuda and why, the fallbacks."""
     report: Dict[str, object] = {"torch": torch.__version__, "torch CUDA build": torch.version.cuda or "none"}
     tri_ok, tri_why = _probe("triton")
-    if tri_ok:
-        import triton
-
-        report["triton"] = getattr(triton, "__version__", "?")
-    else:
-        report["triton"] = f"not available: {tri_why}"
-    ext_ok, ext_why = _probe("cuda_ext")
+    report["triton"] = getattr(importlib.import_module("triton"), "__version__", "?") if tri_ok else \
+        f"not available: {tri_why}"
+    ext_ok, ext_why = _probe("extension")
     report["metafast._C"] = _ext_path() if ext_ok else f"not built/loadable: {ext_why}"
     report["metafast._C build"] = _ext_info.describe()  # which parts (CPU kernels, CUDA kernels) it holds
     dev_ok, dev_why = _probe("cuda_device")
@@ -298,17 +386,24 @@ def describe() -> Dict[str, object]:
     except ValueError as e:
         report[ENV] = f"invalid: {e}"
     report["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
+    report["METAFAST_STRICT"] = "1 (fallbacks are errors)" if strict() else "0"
     report["CPU block cache"] = _describe_cpu_cache()
     report["backends"] = {name: ("available" if ok else "unavailable") + f" ({why})"
                           for name, (ok, why) in available().items()}
-    _import_ops()
-    per_op: Dict[str, Dict[str, str]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for op in sorted(_ops):
-            per_op[op] = {dev: _describe_choice(op, dev) for dev in ("cpu", "cuda")}
-    report["ops"] = per_op
+    report["ops"] = {op: {"implements": ", ".join(OPS[op]), "cpu": _describe_choice(op, "cpu"),
+                          "cuda": _describe_choice(op, "cuda")} for op in OPS}
+    report["fallbacks"] = fallback_counts()
     return report
+
+
+def _describe_choice(op: str, dev: str) -> str:
+    if dev == "cuda" and not _probe("cuda_device")[0]:
+        return f"n/a ({_probe('cuda_device')[1]})"
+    try:
+        name, why = explain(op, dev)
+    except (ValueError, BackendUnavailableError) as e:
+        return f"error: {e}"
+    return f"{name} ({why})"
 
 
 def _describe_cpu_cache() -> str:
@@ -325,15 +420,6 @@ def _describe_cpu_cache() -> str:
             else f"off ({cpu_cache.ENV}=0 or cpu_cache.set_enabled(False))")
 
 
-def _describe_choice(op: str, device: str) -> str:
-    if device == "cuda" and not _probe("cuda_device")[0]:
-        return "n/a (no CUDA device)"
-    try:
-        return resolve(op, device)
-    except (ValueError, BackendUnavailableError) as e:
-        return f"error: {e}"
-
-
 def _device_name() -> str:
     try:
         return torch.cuda.get_device_name(torch.cuda.current_device())
@@ -342,22 +428,8 @@ def _device_name() -> str:
 
 
 def _ext_path() -> str:
-    import metafast._C
-
-    return getattr(metafast._C, "__file__", "metafast._C")
+    return getattr(importlib.import_module("metafast._C"), "__file__", "metafast._C")
 
 
-def _import_ops() -> None:
-    """Import the op modules so that they register (describe() reports every op)."""
-    import importlib
-    import pkgutil
-
-    try:
-        import metafast.ops as ops_pkg
-    except Exception:  # noqa: BLE001 - describe() still reports the rest
-        return
-    for mod in pkgutil.iter_modules(ops_pkg.__path__):
-        try:
-            importlib.import_module(f"metafast.ops.{mod.name}")
-        except Exception:  # noqa: BLE001
-            pass
+if _flag(os.environ.get(REQUIRE_EXT_ENV)):
+    require_extension()

@@ -16,10 +16,23 @@ has a timeout (``METAFAST_DIST_TIMEOUT`` seconds, default 120), so a dead or hun
 a ``DistributedError`` on the others instead of a hang (gloo raises it in Python; on NCCL the
 watchdog aborts a timed-out collective and ends the process with its own error, and torchrun then
 stops the remaining ranks).
+
+Leaving: the ranks leave the process group together (a barrier on a gloo group of its own, with its own
+timeout ``METAFAST_DIST_LEAVE_TIMEOUT``, default 300 s: rank 0 may still evaluate and write while the
+others wait) after a completed job, after Ctrl-C (every rank stops after the same step) and after an
+error on this rank (the others reach the barrier once their pending collective fails). Only a rank
+whose collective already failed shuts down at once: a peer is gone or hung. A rank that destroys its
+gloo pairs while a peer still uses them, or gloo work objects that outlive the process group (kept
+alive by the frames of an exception until interpreter shutdown), can abort the process in C++
+("terminate called without an active exception"); hence the barrier, and DistributedError carries
+no frames of the failed collective.
 """
 import datetime
+import gc
 import hashlib
 import os
+import traceback
+import warnings
 from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -27,12 +40,20 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_LEAVE_TIMEOUT_S = 300.0
 _ENV_TIMEOUT = "METAFAST_DIST_TIMEOUT"
+_ENV_LEAVE_TIMEOUT = "METAFAST_DIST_LEAVE_TIMEOUT"
 _timeout_s = DEFAULT_TIMEOUT_S
+_leave_timeout_s = DEFAULT_LEAVE_TIMEOUT_S
+_leave_group = None  # the gloo group of the leave barrier (its own timeout)
 
 
 class DistributedError(RuntimeError):
     """A collective failed: another rank died, raised or did not answer within the timeout."""
+
+
+class LeaveWarning(UserWarning):
+    """The ranks could not leave the process group together (the leave barrier failed or timed out)."""
 
 
 def env_world_size() -> int:
@@ -70,6 +91,10 @@ def timeout_s() -> float:
     return _timeout_s
 
 
+def leave_timeout_s() -> float:
+    return _leave_timeout_s
+
+
 def device_for(device: torch.device) -> torch.device:
     """On CUDA each rank uses GPU LOCAL_RANK; a CPU device is returned unchanged."""
     if device.type == "cuda" and device.index is None and is_initialized():
@@ -77,20 +102,27 @@ def device_for(device: torch.device) -> torch.device:
     return device
 
 
-def init(device: str = "auto", timeout: Optional[float] = None) -> Tuple[int, int]:
+def init(device: str = "auto", timeout: Optional[float] = None,
+         leave_timeout: Optional[float] = None) -> Tuple[int, int]:
     """Join the process group described by torchrun's environment; returns (rank, world size).
 
     device: "cuda" -> NCCL (and this rank's GPU LOCAL_RANK becomes current), "cpu" -> gloo,
     "auto" -> NCCL when CUDA is available. timeout: seconds a collective may wait for the other ranks
-    (default ``METAFAST_DIST_TIMEOUT`` or 120).
+    (default ``METAFAST_DIST_TIMEOUT`` or 120). leave_timeout: seconds the ranks wait for each other
+    when they leave (default ``METAFAST_DIST_LEAVE_TIMEOUT`` or 300; at least ``timeout``, so a rank
+    whose error ended its work waits until the others' pending collective has failed).
     """
-    global _timeout_s
+    global _timeout_s, _leave_timeout_s, _leave_group
     if device not in ("cpu", "cuda", "auto"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'auto', got {device!r}")
     if timeout is None:
-        timeout = float(os.environ.get(_ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
+        timeout = _env_seconds(_ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+    if leave_timeout is None:
+        leave_timeout = max(_env_seconds(_ENV_LEAVE_TIMEOUT, DEFAULT_LEAVE_TIMEOUT_S), float(timeout))
+    if not (isinstance(leave_timeout, (int, float)) and leave_timeout > 0):
+        raise ValueError(f"leave_timeout: expected seconds > 0, got {leave_timeout!r}")
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build")
     if is_initialized():
@@ -109,43 +141,83 @@ def init(device: str = "auto", timeout: Optional[float] = None) -> Tuple[int, in
         kwargs["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                             timeout=datetime.timedelta(seconds=_timeout_s), **kwargs)
+    _leave_timeout_s = float(leave_timeout)
+    # every rank creates it (new_group is collective); gloo, so that NCCL jobs get the same barrier (a
+    # torch build without gloo leaves on the default group and its timeout)
+    _leave_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_leave_timeout_s))
+                    if dist.is_gloo_available() else dist.group.WORLD)
     return rank(), world_size()
 
 
 def shutdown() -> None:
-    """Leave the process group (safe to call twice or when none exists)."""
+    """Leave the process group at once (safe to call twice or when none exists). Garbage is collected
+    first, so gloo work objects in unreachable cycles are freed while their process group still exists."""
+    global _leave_group
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+    _leave_group = None
 
 
 @contextmanager
 def session(device: str = "auto", timeout: Optional[float] = None) -> Iterator[Tuple[int, int]]:
-    """``with session(): ...`` - init from the environment and always shut down, also on errors.
-    A single process (no WORLD_SIZE > 1) runs the body without a process group: yields (0, 1)."""
+    """``with session(): ...`` - init from the environment and leave at the end, also on errors and
+    Ctrl-C (see :func:`leaving`). A single process (no WORLD_SIZE > 1) runs the body without a process
+    group: yields (0, 1)."""
     if not launched() or is_initialized():
         yield rank(), world_size()
         return
     init(device, timeout)
-    try:
+    with leaving():
         yield rank(), world_size()
-    except BaseException:
-        shutdown()
+
+
+@contextmanager
+def leaving() -> Iterator[None]:
+    """Leave the process group when the block ends: together with the other ranks (:func:`leave`) on
+    success, on Ctrl-C and on this rank's own error; at once (:func:`shutdown`) when a collective failed,
+    since a peer is gone or hung. The frames of the propagating exception are cleared first, so no
+    collective's objects outlive the process group."""
+    try:
+        yield
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        if _collective_failed(e):
+            shutdown()
+        else:
+            leave()
         raise
     leave()
 
 
 def leave() -> None:
-    """Leave the process group together with the other ranks once this rank's work is done (on an error
-    call :func:`shutdown`: a peer may never reach the barrier). A rank that tears down its gloo pairs
-    while a peer still holds them open can abort in C++ ("terminate called without an active exception")
-    after its work is done; rank 0 may still be evaluating or writing. A barrier that times out or fails
-    at exit changes nothing."""
-    if is_initialized():
+    """Leave the process group together with the other ranks: a barrier with its own timeout
+    (:func:`leave_timeout_s`), then :func:`shutdown`. A barrier that fails or times out is reported as a
+    :class:`LeaveWarning` (this rank's work is done; the process group is destroyed all the same)."""
+    if is_initialized() and world_size() > 1 and _leave_group is not None:
+        failure = None
         try:
-            dist.barrier()
-        except Exception:  # noqa: BLE001 - the job's work is complete; only the teardown is left
-            pass
+            dist.barrier(group=_leave_group)
+        except RuntimeError as e:  # gloo: a peer closed its connection, or the leave timeout passed
+            failure = f"{type(e).__name__}: {_first_line(e)}"
+        if failure is not None:
+            warnings.warn(f"rank {rank()}/{world_size()}: the ranks did not leave the process group together "
+                          f"(leave barrier, {_leave_timeout_s:g} s timeout): {failure}", LeaveWarning, stacklevel=2)
     shutdown()
+
+
+def _collective_failed(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DistributedError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def task_seed(seed: int, rank_: Optional[int] = None, iteration: Optional[int] = None) -> int:
@@ -190,10 +262,12 @@ def _collective(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RuntimeError as e:  # gloo/NCCL report a dead peer or a timeout as RuntimeError (DistBackendError)
-        raise DistributedError(
-            f"rank {rank()}/{world_size()}: {what} failed - another rank exited, raised or did not reach it "
-            f"within the {_timeout_s:g} s timeout ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+        message = (f"rank {rank()}/{world_size()}: {what} failed - another rank exited, raised or did not reach "
+                   f"it within the {_timeout_s:g} s timeout ({type(e).__name__}: {_first_line(e)})")
+    # raised outside the except clause, with neither cause nor context: the backend's exception holds
+    # the frames of the failed collective (its work object, the process group), which must not outlive
+    # the process group while this error travels up to the interpreter's exit
+    raise DistributedError(message)
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
@@ -262,6 +336,16 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         _collective("barrier", dist.barrier)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}: expected seconds, got {raw!r}") from None
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:

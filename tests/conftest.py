@@ -1,6 +1,8 @@
 """Shared test set-up: every test starts from the same seeds; ``@pytest.mark.gpu`` tests are skipped
 without a CUDA device; ``assert_close`` compares against float64 references and prints the first
-mismatches."""
+mismatches. The suite runs strict (METAFAST_STRICT=1): every fallback is an error, so a test that means
+to exercise one unsets it with monkeypatch."""
+import os
 import random
 
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 import torch
 
 SEED = 0
+
+os.environ["METAFAST_STRICT"] = "1"  # before metafast is imported; subprocesses of tests inherit it
 
 # float32 tests compare against float64 references: TF32 (cuDNN's default for convolutions and RNNs
 # on Ampere and later) rounds inputs to 10 mantissa bits, which no fp32 tolerance here allows.

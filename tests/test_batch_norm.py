@@ -61,7 +61,7 @@ def test_constant_channel_and_nan_stay_per_channel():
 
 def test_which_path_runs(monkeypatch):
     monkeypatch.delenv("METAFAST_BACKEND", raising=False)
-    _backend._memo.clear()
+    _backend.reset()
     calls = []
     real = torch.ops.metafast.batch_norm_forward_cxx
 

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from maml_reference import per_task_maml
+from meta_paths import assert_path
 from metafast import BatchedMAML
 from metafast.models import MLP, Conv4
 
@@ -70,9 +71,10 @@ def test_meta_gradient_matches_per_task_autograd(kind, steps, first_order, meta_
     torch.manual_seed(0)
     model, batch, loss = make(kind)
     lr = 0.1 if loss == "mse" else 0.3
-    # exact_reverse=False: this matrix covers autograd through the unrolled loop for every model
+    # exact_reverse=False, fused=False: this matrix covers autograd through the unrolled loop for every model
     maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd,
-                       anil=anil, loss=loss, exact_reverse=False)
+                       anil=anil, loss=loss, exact_reverse=False, fused=False)
+    assert_path(maml, fused=False, exact_reverse=False)
     if meta_sgd:  # distinct per-element rates, so a mix-up of lrs would show
         with torch.no_grad():
             maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
@@ -103,8 +105,8 @@ def test_exact_reverse_matches_per_task_autograd(act, loss, steps, first_order, 
         sy, qy = torch.randint(0, 4, (4, 6), generator=g), torch.randint(0, 4, (4, 5), generator=g)
     batch = (sx, sy, qx, qy)
     maml = BatchedMAML(model, inner_lr=[0.3, 0.1, 0.2] if steps == 3 and not meta_sgd else 0.3, inner_steps=steps,
-                       first_order=first_order, meta_sgd=meta_sgd, loss=loss)
-    assert maml.exact_reverse and "exact reverse" in maml.describe()
+                       first_order=first_order, meta_sgd=meta_sgd, loss=loss, fused=False)
+    assert_path(maml, fused=False, exact_reverse=True)
     if meta_sgd:
         with torch.no_grad():
             maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafast.ops.inner_update import inner_update, inner_update_multi
+from metafast.ops.inner_update import inner_update
+from metafast.ops.inner_update_multi import inner_update_multi
 from metafast.ops.kd_loss import kd_loss
 from metafast.ops.multitask_heads import multitask_heads_cross_entropy
 from metafast.ops.task_cross_entropy import task_cross_entropy
@@ -26,7 +27,6 @@ DT = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_FUSED = os.path.exists(os.path.join(os.path.dirname(__file__), os.pardir, "metafast", "ops", "fused_inner_loop.py"))
-DynamoError = torch._dynamo.exc.TorchDynamoException
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def _r(g, *shape):
     return torch.randn(*shape, generator=g, dtype=DT)
 
 
-# name -> (fn(*tensors, backend), inputs(), backends, torch-backend fullgraph reason or None)
+# name -> (fn(*tensors, backend), inputs(), backends); every op traces as one graph (fullgraph=True)
 def _inner_update_case():
     g = _gen(1)
     return [_r(g, 6).requires_grad_(), _r(g, 3, 6).requires_grad_(), (_r(g, 6).abs() + 0.1).requires_grad_()]
@@ -75,15 +75,15 @@ def _heads_case():
 
 OPS = {
     "inner_update": (lambda th, gr, lr, b: inner_update(th, gr, lr, 1.0, backend=b), _inner_update_case,
-                     ("torch", "triton"), None),
+                     ("torch", "triton")),
     # inner_update_multi has no Triton implementation (cuda and torch only)
     "inner_update_multi": (lambda a, b_, c, d, b: inner_update_multi([a, b_], [c, d], 0.1, 0.5, backend=b),
-                           _inner_update_multi_case, ("torch",), None),
+                           _inner_update_multi_case, ("torch",)),
     "task_cross_entropy": (lambda lg, y, b: task_cross_entropy(lg, y, label_smoothing=0.1, backend=b), _task_ce_case,
-                           ("torch", "triton"), None),
-    "kd_loss": (lambda s, t, y, b: kd_loss(s, t, y, 2.0, 0.7, backend=b), _kd_case, ("torch", "triton"), None),
+                           ("torch", "triton")),
+    "kd_loss": (lambda s, t, y, b: kd_loss(s, t, y, 2.0, 0.7, backend=b), _kd_case, ("torch", "triton")),
     "multitask_heads_cross_entropy": (lambda f, w, bb, y, b: multitask_heads_cross_entropy(f, w, bb, y, backend=b),
-                                      _heads_case, ("torch", "triton"), None),
+                                      _heads_case, ("torch", "triton")),
 }
 
 
@@ -112,10 +112,10 @@ def _fused(loss):
 
 
 if HAS_FUSED:
-    FUSED_BACKENDS = ("torch", "triton", "cuda")  # "cuda": the C++ extension, which also runs CPU tensors
-    OPS["fused_inner_loop_mse"] = (_fused("mse"), _fused_case("mse"), FUSED_BACKENDS, None)
-    OPS["fused_inner_loop_cross_entropy"] = (_fused("cross_entropy"), _fused_case("cross_entropy"), FUSED_BACKENDS,
-                                             None)
+    FUSED_BACKENDS = ("torch", "triton", "cpp")  # "cpp": the C++ extension's CPU kernels
+    OPS["fused_inner_loop_mse"] = (_fused("mse"), _fused_case("mse"), FUSED_BACKENDS)
+    OPS["fused_inner_loop_cross_entropy"] = (_fused("cross_entropy"), _fused_case("cross_entropy"),
+                                             FUSED_BACKENDS)
 
 
 def _values_and_grads(fn, args):
@@ -148,8 +148,8 @@ def _skip_unavailable(backend, name):
             pytest.skip(f"{backend} backend unavailable for {name} on CPU: {e}")
 
 
-def _check_op(name, backend, compiler, fullgraph):
-    fn, make, backends, _ = OPS[name]
+def _check_op(name, backend, compiler):
+    fn, make, backends = OPS[name]
     _skip_unavailable(backend, name)
     torch._dynamo.reset()
 
@@ -157,19 +157,17 @@ def _check_op(name, backend, compiler, fullgraph):
         return fn(*a, backend)
 
     eager = _values_and_grads(f, make())
-    compiled = _values_and_grads(torch.compile(f, fullgraph=fullgraph, backend=compiler), make())
+    compiled = _values_and_grads(torch.compile(f, fullgraph=True, backend=compiler), make())
     _assert_close(compiled[0], eager[0], f"{name}[{backend}] {compiler} values")
     _assert_close(compiled[1], eager[1], f"{name}[{backend}] {compiler} gradients")
 
 
 def _params(compilers):
     out = []
-    for name, (_, _, backends, torch_reason) in OPS.items():
+    for name, (_, _, backends) in OPS.items():
         for backend in backends:
             for compiler in compilers:
                 marks = []
-                if torch_reason and (backend == "torch" or name.startswith("fused_inner_loop")):
-                    marks.append(pytest.mark.xfail(raises=DynamoError, strict=False, reason=torch_reason))
                 if compiler == "inductor" and not (name == "inner_update" and backend == "torch"):
                     marks.append(pytest.mark.slow)  # a C++ compile per case: 5-10 s each on 2 cores
                 out.append(pytest.param(name, backend, compiler, marks=marks, id=f"{name}-{backend}-{compiler}"))
@@ -178,13 +176,7 @@ def _params(compilers):
 
 @pytest.mark.parametrize("name,backend,compiler", _params(("aot_eager", "inductor")))
 def test_op_fullgraph_matches_eager(name, backend, compiler):
-    _check_op(name, backend, compiler, fullgraph=True)
-
-
-@pytest.mark.parametrize("name", [n for n, v in OPS.items() if v[3]])
-def test_op_with_graph_breaks_matches_eager(name):
-    """The ops that do not trace as one graph with the torch backend still compile (split) and match eager."""
-    _check_op(name, "torch", "aot_eager", fullgraph=False)
+    _check_op(name, backend, compiler)
 
 
 # ----------------------------------------------------------------------------- fake impls

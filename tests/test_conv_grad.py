@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from metafast import BatchedMAML
 from metafast.functional import conv_grad
 from metafast.models import Conv4
+from meta_paths import assert_path
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (the route's reason)")
 
@@ -65,7 +66,9 @@ def test_conv4_meta_gradient_same_with_and_without_the_route(exact_reverse, monk
     transposed convolution) give the same float32 meta-gradient with the route as without."""
     torch.manual_seed(0)
     model = Conv4.omniglot(5)
-    maml = BatchedMAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy", exact_reverse=exact_reverse)
+    maml = BatchedMAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy", exact_reverse=exact_reverse,
+                       fused=False)
+    assert_path(maml, fused=False, exact_reverse=exact_reverse)
     sx, qx = torch.rand(4, 5, 1, 28, 28), torch.rand(4, 5, 1, 28, 28)
     sy = qy = torch.arange(5).repeat(4, 1)
 

@@ -259,7 +259,7 @@ def test_triton_kernels_compile_for_sm90():
 
 
 # ----------------------------------------------------------------------------------------------
-# the C++ op ("cuda" backend; its CPU kernel on CPU tensors)
+# the C++ op (the "cpp" backend: its CPU kernel on CPU tensors)
 # ----------------------------------------------------------------------------------------------
 needs_cxx = pytest.mark.skipif(not _has_cxx(), reason="metafast._C is not built with fused_inner_loop_cxx")
 
@@ -275,33 +275,25 @@ def test_cxx_on_cpu_matches_reference(case, steps, mode, dtype):
 
 @needs_cxx
 def test_cxx_on_cpu_through_the_op():
-    """backend="cuda" on CPU tensors: the custom op, its autograd and the C++ CPU kernels."""
+    """backend="cpp" on CPU tensors: the C++ autograd node and the C++ CPU kernels."""
     dims, loss = CASES["deep_ce"]
     _, theta, lr, batch, gq = make_problem(dims, loss, 3, True)
     grads = {}
-    for backend in ("torch", "cuda"):
+    for backend in ("torch", "cpp"):
         th, lr_in = theta.clone().requires_grad_(True), lr.clone().requires_grad_(True)
         out = fused_inner_loop(th, lr_in, *batch, dims, 3, loss, backend=backend)
         grads[backend] = list(out) + list(torch.autograd.grad(out.query_loss, [th, lr_in], grad_outputs=gq))
-    for a, e in zip(grads["cuda"], grads["torch"]):
+    for a, e in zip(grads["cpp"], grads["torch"]):
         assert rel_err(a, e) <= TOL
 
 
-def test_auto_backend_on_cpu():
-    expect = "cuda" if _has_cxx() else "torch"
-    if _backend.env_value():
-        pytest.skip("METAFAST_BACKEND is set")
-    assert _backend.resolve("fused_inner_loop", "cpu") == expect
-    with pytest.raises(_backend.BackendUnavailableError) if expect == "torch" else _nullcontext():
+@needs_cxx
+def test_auto_backend_on_cpu(monkeypatch):
+    """CPU tensors take metafast._C's C++ kernels (the cpp backend); the cuda backend needs CUDA tensors."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+    assert _backend.resolve("fused_inner_loop", "cpu") == "cpp"
+    with pytest.raises(_backend.BackendUnavailableError, match="the cpp backend"):
         _backend.resolve("fused_inner_loop", "cpu", "cuda")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from metafast import _backend
 from metafast.ops.kd_loss import KDLoss, kd_loss, kd_loss_reference
-from gpu_backends import gpu_backends
+from gpu_backends import assert_some_gpu_backend, require_gpu_backend
 from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -331,11 +331,19 @@ def test_kernel_never_reads_a_bad_label():
 
 def test_cpu_default_is_the_reference(monkeypatch):
     monkeypatch.delenv(_backend.ENV, raising=False)
+    assert _backend.resolve("kd_loss", "cpu") == "torch"
     s, t, y = make_inputs((2, 3, 5), seed=9)
     x = s.clone().requires_grad_()
-    loss = kd_loss(x, t, y)
+    loss = kd_loss(x, t, y)  # defaults: temperature 4, alpha 0.9, mean
     assert "metafast" not in type(loss.grad_fn).__name__  # plain autograd, no custom op
-    assert_close("loss", loss, kd_loss_reference(s, t, y), **TOL[torch.float64])
+    assert torch.equal(loss, kd_loss(s, t, y, backend="torch"))
+    # an independent oracle, not the reference the default runs: Hinton's formula with F's ops
+    want = []
+    for k in range(2):
+        log_p, log_r = F.log_softmax(s[k] / 4.0, -1), F.log_softmax(t[k] / 4.0, -1)
+        kl = F.kl_div(log_p, log_r, log_target=True, reduction="none").sum(-1)
+        want.append((0.9 * 16.0 * kl + 0.1 * F.cross_entropy(s[k], y[k], reduction="none")).mean())
+    assert_close("loss", loss, torch.stack(want), **TOL[torch.float64])
 
 
 def test_empty_batch():
@@ -387,8 +395,7 @@ def test_triton_kernel_compiles_for_sm90():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("with_target", [False, True])
 def test_gpu_matches_reference(backend, shape, dtype, with_target):
-    if backend not in gpu_backends("kd_loss"):
-        pytest.skip(f"{backend} backend not available on this machine")
+    require_gpu_backend("kd_loss", backend)
     s, t, y = make_inputs(shape, dtype=dtype, seed=shape[-1], target=with_target, device="cuda")
     x = s.clone().requires_grad_()
     xr = s.double().requires_grad_()
@@ -409,8 +416,7 @@ def test_gpu_matches_reference(backend, shape, dtype, with_target):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_gradcheck_gradgradcheck_opcheck(backend):
-    if backend not in gpu_backends("kd_loss"):
-        pytest.skip(f"{backend} backend not available on this machine")
+    require_gpu_backend("kd_loss", backend)
     s, t, y = make_inputs((3, 4, 7), seed=31, device="cuda")
     x = s.clone().requires_grad_()
     fn = lambda x: kd_loss(x, t, y, 2.0, 0.6, backend=backend)  # noqa: E731
@@ -421,9 +427,15 @@ def test_gpu_gradcheck_gradgradcheck_opcheck(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_bad_label_raises():
+def test_gpu_has_a_backend():
+    assert_some_gpu_backend("kd_loss")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bad_label_raises(backend):
+    require_gpu_backend("kd_loss", backend)
     s, t, y = make_inputs((2, 3, 5), device="cuda")
     y[0, 0] = 9
-    for backend in gpu_backends("kd_loss"):
-        with pytest.raises(ValueError, match="target must hold class ids"):
-            kd_loss(s, t, y, backend=backend)
+    with pytest.raises(ValueError, match="target must hold class ids"):
+        kd_loss(s, t, y, backend=backend)

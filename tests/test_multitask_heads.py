@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from metafast import _backend
 from metafast.ops.multitask_heads import multitask_heads_cross_entropy, multitask_heads_cross_entropy_reference
-from gpu_backends import gpu_backends
+from gpu_backends import assert_some_gpu_backend, require_gpu_backend
 from triton_compile import assert_compiles_for_sm90
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -214,10 +214,12 @@ def test_bad_inputs_raise_naming_the_argument(backend, case):
 
 def test_cpu_default_is_the_reference(monkeypatch, assert_close):
     monkeypatch.delenv(_backend.ENV, raising=False)
+    assert _backend.resolve("multitask_heads_cross_entropy", "cpu") == "torch"
     x, w, b, y = make_inputs(2, 3, 4, 5, seed=9)
     xs = leaves(x, w, b)
     loss = multitask_heads_cross_entropy(*xs, y)
     assert "metafast" not in type(loss.grad_fn).__name__
+    assert torch.equal(loss, multitask_heads_cross_entropy(x, w, b, y, backend="torch"))
     assert_close(loss, per_head_loop(x, w, b, y), name="loss", **TOL[torch.float64])
 
 
@@ -259,8 +261,7 @@ def test_triton_kernel_compiles_for_sm90():
                                             (5, 129, 64, 1000, False), (2, 9, 32, 3000, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gpu_matches_reference(backend, H, N, I, O, shared, dtype, assert_close):
-    if backend not in gpu_backends("multitask_heads_cross_entropy"):
-        pytest.skip(f"{backend} backend not available on this machine")
+    require_gpu_backend("multitask_heads_cross_entropy", backend)
     x, w, b, y = make_inputs(H, N, I, O, dtype=dtype, shared=shared, seed=O, device="cuda")
     xs = leaves(x, w, b)
     xr = leaves(*(t.double() for t in (x, w, b)))
@@ -278,10 +279,14 @@ def test_gpu_matches_reference(backend, H, N, I, O, shared, dtype, assert_close)
 
 
 @pytest.mark.gpu
+def test_gpu_has_a_backend():
+    assert_some_gpu_backend("multitask_heads_cross_entropy")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_gradcheck_and_bad_label(backend):
-    if backend not in gpu_backends("multitask_heads_cross_entropy"):
-        pytest.skip(f"{backend} backend not available on this machine")
+    require_gpu_backend("multitask_heads_cross_entropy", backend)
     x, w, b, y = make_inputs(2, 3, 5, 4, seed=31, device="cuda")
     fn = lambda x, w, b: multitask_heads_cross_entropy(x, w, b, y, backend=backend)  # noqa: E731
     inputs = tuple(leaves(x, w, b))

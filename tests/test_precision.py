@@ -1,9 +1,7 @@
 """BatchedMAML(precision="bf16"/"fp16"): low-precision compute, float32 master and fast weights.
 
 Meta-gradients are compared with a float64 run of the same model; the measured relative errors are
-printed (pytest -s). The Conv4 bound is loose on purpose: at a random init, rounding only its weights
-and inputs to bf16 (then computing exactly) already moves the meta-gradient by ~20% (batch norm's
-backward cancels heavily), so the test bounds the error by a multiple of that rounding effect.
+printed (pytest -s). The Conv4 bound is derived from the problem, not picked: see test_conv4_meta_gradient.
 """
 import pytest
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 from metafast import BatchedMAML
 from metafast.data import sinusoid
 from metafast.models import MLP, Conv4
+from meta_paths import assert_path
 
 MLP_TOL = 3e-2
 
@@ -50,8 +49,8 @@ def test_mlp_meta_gradient_close_to_fp64(precision, exact_reverse):
     ref, _ = meta_grad(mlp(torch.float64), batch, **kw)
     model = mlp()
     g, out = meta_grad(model, batch, precision, **kw)
-    desc = BatchedMAML(model, precision=precision, exact_reverse=exact_reverse).describe()
-    assert ("exact reverse" in desc) == exact_reverse
+    assert_path(BatchedMAML(model, precision=precision, exact_reverse=exact_reverse, fused=False), fused=False,
+                exact_reverse=exact_reverse)
     err = rel_err(g, ref)
     print(f"\nMLP sinusoid, 3 inner steps, {precision}, exact_reverse={exact_reverse}: meta-grad rel err {err:.2e}")
     assert err < MLP_TOL
@@ -87,21 +86,50 @@ def conv4(dtype=torch.float32, round_to=None):
     return m
 
 
+def perturbed(batch, unit: float, seed: int):
+    """conv4 in float64 and ``batch`` with every weight and input scaled by 1 + U(-unit, unit)."""
+    g = torch.Generator().manual_seed(seed)
+    m = conv4(torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + unit * (2 * torch.rand(p.shape, generator=g, dtype=p.dtype) - 1))
+    b = [t.double() * (1 + unit * (2 * torch.rand(t.shape, generator=g, dtype=torch.float64) - 1))
+         if t.is_floating_point() else t for t in batch]
+    return m, b
+
+
+# Why the Conv4 bound is what it is. At this random init the exact float64 meta-gradient is not smooth
+# on the scale of bf16/fp16 rounding: relative perturbations of weights and inputs of 1e-6 and 1e-5 move
+# it by 2.9x the perturbation (linear), 1e-4 already by 11% (ReLU and batch-norm switching; the same
+# jump for fp16's 2^-11 and bf16's 2^-8). No implementation computing in the low format can beat that
+# floor, which the test measures: the exact meta-gradient's change under the rounding itself and under
+# random perturbations of one unit roundoff (worst of a few draws). The low-precision run may add its
+# intermediate roundings on top, hence 1.25x the floor (measured 2026-12: bf16 0.212 against a floor
+# of 0.26, fp16 0.140 against 0.19). The bound must still catch a real defect: dropping the
+# second-order term moves the meta-gradient by 0.76, which the test checks lies far outside it.
+FLOOR_DRAWS, FLOOR_FACTOR = 3, 1.25
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_conv4_meta_gradient(precision):
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    unit = torch.finfo(low).eps / 2  # unit roundoff: 2^-8 bf16, 2^-11 fp16
     batch = image_batch()
     kw = dict(inner_lr=0.1, inner_steps=1, loss="cross_entropy")
     ref, _ = meta_grad(conv4(torch.float64), batch, **kw)
-    # the conditioning: exact float64 meta-gradient from weights and inputs rounded to the low dtype
+    # the floor: exact float64 meta-gradients from weights and inputs rounded to, or perturbed by, the format
     rounded = [t.to(low) if t.is_floating_point() else t for t in batch]
-    cond, _ = meta_grad(conv4(torch.float64, low), rounded, **kw)
+    floor = [rel_err(meta_grad(conv4(torch.float64, low), rounded, **kw)[0], ref)]
+    floor += [rel_err(meta_grad(*perturbed(batch, unit, seed), **kw)[0], ref) for seed in range(FLOOR_DRAWS)]
+    bound = FLOOR_FACTOR * max(floor)
     model = conv4()
     g, out = meta_grad(model, batch, precision, **kw)
-    err, err_round = rel_err(g, ref), rel_err(cond, ref)
-    print(f"\nConv4(5, hidden=16), 4 tasks, {precision}: meta-grad rel err {err:.3f} "
-          f"(rounding weights+inputs to {precision} alone: {err_round:.3f})")
-    assert err < 0.5 and err < 2.5 * err_round
+    err = rel_err(g, ref)
+    print(f"\nConv4(5, hidden=16), 4 tasks, {precision}: meta-grad rel err {err:.3f}, bound {bound:.3f} "
+          f"(floor: rounding {floor[0]:.3f}, perturbations {', '.join(f'{e:.3f}' for e in floor[1:])})")
+    assert err <= bound
+    first_order, _ = meta_grad(conv4(torch.float64), batch, first_order=True, **kw)
+    assert rel_err(first_order, ref) > 2 * bound, "the bound would not even catch a dropped second-order term"
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert out.task_accuracies.dtype == torch.float32
 

@@ -118,7 +118,7 @@ def test_bad_ranges(kwargs, match):
         SinusoidTasks(**kwargs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_generator_rejected():
     with pytest.raises(ValueError, match="generator must be a CPU"):
         sinusoid_data.sample(2, 2, 2, torch.Generator(device="cuda"))

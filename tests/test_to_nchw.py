@@ -26,7 +26,7 @@ def test_equals_contiguous(shape):
 
 def test_which_path_runs(monkeypatch):
     monkeypatch.delenv("METAFAST_BACKEND", raising=False)
-    _backend._memo.clear()
+    _backend.reset()
     calls = []
     real = torch.ops.metafast.to_nchw_cxx
 

@@ -184,8 +184,13 @@ def test_presets_follow_the_papers():
     mi = vision.VisionConfig(dataset="miniimagenet", shots=5).resolved()
     assert (mi.width, mi.inner_lr, mi.inner_steps, mi.test_inner_steps, mi.meta_batch, mi.queries) == \
         (32, 0.01, 5, 10, 4, 15)
+    # a value the user gives wins over the preset, which fills the rest (the preset's own rate differs)
+    assert vision.PRESETS["fc100"]["inner_lr"] != 0.1
     cf = vision.VisionConfig(dataset="fc100", inner_lr=0.1).resolved()
     assert (cf.inner_lr, cf.meta_lr, cf.meta_batch) == (0.1, 3e-3, 32)
+    assert vision.VisionConfig(dataset="fc100").resolved().inner_lr == vision.PRESETS["fc100"]["inner_lr"]
+    maml, optimizer = vision.build(cf, torch.device("cpu"))  # and the override reaches the model
+    assert maml.inner_lrs[0] == 0.1 and optimizer.param_groups[0]["lr"] == 3e-3
     # the paper's networks: Omniglot Conv4 stride 2 on 28x28x1, miniImageNet Conv4 32 ch + pool on 84x84x3
     assert vision.build_model(om)(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
     net = vision.build_model(mi)

@@ -251,7 +251,7 @@ class BatchedMAML(nn.Module):
         sx, sy, qx, qy = batch
         try:
             return (inner_steps, torch.is_grad_enabled(), sx.shape, sy.shape, qx.shape, qy.shape, sx.dtype, sy.dtype,
-                    qx.dtype, qy.dtype, sx.device, sy.device, qx.device, qy.device, _backend.env_value())
+                    qx.dtype, qy.dtype, sx.device, sy.device, qx.device, qy.device, _backend.requested())
         except AttributeError:
             return None
 
@@ -356,6 +356,8 @@ class BatchedMAML(nn.Module):
             raise TypeError(f"{name}: expected a tensor [T, N, ...], got {type(x).__name__}")
         if x.dim() < 2:
             raise ValueError(f"{name}: expected a tensor [T, N, ...] with a leading task dim, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: holds no tasks (shape {tuple(x.shape)}): expected at least one task")
         if x.shape[1] == 0:
             raise ValueError(f"{name}: is empty (shape {tuple(x.shape)}): every task needs at least one sample")
         ref = self._flat.ensure_bound() if ref is None else ref
@@ -363,6 +365,16 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"{name}: is on {x.device}, the model is on {ref.device}")
         if x.is_floating_point() and x.dtype != ref.dtype:
             raise TypeError(f"{name}: dtype {x.dtype} differs from the model's {ref.dtype}")
+        first = self.module
+        while isinstance(first, nn.Sequential) and len(first):
+            first = first[0]
+        # the first layer's input width, named here rather than as a batched matmul's shape error
+        if isinstance(first, nn.Linear) and (x.dim() < 3 or x.shape[-1] != first.in_features):
+            raise ValueError(f"{name}: the model's first Linear takes [T, N, ..., {first.in_features}], "
+                             f"got shape {tuple(x.shape)}")
+        if isinstance(first, nn.Conv2d) and x.dim() == 5 and x.shape[2] != first.in_channels:
+            raise ValueError(f"{name}: the model's first Conv2d takes {first.in_channels} channels, "
+                             f"got shape {tuple(x.shape)}")
 
     def _check_batch(self, sx, sy, qx=None, qy=None) -> int:
         pairs = [("support_x", sx), ("support_y", sy)]

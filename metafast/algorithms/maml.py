@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..ops.inner_update import inner_update_multi
+from ..ops.inner_update_multi import inner_update_multi
 from .module_utils import clone_module, update_module
 
 __all__ = ["MAML", "maml_update", "inner_sgd_step"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..ops.kd_loss import _check_args, kd_loss
+from ..ops.kd_loss import check_args, kd_loss
 from ..runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ..runtime.interrupt import DeferredInterrupt
 from ..runtime.progress import RunningLoss, progress_bar
@@ -73,7 +73,7 @@ class Distiller:
         if teacher is student:
             raise ValueError("teacher and student must be different modules")
         dummy = torch.zeros(1, 1)
-        _check_args(dummy, dummy, None, temperature, alpha, "mean")  # clear errors at construction
+        check_args(dummy, dummy, None, temperature, alpha, "mean")  # clear errors at construction
         if not list(student.parameters()):
             raise ValueError("student: has no parameters to train")
         self.teacher = teacher.eval().requires_grad_(False)

@@ -10,6 +10,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from ..ops.theta_view import ThetaView
+
 
 @dataclass(frozen=True)
 class ParamSlot:
@@ -17,20 +19,6 @@ class ParamSlot:
     offset: int
     numel: int
     shape: Tuple[int, ...]
-
-
-class ThetaView(torch.autograd.Function):
-    """θ = the flat buffer itself (zero-copy); backward splits the gradient into per-parameter views."""
-
-    @staticmethod
-    def forward(ctx, buffer, *params):
-        ctx.shapes = [p.shape for p in params]
-        return buffer.view(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pieces = grad.split([s.numel() for s in ctx.shapes])  # one op for all the views
-        return (None, *[g.view(s) for g, s in zip(pieces, ctx.shapes)])
 
 
 class FlatParams:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..ops import batch_norm, batch_norm_rop
-from ..ops.batch_norm_rop import _affine, _per_channel
+from ..ops.batch_norm_rop import affine, per_channel
 from . import conv_grad
 from .flat import ParamSlot
 
@@ -309,11 +309,11 @@ class BatchNorm(Layer):
 
     def _rforward_running(self, x, w, invstd, rx, rws, rc):
         s = invstd
-        ry = None if rx is None else rx * _per_channel(s if w is None else w * s, rx)
+        ry = None if rx is None else rx * per_channel(s if w is None else w * s, rx)
         if rws:
             rw, rb = (r.reshape(-1).to(s.dtype) for r in rws)
             a = rw * s
-            ry = _affine(ry, x, a, rb - a * self._running_mean(rc.T, s.dtype))
+            ry = affine(ry, x, a, rb - a * self._running_mean(rc.T, s.dtype))
         return ry
 
     def _rbackward_running(self, x, w, invstd, gy, rgy, rx, rws, need_gx, rc):
@@ -322,12 +322,12 @@ class BatchNorm(Layer):
         dims = [0] + list(range(2, x.dim()))
         rgx = None
         if need_gx:
-            rgx = rgy * _per_channel(s if w is None else w * s, rgy)
+            rgx = rgy * per_channel(s if w is None else w * s, rgy)
             if rws:
-                rgx = rgx.addcmul_(gy, _per_channel(rws[0].reshape(-1).to(s.dtype) * s, x))
+                rgx = rgx.addcmul_(gy, per_channel(rws[0].reshape(-1).to(s.dtype) * s, x))
         grads = []
         if self.affine:
-            xhat = (x - _per_channel(self._running_mean(T, s.dtype), x)) * _per_channel(s, x)
+            xhat = (x - per_channel(self._running_mean(T, s.dtype), x)) * per_channel(s, x)
             r_gw = (rgy * xhat).sum(dims)
             if rx is not None:
                 r_gw = r_gw + (gy * rx).sum(dims) * s

@@ -17,11 +17,13 @@ With xhat = (x - mean) invstd and y = w xhat + b, and
 
 x and the maps are [N, C, *spatial]; w, mean, invstd, rw, rb, the sums [C] (w None: no affine weight).
 
-Backends: "cuda" -- the extension's C++ kernels ``metafast::batch_norm_rforward_cxx`` /
+Backends: "cpp" -- the extension's C++ kernels ``metafast::batch_norm_rforward_cxx`` /
 ``batch_norm_rbackward_cxx``, CPU tensors only (contiguous float32 / float64, no autograd): one task per
 channel makes both of its passes while the channel is in cache, so each full-size map crosses memory
 once; "torch" -- :func:`rforward_reference` / :func:`rbackward_reference`, a few fused
-native_batch_norm_backward calls and in-place updates, any device and float dtype, differentiable.
+native_batch_norm_backward calls and in-place updates, any device and float dtype, differentiable; inputs
+the C++ kernels do not serve run it whichever backend is chosen. :func:`per_channel` and :func:`affine`
+are shared with the batched BatchNorm layer (metafast/functional/layers.py).
 """
 from typing import Optional, Tuple
 
@@ -31,23 +33,20 @@ from torch import Tensor
 from .. import _backend
 from .batch_norm import cpu_maps_ok
 
-__all__ = ["rforward", "rbackward", "rforward_reference", "rbackward_reference"]
-
-_backend.register_op("batch_norm_rop", backends=("cuda", "torch"), cuda_symbol="batch_norm_rforward_cxx",
-                     ext_on_cpu=True)
+__all__ = ["rforward", "rbackward", "rforward_reference", "rbackward_reference", "per_channel", "affine"]
 _bnb = torch.ops.aten.native_batch_norm_backward
 
 
-def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+def per_channel(v: Tensor, like: Tensor) -> Tensor:
     """A [C] vector viewed to broadcast over the channel dim (dim 1) of ``like``, in its dtype."""
     return v.to(like.dtype).view((1, -1) + (1,) * (like.dim() - 2))
 
 
-def _affine(y: Optional[Tensor], x: Tensor, a: Tensor, c: Tensor) -> Tensor:
+def affine(y: Optional[Tensor], x: Tensor, a: Tensor, c: Tensor) -> Tensor:
     """y + a x + c with per-channel a, c (y may be None); y is updated in place."""
     if y is None:
-        return torch.addcmul(_per_channel(c, x), x, _per_channel(a, x))
-    return y.addcmul_(x, _per_channel(a, x)).add_(_per_channel(c, x))
+        return torch.addcmul(per_channel(c, x), x, per_channel(a, x))
+    return y.addcmul_(x, per_channel(a, x)).add_(per_channel(c, x))
 
 
 def _ones_if_none(w: Optional[Tensor], x: Tensor) -> Tensor:
@@ -62,7 +61,7 @@ def rforward_reference(x, w, mean, invstd, rx, rw, rb):
     if rw is not None:  # + R(w) xhat + R(b) = a x + (R(b) - a mean)
         rw, rb = rw.to(invstd.dtype), rb.to(invstd.dtype)
         a = rw * invstd
-        ry = _affine(ry, x, a, rb - a * mean)
+        ry = affine(ry, x, a, rb - a * mean)
     return ry, sx_rx, s_rx
 
 
@@ -93,12 +92,33 @@ def rbackward_reference(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw
     ws_ = w1 * s
     c_xhat = -r_ws * m2 - ws_ * g_rxh / m
     const = -r_ws * m1
-    rgx = rgx.addcmul_(gy, _per_channel(r_ws, x))
+    rgx = rgx.addcmul_(gy, per_channel(r_ws, x))
     if rx is not None:  # R(xhat) = s rx - s mr - s a xhat
-        rgx = rgx.addcmul_(rx, _per_channel(-ws_ * m2 * s, x))
+        rgx = rgx.addcmul_(rx, per_channel(-ws_ * m2 * s, x))
         c_xhat = c_xhat + ws_ * m2 * s * a
         const = const + ws_ * m2 * s * mr
-    return _affine(rgx, x, c_xhat * s, const - c_xhat * s * mean), r_gw, r_gb
+    return affine(rgx, x, c_xhat * s, const - c_xhat * s * mean), r_gw, r_gb
+
+
+def _cpp_rforward(x, w, mean, invstd, rx, rw, rb):
+    ry, sx_rx, s_rx = torch.ops.metafast.batch_norm_rforward_cxx(x, w, mean, invstd, rx, rw, rb)
+    return (ry, sx_rx, s_rx) if rx is not None else (ry, None, None)
+
+
+def _cpp_rbackward(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw, need_gx):
+    rgx, r_gw, r_gb = torch.ops.metafast.batch_norm_rbackward_cxx(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat,
+                                                                   sum_rx, rw, need_gx)
+    return (rgx if need_gx else None), r_gw, r_gb
+
+
+_backend.register("batch_norm_rop", "cpp", serves=lambda *maps: cpu_maps_ok(maps), rforward=_cpp_rforward,
+                  rbackward=_cpp_rbackward)
+_TORCH = _backend.register("batch_norm_rop", "torch", rforward=rforward_reference, rbackward=rbackward_reference)
+
+
+def _dispatch(maps, backend: Optional[str]):
+    impl = _backend.dispatch("batch_norm_rop", maps[0], backend)
+    return impl if impl is _TORCH or impl.serves(*maps) else _TORCH
 
 
 def rforward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, rx: Optional[Tensor],
@@ -108,10 +128,7 @@ def rforward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, rx: O
         raise ValueError("batch_norm_rop.rforward: rx or rw must be given (R(y) is zero otherwise)")
     if (rw is None) != (rb is None):
         raise ValueError("batch_norm_rop.rforward: rw and rb must be given together")
-    if not cpu_maps_ok("batch_norm_rop", (x, rx), backend=backend):
-        return rforward_reference(x, w, mean, invstd, rx, rw, rb)
-    ry, sx_rx, s_rx = torch.ops.metafast.batch_norm_rforward_cxx(x, w, mean, invstd, rx, rw, rb)
-    return (ry, sx_rx, s_rx) if rx is not None else (ry, None, None)
+    return _dispatch((x, rx), backend).rforward(x, w, mean, invstd, rx, rw, rb)
 
 
 def rbackward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, gy: Tensor, rgy: Tensor,
@@ -120,8 +137,5 @@ def rbackward(x: Tensor, w: Optional[Tensor], mean: Tensor, invstd: Tensor, gy: 
               backend: Optional[str] = None) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     if rx is not None and (sum_rx_xhat is None or sum_rx is None):
         raise ValueError("batch_norm_rop.rbackward: sum_rx_xhat and sum_rx (rforward's) must be given with rx")
-    if not cpu_maps_ok("batch_norm_rop", (x, gy, rgy, rx), backend=backend):
-        return rbackward_reference(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw, need_gx)
-    rgx, r_gw, r_gb = torch.ops.metafast.batch_norm_rbackward_cxx(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat,
-                                                                   sum_rx, rw, need_gx)
-    return (rgx if need_gx else None), r_gw, r_gb
+    return _dispatch((x, gy, rgy, rx), backend).rbackward(x, w, mean, invstd, gy, rgy, rx, sum_rx_xhat, sum_rx, rw,
+                                                          need_gx)

@@ -16,11 +16,11 @@ The reverse (see kernels/fused_inner_loop.py for the derivation):
     Wbar_k = Wbar_{k+1} - H_s(W_k) (lr_k Wbar_{k+1})  (H by R-operators; dropped when first_order);
     thetabar = sum_t Wbar_0.
 
-Backends (``backend=``, else metafast._backend.resolve): "triton" (kernels/fused_inner_loop.py, one
-program per task; CPU tensors under TRITON_INTERPRET=1), "cuda" (the C++ extension's
-``metafast::fused_inner_loop_cxx`` / ``fused_inner_loop_backward_cxx``, which also run CPU tensors;
-eager calls go through ``metafast::fused_inner_loop_autograd``, one C++ autograd node around them),
-"torch" (:func:`fused_inner_loop_reference`, batched PyTorch ops, any float dtype).
+Backends (``backend=``, else metafast._backend's choice): "triton" (kernels/fused_inner_loop.py, one
+program per task; CPU tensors under TRITON_INTERPRET=1), "cuda" and "cpp" (the C++ extension's
+``metafast::fused_inner_loop_cxx`` / ``fused_inner_loop_backward_cxx`` with their CUDA and C++ CPU
+kernels; eager calls go through ``metafast::fused_inner_loop_autograd``, one C++ autograd node around
+them), "torch" (:func:`fused_inner_loop_reference`, batched PyTorch ops, any float dtype).
 """
 import numbers
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .theta_view import ThetaView
 
 __all__ = ["fused_inner_loop", "fused_meta_loss", "fused_inner_loop_reference", "fused_inner_loop_backward_reference",
            "eligible", "num_params", "check_args", "check_labels", "Checked", "eager_meta_loss", "runs_eager_node",
@@ -38,8 +39,7 @@ MAX_LAYERS = 4
 MAX_DIM = 256
 LOSS_KINDS = {"mse": 0, "cross_entropy": 1}
 _FLOAT_DTYPES = (torch.float32, torch.float64)
-
-_backend.register_op("fused_inner_loop", cuda_symbol="fused_inner_loop_cxx", ext_on_cpu=True)
+_EAGER_NODE = ("cpp", "cuda")  # the backends whose eager calls take the C++ autograd node (eager_meta_loss)
 
 
 class FusedInnerLoopResult(NamedTuple):
@@ -218,34 +218,16 @@ def fused_inner_loop_backward_reference(grad_query_loss: Tensor, theta: Tensor, 
 # --------------------------------------------------------------------------------------------
 # Custom ops
 # --------------------------------------------------------------------------------------------
-def _kernels():
-    from metafast.kernels import fused_inner_loop as k  # imported on first use: needs triton
-
-    return k
-
-
 def _fwd_impl(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_backward, backend):
-    args = (theta, lr, sx, sy, qx, qy, list(dims), steps, loss_kind, lr_per_param, save_for_backward)
-    if backend == "cuda":
-        out = torch.ops.metafast.fused_inner_loop_cxx(*args)
-    elif backend == "triton":
-        out = _kernels().fused_inner_loop_fwd(*args)
-    else:
-        out = fused_inner_loop_reference(*args)
-    return tuple(out)
+    return tuple(_backend.implementation("fused_inner_loop", backend).forward(
+        theta, lr, sx, sy, qx, qy, list(dims), steps, loss_kind, lr_per_param, save_for_backward))
 
 
 def _bwd_impl(grad_query_loss, theta, lr, sx, sy, qx, qy, saved, dims, steps, loss_kind, lr_per_param, first_order,
               backend):
-    args = (grad_query_loss.contiguous(), theta, lr, sx, sy, qx, qy, saved, list(dims), steps, loss_kind,
-            lr_per_param, first_order)
-    if backend == "cuda":
-        out = torch.ops.metafast.fused_inner_loop_backward_cxx(*args)
-    elif backend == "triton":
-        out = _kernels().fused_inner_loop_bwd(*args)
-    else:
-        out = fused_inner_loop_backward_reference(*args)
-    return tuple(out)
+    return tuple(_backend.implementation("fused_inner_loop", backend).backward(
+        grad_query_loss.contiguous(), theta, lr, sx, sy, qx, qy, saved, list(dims), steps, loss_kind, lr_per_param,
+        first_order))
 
 
 _SECOND_ORDER = ("fused_inner_loop: the meta-gradient supports one backward; second derivatives through it "
@@ -264,11 +246,15 @@ def _(theta, lr, sx, sy, qx, qy, dims, steps, loss_kind, lr_per_param, save_for_
     T, Nq, P = sx.shape[0], qx.shape[1], theta.shape[0]
     if not save_for_backward:
         saved = theta.new_empty(0)
-    elif backend == "cuda":
-        saved = theta.new_empty(_cxx_saved_numel(dims, T, sx.shape[1], steps, loss_kind, lr_per_param, theta))
     else:
-        saved = theta.new_empty(T, steps, P)
+        saved = theta.new_empty(_backend.implementation("fused_inner_loop", backend).saved_shape(
+            dims, T, sx.shape[1], steps, loss_kind, lr_per_param, theta))
     return (theta.new_empty(T), theta.new_empty(T), theta.new_empty(T, P), theta.new_empty(T, Nq, dims[-1]), saved)
+
+
+def _trajectory_shape(dims, T: int, Ns: int, steps: int, loss_kind: int, lr_per_param: bool, theta: Tensor):
+    """The saved output of the Triton and PyTorch forwards: the trajectory W_0..W_{K-1}, [T, K, P]."""
+    return T, steps, theta.shape[0]
 
 
 def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, lr_per_param: bool, theta: Tensor) -> int:
@@ -283,6 +269,17 @@ def _cxx_saved_numel(dims, T: int, Ns: int, steps: int, loss_kind: int, lr_per_p
         return T * per_task
     lanes = 32 // theta.element_size()
     return -(-T // lanes) * lanes * per_task
+
+
+_CXX = dict(forward=lambda *a: torch.ops.metafast.fused_inner_loop_cxx(*a),
+            backward=lambda *a: torch.ops.metafast.fused_inner_loop_backward_cxx(*a), saved_shape=_cxx_saved_numel)
+_TRITON = "metafast.kernels.fused_inner_loop"  # imported on first use: needs triton
+_backend.register("fused_inner_loop", "cuda", **_CXX)
+_backend.register("fused_inner_loop", "cpp", **_CXX)
+_backend.register("fused_inner_loop", "triton", forward=f"{_TRITON}:fused_inner_loop_fwd",
+                  backward=f"{_TRITON}:fused_inner_loop_bwd", saved_shape=_trajectory_shape)
+_backend.register("fused_inner_loop", "torch", forward=fused_inner_loop_reference,
+                  backward=fused_inner_loop_backward_reference, saved_shape=_trajectory_shape)
 
 
 @torch.library.custom_op("metafast::fused_inner_loop_backward", mutates_args=())
@@ -537,7 +534,7 @@ def fused_meta_loss(flat: Tensor, params: Sequence[Tensor], lr: LrArg, support_x
 
 def runs_eager_node(device: torch.device, backend: Optional[str] = None) -> bool:
     """Whether calls on ``device`` go through the C++ autograd node (:func:`eager_meta_loss`)."""
-    return _backend.resolve("fused_inner_loop", device, backend) == "cuda" and not torch.compiler.is_compiling()
+    return _backend.resolve("fused_inner_loop", device, backend) in _EAGER_NODE and not torch.compiler.is_compiling()
 
 
 def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tensor, sy: Tensor, qx: Tensor,
@@ -555,14 +552,12 @@ def eager_meta_loss(flat: Tensor, params: Sequence[Tensor], c: Checked, sx: Tens
 def _run(theta, params, lr, sx, sy, qx, qy, dims, steps, loss, first_order,
          backend) -> Tuple[Tensor, FusedInnerLoopResult]:
     c = check_args(theta, lr, sx, sy, qx, qy, dims, steps, loss)
-    chosen = _backend.resolve("fused_inner_loop", theta.device, backend)
+    chosen = _backend.resolve("fused_inner_loop", theta, backend)
     compiling = torch.compiler.is_compiling()
-    if chosen == "cuda" and not compiling:  # as runs_eager_node
+    if chosen in _EAGER_NODE and not compiling:  # as runs_eager_node
         return eager_meta_loss(theta, [theta] if params is None else params, c, sx, sy, qx, qy, first_order)
     dims, steps, kind, lr_t, per_param = c
     if params is not None and torch.is_grad_enabled():
-        from ..functional.flat import ThetaView
-
         theta = ThetaView.apply(theta, *params)
     needs_grad = torch.is_grad_enabled() and (theta.requires_grad or (per_param and lr_t.requires_grad))
     args = (theta.contiguous(), lr_t.contiguous(), sx.contiguous(), sy.contiguous(), qx.contiguous(), qy.contiguous())

@@ -22,7 +22,7 @@ Semantics (per row; s = student logits, t = teacher logits, T = temperature, y =
   that row NaN, never an out-of-bounds read).
 - Differentiable twice w.r.t. the student (any number of times on the torch path).
 
-Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
+Backends (``backend=`` keyword, else metafast._backend's choice)
 - ``"torch"``: :func:`kd_loss_reference` (log_softmax + cross_entropy, plain autograd; the
   teacher's side computed once without a graph). This is the CPU path.
 - ``"triton"`` / ``"cuda"``: the custom op ``metafast::kd_loss`` (-> loss, dstudent) calling the
@@ -42,19 +42,18 @@ from torch import Tensor, nn
 
 from .. import _backend
 
-__all__ = ["kd_loss", "kd_loss_reference", "KDLoss"]
+__all__ = ["kd_loss", "kd_loss_reference", "KDLoss", "check_args"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NO_IGNORE = -(2**63)  # cross_entropy's ignore_index that no label can hit: -100 is an error here too
 
-_backend.register_op("kd_loss", cuda_symbol="kd_loss_fwd_cuda")
-
 
 # --------------------------------------------------------------------------------------------
 # Checks and small helpers
 # --------------------------------------------------------------------------------------------
-def _check_args(student, teacher, target, temperature, alpha, reduction) -> None:
+def check_args(student, teacher, target, temperature, alpha, reduction) -> None:
+    """Validate the arguments of :func:`kd_loss` (errors name the argument)."""
     where = "kd_loss"
     if not isinstance(student, Tensor):
         raise TypeError(f"{where}: student_logits must be a Tensor [B, C] or [T, N, C], "
@@ -108,6 +107,8 @@ def _check_label_range(target: Optional[Tensor], num_classes: int, force: bool =
             return
         if torch.cuda.is_current_stream_capturing():
             return  # a host sync would break graph capture; the kernels yield NaN instead
+    if target.device.type == "meta":  # shapes only: no values to check
+        return
     bad = (target < 0) | (target >= num_classes)
     if bool(bad.any()):
         first = target[bad][0].item()
@@ -143,7 +144,7 @@ def _reference_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
         r = log_r.exp()
         neg_entropy = (r * log_r).sum(-1)
         # classes the teacher rules out (r = 0, log r = -inf) add 0; compiled: always (no host sync)
-        if torch.compiler.is_compiling() or neg_entropy.isnan().any():
+        if torch.compiler.is_compiling() or neg_entropy.device.type == "meta" or neg_entropy.isnan().any():
             neg_entropy = torch.where(r > 0, r * log_r, 0.0).sum(-1)
     rows = (neg_entropy - (r * log_p).sum(-1)) * c_kl
     if target is not None:
@@ -169,7 +170,7 @@ def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, target: Op
                       temperature: float = 4.0, alpha: float = 0.9, reduction: str = "mean") -> Tensor:
     """KD loss with log_softmax + cross_entropy in plain PyTorch (differentiable any number
     of times w.r.t. the student). Same semantics and dtypes as :func:`kd_loss`."""
-    _check_args(student_logits, teacher_logits, target, temperature, alpha, reduction)
+    check_args(student_logits, teacher_logits, target, temperature, alpha, reduction)
     if target is not None and target.is_cuda:
         _check_label_range(target, student_logits.shape[-1])
     # CPU: cross_entropy rejects a bad label itself; _reference_rows turns that into a clear error
@@ -180,10 +181,9 @@ def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, target: Op
 # --------------------------------------------------------------------------------------------
 # Custom op (CUDA extension or Triton)
 # --------------------------------------------------------------------------------------------
-def _kernels():
-    from metafast.kernels import kd_loss as k  # imported on first use: needs triton
-
-    return k
+_backend.register("kd_loss", "cuda", forward=lambda *a: torch.ops.metafast.kd_loss_fwd_cuda(*a))
+_backend.register("kd_loss", "triton", forward="metafast.kernels.kd_loss:kd_loss_fwd")  # imported on first use
+_backend.register("kd_loss", "torch", reference=kd_loss_reference)  # runs under plain autograd, not the custom op
 
 
 @torch.library.custom_op("metafast::kd_loss", mutates_args=())
@@ -192,10 +192,7 @@ def _kd_op(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperatu
     """[T, N, C] logits -> (loss [T] or [T, N] for "none", dstudent [T, N, C] = d sum(loss) / d student)."""
     _check_label_range(target, student.shape[2])
     coefs = _coefficients(temperature, alpha, target is not None, student.shape[1], reduction)
-    if backend == "cuda":
-        row_loss, grad = torch.ops.metafast.kd_loss_fwd_cuda(student, teacher, target, *coefs)
-    else:
-        row_loss, grad = _kernels().kd_loss_fwd(student, teacher, target, *coefs)
+    row_loss, grad = _backend.implementation("kd_loss", backend).forward(student, teacher, target, *coefs)
     loss = row_loss if reduction == "none" else row_loss.sum(1)
     return loss, grad
 
@@ -269,13 +266,6 @@ class _ScaleGrad(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _choose(device: torch.device, backend: Optional[str]) -> str:
-    # CPU tensors with no explicit request take the torch path without consulting _backend.
-    if backend is None and device.type == "cpu" and not os.environ.get(_backend.ENV):
-        return "torch"
-    return _backend.resolve("kd_loss", device, backend)
-
-
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None,
             temperature: float = 4.0, alpha: float = 0.9, reduction: str = "mean", *,
             backend: Optional[str] = None) -> Tensor:
@@ -283,9 +273,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
 
     Logits [B, C] (target [B]) or [T, N, C] (target [T, N]); target=None drops the CE term and alpha
     then scales the KD term alone. See the module docstring for reductions, dtypes and backends."""
-    _check_args(student_logits, teacher_logits, target, temperature, alpha, reduction)
-    backend = _choose(student_logits.device, backend)
-    if backend == "torch":
+    check_args(student_logits, teacher_logits, target, temperature, alpha, reduction)
+    backend = _backend.resolve("kd_loss", student_logits, backend)
+    if backend == "torch":  # the reference under plain autograd: the CPU path
         return kd_loss_reference(student_logits, teacher_logits, target, temperature, alpha, reduction)
     flat = student_logits.dim() == 2
     s = student_logits.unsqueeze(0) if flat else student_logits
@@ -304,7 +294,7 @@ class KDLoss(nn.Module):
         super().__init__()
         # validate once here, with placeholder logits, so a bad setting fails at construction
         dummy = torch.zeros(1, 1)
-        _check_args(dummy, dummy, None, temperature, alpha, reduction)
+        check_args(dummy, dummy, None, temperature, alpha, reduction)
         self.temperature, self.alpha, self.reduction, self.backend = float(temperature), float(alpha), reduction, backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:

@@ -12,7 +12,7 @@ dtype. Labels are checked to lie in [0, O): always on CPU; on CUDA with one host
 a CUDA graph is being captured and when ``METAFAST_CHECK_LABELS=0`` (an unchecked bad label then
 gives that head a NaN loss, never an out-of-bounds read).
 
-Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
+Backends (``backend=`` keyword, else metafast._backend's choice)
 - ``"torch"``: :func:`multitask_heads_cross_entropy_reference` (baddbmm + log_softmax, plain autograd).
   This is the CPU path and the float64 oracle.
 - ``"triton"``: one kernel computes the heads' matmul (tl.dot), adds the bias and runs each row's
@@ -40,8 +40,6 @@ __all__ = ["multitask_heads_cross_entropy", "multitask_heads_cross_entropy_refer
 REDUCTIONS = ("mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WHERE = "multitask_heads_cross_entropy"
-
-_backend.register_op("multitask_heads_cross_entropy", cuda_symbol="multitask_heads_ce_fwd_cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +92,8 @@ def _check_label_range(labels: Tensor, num_classes: int) -> None:
             return
         if torch.cuda.is_current_stream_capturing():
             return  # a host sync would break graph capture; the kernels yield NaN instead
+    if labels.device.type == "meta":  # shapes only: no values to check
+        return
     bad = (labels < 0) | (labels >= num_classes)
     if torch.compiler.is_compiling():  # no host sync inside a compiled graph: assert on the device
         torch._assert_async(~bad.any(), f"{_WHERE}: labels must be class ids in [0, {num_classes})")
@@ -149,10 +149,10 @@ def multitask_heads_cross_entropy_reference(features: Tensor, weight: Tensor, bi
 # --------------------------------------------------------------------------------------------
 # Custom op (CUDA extension or Triton)
 # --------------------------------------------------------------------------------------------
-def _kernels():
-    from metafast.kernels import multitask_heads as k  # imported on first use: needs triton
-
-    return k
+_OP = "multitask_heads_cross_entropy"
+_backend.register(_OP, "cuda", forward=lambda *a: torch.ops.metafast.multitask_heads_ce_fwd_cuda(*a))
+_backend.register(_OP, "triton", forward="metafast.kernels.multitask_heads:multitask_heads_fwd")  # needs triton
+_backend.register(_OP, "torch", reference=multitask_heads_cross_entropy_reference)  # plain autograd, not the custom op
 
 
 @torch.library.custom_op("metafast::multitask_heads_cross_entropy", mutates_args=())
@@ -161,10 +161,7 @@ def _mth_op(features: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, redu
     """Returns (loss [H], dlogits [H, N, O] = d sum(loss) / d logits)."""
     _check_label_range(labels, weight.shape[1])
     mean = reduction == "mean"
-    if backend == "cuda":
-        row_loss, dlogits = torch.ops.metafast.multitask_heads_ce_fwd_cuda(features, weight, bias, labels, mean)
-    else:
-        row_loss, dlogits = _kernels().multitask_heads_fwd(features, weight, bias, labels, mean)
+    row_loss, dlogits = _backend.implementation(_OP, backend).forward(features, weight, bias, labels, mean)
     return row_loss.sum(1), dlogits
 
 
@@ -219,19 +216,13 @@ _mth_op.register_autograd(_mth_backward, setup_context=_mth_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _choose(device: torch.device, backend: Optional[str]) -> str:
-    if backend is None and device.type == "cpu" and not _backend.env_value():
-        return "torch"
-    return _backend.resolve("multitask_heads_cross_entropy", device, backend)
-
-
 def multitask_heads_cross_entropy(features: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                                   reduction: str = "mean", *, backend: Optional[str] = None) -> Tensor:
     """Per-head cross-entropy of H stacked linear heads: features [H, N, I] or shared [N, I],
     weight [H, O, I], bias [H, O] or None, labels [H, N] int64 -> loss [H]. See the module docstring."""
     _check_args(features, weight, bias, labels, reduction)
-    backend = _choose(weight.device, backend)
-    if backend == "torch":
+    backend = _backend.resolve(_OP, weight, backend)
+    if backend == "torch":  # the reference under plain autograd: the CPU path
         return multitask_heads_cross_entropy_reference(features, weight, bias, labels, reduction)
     if bias is None:
         bias = weight.new_zeros(weight.shape[:2])

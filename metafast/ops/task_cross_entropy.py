@@ -19,7 +19,7 @@ Semantics
   one host sync, skipped while a CUDA graph is being captured and when ``METAFAST_CHECK_LABELS=0``.
   The kernels never read out of bounds either way: an unchecked bad label gives that row NaN loss.
 
-Backends (``backend=`` keyword, else ``metafast._backend.resolve``)
+Backends (``backend=`` keyword, else metafast._backend's choice)
 - ``"torch"``: :func:`task_cross_entropy_reference` (plain autograd). This is the CPU path.
 - ``"triton"`` / ``"cuda"``: the custom ops ``metafast::task_cross_entropy`` (-> loss, dlogits,
   logsumexp) and ``metafast::task_cross_entropy_softmax_jvp`` calling the Triton kernels (kernels/)
@@ -47,8 +47,6 @@ __all__ = [
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_backend.register_op("task_cross_entropy", cuda_symbol="task_cross_entropy_fwd_cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +87,8 @@ def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> N
             return
         if torch.cuda.is_current_stream_capturing():
             return  # a host sync would break graph capture; the kernels yield NaN instead
+    if labels.device.type == "meta":  # shapes only: no values to check
+        return
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if torch.compiler.is_compiling():  # no host sync inside a compiled graph: assert on the device
         torch._assert_async(~bad.any(), "task_cross_entropy: labels must be class ids or ignore_index")
@@ -168,14 +168,17 @@ def task_cross_entropy_reference_with_grad(logits: Tensor, labels: Tensor,
 # --------------------------------------------------------------------------------------------
 # Custom ops (CUDA extension or Triton)
 # --------------------------------------------------------------------------------------------
-def _kernels():
-    from metafast.kernels import task_cross_entropy as k  # imported on first use: needs triton
-
-    return k
+def _cuda_softmax_jvp(logits, lse, v, row_scale):
+    return torch.ops.metafast.task_cross_entropy_softmax_jvp_cuda(logits, lse, v.to(logits.dtype), row_scale)
 
 
-def _cuda_ops():
-    return torch.ops.metafast
+_TRITON = "metafast.kernels.task_cross_entropy"  # imported on first use: needs triton
+_backend.register("task_cross_entropy", "cuda", forward=lambda *a: torch.ops.metafast.task_cross_entropy_fwd_cuda(*a),
+                  softmax_jvp=_cuda_softmax_jvp)
+_backend.register("task_cross_entropy", "triton", forward=f"{_TRITON}:task_cross_entropy_fwd",
+                  softmax_jvp=f"{_TRITON}:task_cross_entropy_softmax_jvp")
+_backend.register("task_cross_entropy", "torch", reference=task_cross_entropy_reference,
+                  reference_with_grad=task_cross_entropy_reference_with_grad)  # plain autograd, not the custom ops
 
 
 @torch.library.custom_op("metafast::task_cross_entropy", mutates_args=())
@@ -184,12 +187,8 @@ def _tce_op(logits: Tensor, labels: Tensor, label_smoothing: float, ignore_index
     """Returns (loss [T] or [T, N], dlogits [T, N, C] = d sum(loss) / d logits, lse [T, N])."""
     _check_label_range(labels, logits.shape[2], ignore_index)
     w = _row_weight(labels, ignore_index, reduction, _acc_dtype(logits.dtype))
-    if backend == "cuda":
-        row_loss, dlogits, lse = _cuda_ops().task_cross_entropy_fwd_cuda(
-            logits, labels, w, label_smoothing, ignore_index)
-    else:
-        row_loss, dlogits, lse = _kernels().task_cross_entropy_fwd(
-            logits, labels, w, label_smoothing, ignore_index)
+    row_loss, dlogits, lse = _backend.implementation("task_cross_entropy", backend).forward(
+        logits, labels, w, label_smoothing, ignore_index)
     loss = row_loss if reduction == "none" else row_loss.sum(1)
     return loss, dlogits, lse
 
@@ -234,10 +233,7 @@ def _jvp_op(logits: Tensor, lse: Tensor, v: Tensor, row_scale: Tensor, backend: 
     """row_scale * p * (v - <p, v>) per row, p = exp(logits - lse): the derivative of
     dlogits = w * (softmax - target) applied to v (row_scale = w). lse must be the logsumexp of
     logits; its gradient is folded into the one for logits."""
-    if backend == "cuda":
-        return _cuda_ops().task_cross_entropy_softmax_jvp_cuda(logits, lse, v.to(logits.dtype),
-                                                                  row_scale)
-    return _kernels().task_cross_entropy_softmax_jvp(logits, lse, v, row_scale)
+    return _backend.implementation("task_cross_entropy", backend).softmax_jvp(logits, lse, v, row_scale)
 
 
 @_jvp_op.register_fake
@@ -280,21 +276,14 @@ _jvp_op.register_autograd(_jvp_backward, setup_context=_jvp_setup_context)
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def _choose(device: torch.device, backend: Optional[str]) -> str:
-    # CPU tensors with no explicit request take the torch path without consulting _backend.
-    if backend is None and device.type == "cpu" and not os.environ.get(_backend.ENV):
-        return "torch"
-    return _backend.resolve("task_cross_entropy", device, backend)
-
-
 def task_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
                        ignore_index: int = -100, reduction: str = "mean", *,
                        backend: Optional[str] = None) -> Tensor:
     """Per-task cross-entropy: logits [T, N, C], labels [T, N] int64 -> loss [T] ([T, N] for
     reduction="none"). See the module docstring for semantics, dtypes and backends."""
     _check_args(logits, labels, label_smoothing, ignore_index, reduction)
-    backend = _choose(logits.device, backend)
-    if backend == "torch":
+    backend = _backend.resolve("task_cross_entropy", logits, backend)
+    if backend == "torch":  # the reference under plain autograd: the CPU path
         return task_cross_entropy_reference(logits, labels, label_smoothing, ignore_index, reduction)
     return _tce_op(logits, labels, float(label_smoothing), ignore_index, reduction, backend)[0]
 
@@ -306,8 +295,8 @@ def task_cross_entropy_with_grad(logits: Tensor, labels: Tensor, label_smoothing
     w.r.t. logits (the fused softmax JVP on GPU), so the inner gradient of a MAML step can be formed
     by hand and still be differentiated for the meta-gradient."""
     _check_args(logits, labels, label_smoothing, ignore_index, reduction)
-    backend = _choose(logits.device, backend)
-    if backend == "torch":
+    backend = _backend.resolve("task_cross_entropy", logits, backend)
+    if backend == "torch":  # the reference under plain autograd: the CPU path
         return task_cross_entropy_reference_with_grad(logits, labels, label_smoothing, ignore_index,
                                                       reduction)
     loss, dlogits, _ = _tce_op(logits, labels, float(label_smoothing), ignore_index, reduction,

@@ -1,4 +1,7 @@
-"""Atomic checkpoint files: a crash or Ctrl-C while writing never destroys the previous checkpoint."""
+"""Atomic checkpoint files: a crash or Ctrl-C while writing never destroys the previous checkpoint, and a
+damaged checkpoint is refused by name instead of resuming from wrong values."""
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -17,7 +20,8 @@ os.umask(_UMASK)
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
 
-    os.replace is atomic on POSIX and Windows, so readers see either the old file or the new one.
+    os.replace is atomic on POSIX and Windows, so readers see either the old file or the new one. A failed
+    write (a full disk, a file size limit) raises an OSError naming ``path``; the old file stays.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -29,11 +33,13 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written temp file behind
+    except BaseException as e:  # KeyboardInterrupt included: never leave a half-written temp file behind
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}; the previous file, if any, is unchanged") from e
         raise
     _fsync_dir(directory)
 
@@ -62,7 +68,12 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     state = dict(state, format_version=FORMAT_VERSION)
-    atomic_write(path, lambda f: torch.save(state, f))
+    state[_DIGEST] = _digest(state)
+    # serialized in memory first: torch.save's zip writer turns a failed write to the file (a full disk)
+    # into "enforce fail ... unexpected pos", while a plain write raises the OSError that says why
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -71,7 +82,46 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load reports damage as many types (zip, EOF, EINVAL, unpickling)
+        raise ValueError(f"{path}: cannot read the checkpoint, it is truncated or corrupted "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a metafast checkpoint (format version {FORMAT_VERSION})")
+    digest = state.pop(_DIGEST, None)  # absent in checkpoints written before digests
+    if digest is not None and digest != _digest(state):
+        raise ValueError(f"{path}: the checkpoint is corrupted (its content does not match the digest saved with it)")
     return state
+
+
+# A flipped byte in a tensor's data loads without any error from torch.load (the zip records are not
+# checksummed on read), so every checkpoint carries a digest of its whole content.
+_DIGEST = "sha256"
+
+
+def _digest(obj: Any) -> str:
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    """Hash a state (dicts, lists, tuples, tensors, plain values) in a canonical order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r};".encode())

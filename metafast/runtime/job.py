@@ -176,7 +176,11 @@ class Job:
                 if self.interrupt.requested and self.world == 1:  # several ranks decide together, in step
                     raise KeyboardInterrupt
                 mid_step = True
-                stop = step(self.iteration)
+                try:
+                    stop = step(self.iteration)
+                except FloatingPointError as e:  # name the step; the last checkpoint stays as it is
+                    raise FloatingPointError(f"{where}iteration {self.iteration + 1}/{total}: {e} (the last "
+                                             f"checkpoint, if any, is kept in {self.out_dir})") from None
                 self.iteration += 1
                 mid_step = False
                 self.bar.update(1)

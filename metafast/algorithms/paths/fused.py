@@ -80,7 +80,7 @@ def plan(model: nn.Module, loss_fn, anil: bool, clip_grad_norm, dtype: torch.dty
             _fallback.fallback(SELF_CHECK_KEY, f"BatchedMAML: {why}; using the batched path (fused=False silences "
                                "this)", stacklevel=3)
             return None, why
-    kernel = {"cuda": "metafast._C's " + ("CUDA" if device.type == "cuda" else "C++ CPU") + " kernel",
+    kernel = {"cuda": "metafast._C's CUDA kernel", "cpp": "metafast._C's C++ CPU kernel",
               "triton": "Triton kernel" + ("" if device.type == "cuda" else ", interpreted")}.get(backend, backend)
     return dims, f"fused inner loop ({kernel}) for MLP {'-'.join(map(str, dims))}"
 

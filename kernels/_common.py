@@ -1,7 +1,9 @@
-"""Pieces shared by the row-wise softmax kernels (``kd_loss``, ``task_cross_entropy``,
-``multitask_heads``): the chunked online-softmax update, its -inf stand-in, and the host-side helpers
-their launchers use to pick the accumulation dtype, pass float64 scalars and size the row tiles."""
+"""Helpers the Triton kernels share (not an op): the accumulation dtype, float64 scalars as float32
+pairs, and, for the row-wise softmax kernels (``kd_loss``, ``task_cross_entropy``,
+``multitask_heads``), the chunked online-softmax update, its -inf stand-in and the row tiles."""
+import math
 import struct
+from typing import Tuple
 
 import torch
 import triton
@@ -30,13 +32,19 @@ def acc_dtypes(dtype: torch.dtype):
 
 
 def _to_f32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: rounds to infinity
+        return math.copysign(math.inf, value)
 
 
-def split_f64(value: float):
+def split_f64(value: float) -> Tuple[float, float]:
     """value ~= hi + lo (to ~48 bits) with both parts exactly representable in float32: scalar kernel
-    arguments are float32, and float64 rows need their coefficients to float64 precision."""
+    arguments are float32, and float64 rows need their coefficients to float64 precision. A value
+    beyond float32's range gives (+-inf, 0), never a NaN part."""
     hi = _to_f32(value)
+    if not math.isfinite(hi):
+        return hi, 0.0
     return hi, _to_f32(value - hi)
 
 
