@@ -488,7 +488,26 @@ TORCH_LIBRARY_IMPL(metafast, CPU, m) {
   m.impl("fused_inner_loop_backward_cxx", &metafast::fused_inner_loop::fused_inner_loop_backward_cxx);
 }
 
+#ifdef METAFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(metafast, CUDA, m) {
   m.impl("fused_inner_loop_cxx", &metafast::fused_inner_loop::fused_inner_loop_cxx);
   m.impl("fused_inner_loop_backward_cxx", &metafast::fused_inner_loop::fused_inner_loop_backward_cxx);
 }
+#else
+// A CPU-only build (setup.py without nvcc or a CUDA torch) has no fused_inner_loop.cu: the ops are
+// registered for the CPU key only, so the dispatcher never sends a CUDA tensor here; these stand in
+// for the missing launchers so that the library links.
+namespace metafast {
+namespace fused_inner_loop {
+void forward_cuda(const Plan&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "metafast._C was built without CUDA (no nvcc or a CPU-only torch at build time)");
+}
+void backward_cuda(const Plan&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool) {
+  TORCH_CHECK(false, "metafast._C was built without CUDA (no nvcc or a CPU-only torch at build time)");
+}
+}  // namespace fused_inner_loop
+}  // namespace metafast
+#endif

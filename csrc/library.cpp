@@ -11,10 +11,16 @@
 // with TORCH_LIBRARY_IMPL(metafast, CUDA, m).
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
+#ifdef METAFAST_WITH_CUDA
 #include "inner_update.h"
+#endif
 
+// The schemas of the raw CUDA ops exist only in a CUDA build, so that hasattr(torch.ops.metafast,
+// "inner_update_cuda") tells whether the extension can run them.
 TORCH_LIBRARY(metafast, m) {
+#ifdef METAFAST_WITH_CUDA
   // fast[t, p] = theta[p or t, p] - lr[p or scalar] * scale[t] * grad[t, p]; lr is the tensor `lr`
   // ([P] or 0-d) when given, else `lr_scalar`. scale[t] = min(1, max_norm / (||grad[t]|| + 1e-6))
   // when max_norm is given, else 1.
@@ -33,20 +39,52 @@ TORCH_LIBRARY(metafast, m) {
   m.def(
       "inner_update_multi_backward_cuda(Tensor[] grad_outs, Tensor[] grads, Tensor[] lrs, float lr_scalar, "
       "float? max_norm, bool need_grad, bool need_lr) -> (Tensor[], Tensor[])");
+#endif
 }
 
+#ifdef METAFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(metafast, CUDA, m) {
   m.impl("inner_update_cuda", &metafast::inner_update::inner_update_cuda);
   m.impl("inner_update_backward_cuda", &metafast::inner_update::inner_update_backward_cuda);
   m.impl("inner_update_multi_cuda", &metafast::inner_update::inner_update_multi_cuda);
   m.impl("inner_update_multi_backward_cuda", &metafast::inner_update::inner_update_multi_backward_cuda);
 }
+#endif
+
+// metafast._C.build_info(): what this binary was compiled with (read by metafast/_ext_info.py, which
+// `metafast info` reports): {"cuda": bool, "cuda_version": str ("" without CUDA), "torch": "X.Y.Z"
+// of the headers it was compiled against, "cxx11_abi": bool, "openmp": bool}.
+#define METAFAST_STR_(x) #x
+#define METAFAST_STR(x) METAFAST_STR_(x)
+
+static PyObject* build_info(PyObject*, PyObject*) {
+#ifdef METAFAST_WITH_CUDA
+  const bool cuda = true;
+  const char* cuda_version = METAFAST_STR(METAFAST_CUDA_VERSION);
+#else
+  const bool cuda = false;
+  const char* cuda_version = "";
+#endif
+#ifdef _OPENMP
+  const bool openmp = true;
+#else
+  const bool openmp = false;
+#endif
+  const char* torch_version =
+      METAFAST_STR(TORCH_VERSION_MAJOR) "." METAFAST_STR(TORCH_VERSION_MINOR) "." METAFAST_STR(TORCH_VERSION_PATCH);
+  return Py_BuildValue("{s:O,s:s,s:s,s:O,s:O}", "cuda", cuda ? Py_True : Py_False, "cuda_version", cuda_version,
+                       "torch", torch_version, "cxx11_abi", _GLIBCXX_USE_CXX11_ABI ? Py_True : Py_False, "openmp",
+                       openmp ? Py_True : Py_False);
+}
 
 extern "C" {
-// `import metafast._C` only needs a module object; the ops are registered by the static
-// initialisers above when the library is loaded.
+// `import metafast._C` only needs a module object (the ops are registered by the static
+// initialisers above when the library is loaded) and build_info().
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"build_info", build_info, METH_NOARGS, "What metafast._C was compiled with (CUDA, torch headers, ABI)."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

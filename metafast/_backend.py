@@ -35,6 +35,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from . import _ext_info
 from .fallback import counts as fallback_counts
 from .fallback import fallback, strict
 
@@ -377,6 +378,7 @@ def describe() -> Dict[str, object]:
         f"not available: {tri_why}"
     ext_ok, ext_why = _probe("extension")
     report["metafast._C"] = _ext_path() if ext_ok else f"not built/loadable: {ext_why}"
+    report["metafast._C build"] = _ext_info.describe()  # which parts (CPU kernels, CUDA kernels) it holds
     dev_ok, dev_why = _probe("cuda_device")
     report["cuda device"] = _device_name() if dev_ok else dev_why
     try:

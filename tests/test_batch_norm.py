@@ -6,13 +6,9 @@ import torch
 from metafast import _backend
 from metafast.ops import batch_norm as bn
 
-try:
-    import metafast._C  # noqa: F401  (registers the op)
-except ImportError:
-    pass
+from cxx_ext import skipif_missing
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.metafast, "batch_norm_forward_cxx"),
-                                reason="metafast._C without batch_norm (no C++ extension)")
+pytestmark = skipif_missing("batch_norm_forward_cxx")
 kernel = torch.ops.metafast.batch_norm_forward_cxx if hasattr(torch.ops.metafast, "batch_norm_forward_cxx") else None
 
 # Conv4's task-grouped 14x14 map, BatchNorm1d's [N, C] and [N, C, L], one value per channel, odd sizes

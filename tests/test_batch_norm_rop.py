@@ -12,13 +12,9 @@ from metafast import BatchedMAML, _backend
 from metafast.models import Conv4
 from metafast.ops import batch_norm_rop as bnr
 
-try:
-    import metafast._C  # noqa: F401  (registers the ops)
-except ImportError:
-    pass
+from cxx_ext import skipif_missing
 
-HAS_KERNEL = hasattr(torch.ops.metafast, "batch_norm_rforward_cxx")
-needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="metafast._C without batch_norm_rop (no C++ extension)")
+needs_kernel = skipif_missing("batch_norm_rforward_cxx", "batch_norm_rbackward_cxx")
 SHAPES = [(5, 6, 7, 7), (9, 4), (3, 5, 2, 3, 4)]  # 2-d maps, BatchNorm1d's [N, C], a 3-d map
 EPS = 1e-5
 

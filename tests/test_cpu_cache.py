@@ -8,7 +8,9 @@ import torch
 from metafast import BatchedMAML, cpu_cache
 from metafast.models import Conv4
 
-pytestmark = pytest.mark.skipif(not cpu_cache.available(), reason="metafast._C without the CPU cache")
+from cxx_ext import skipif_missing
+
+pytestmark = skipif_missing("cpu_cache_enter", "cpu_cache_exit", "cpu_cache_stats")
 
 MB = 1 << 20
 

@@ -13,14 +13,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-try:
-    import metafast._C  # noqa: F401  (registers the ops)
-except ImportError:
-    pass
+from cxx_ext import skip_reason  # noqa: E402
 
-if not hasattr(torch.ops.metafast, "fused_inner_loop_cxx"):
-    pytest.skip("metafast._C without fused_inner_loop_cxx (built without the C++/CUDA extension)",
-                allow_module_level=True)
+_why = skip_reason("fused_inner_loop_cxx", "fused_inner_loop_backward_cxx")
+if _why is not None:
+    pytest.skip(_why, allow_module_level=True)
 
 from maml_reference import per_task_maml  # noqa: E402
 from metafast.models import MLP  # noqa: E402

@@ -6,13 +6,9 @@ import torch
 from metafast import _backend
 from metafast.ops import to_nchw as tn
 
-try:
-    import metafast._C  # noqa: F401  (registers the op)
-except ImportError:
-    pass
+from cxx_ext import skipif_missing
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.metafast, "to_nchw_cxx"),
-                                reason="metafast._C without to_nchw (no C++ extension)")
+pytestmark = skipif_missing("to_nchw_cxx")
 CL = torch.channels_last
 
 # (N, C, H, W): Conv4's grouped and per-image maps, then sizes off the 16 x 8 tiles and the 8 x 8 blocks

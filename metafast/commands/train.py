@@ -15,7 +15,7 @@ SINUSOID_FIELDS = ("iterations", "meta_batch", "inner_lr", "inner_steps", "meta_
                    "seed", "device", "checkpoint_every")
 VISION_FIELDS = SINUSOID_FIELDS + ("root", "download", "ways", "shots", "queries", "eval_queries",
                                    "test_inner_steps", "model", "width", "val_every", "val_episodes",
-                                   "eval_episodes", "train_split")
+                                   "eval_episodes", "train_split", "image_size", "channels", "normalize", "split_seed")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,6 +58,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-episodes", type=int_at_least(1), help="fixed test episodes at the end (default 600)")
     p.add_argument("--train-split", choices=("train", "trainval"),
                    help="omniglot: 'trainval' trains on all 1200 characters")
+    # --dataset folder (metafast.data.folder): your own ImageFolder under --root
+    p.add_argument("--image-size", type=int_at_least(16), help="folder: side of the resized square images (default 84)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="folder: 1 grayscale or 3 RGB (default 3)")
+    p.add_argument("--normalize", choices=("none", "dataset", "imagenet"),
+                   help="folder: 'none' pixels in [0, 1] (default), 'dataset' per-channel train-split mean/std, "
+                        "'imagenet' ImageNet's")
+    p.add_argument("--split-seed", type=int_at_least(0),
+                   help="folder without train/val/test folders: the seed that splits the classes 64/16/20 (default 0)")
     p.set_defaults(handler=main)
     return p
 

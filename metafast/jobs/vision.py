@@ -1,4 +1,4 @@
-"""Few-shot image classification with MAML: `metafast train --dataset omniglot|miniimagenet|cifarfs|fc100`
+"""Few-shot image classification with MAML: `metafast train --dataset omniglot|miniimagenet|cifarfs|fc100|folder`
 and `metafast eval CHECKPOINT`.
 
 Presets (PRESETS) follow the MAML paper for Omniglot and miniImageNet and learn2learn's MAML example
@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -25,7 +25,7 @@ from ..runtime.progress import RunningLoss
 from ..runtime.rng import rng_state, set_rng_state
 from ..runtime.run import TrainingInterrupted, resolve_device  # noqa: F401  (what train_vision raises on Ctrl-C)
 
-DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100")
+DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100", "folder")  # folder: your own ImageFolder (--root)
 MODELS = ("conv4", "resnet12")
 BEST_NAME = "best.pt"
 CURVES_NAME = "curves.json"
@@ -50,7 +50,12 @@ PRESETS: Dict[str, dict] = {
                     meta_lr=3e-3, queries=None, eval_queries=15, iterations=60000),
     "fc100": dict(model="conv4", width=64, inner_lr=0.5, inner_steps=1, test_inner_steps=1, meta_batch=32,
                   meta_lr=3e-3, queries=None, eval_queries=15, iterations=60000),
+    # a user's folder of classes (metafast.data.folder): the CIFAR-FS recipe at miniImageNet's 84x84 RGB
+    "folder": dict(model="conv4", width=64, inner_lr=0.5, inner_steps=1, test_inner_steps=1, meta_batch=32,
+                   meta_lr=3e-3, queries=None, eval_queries=15, iterations=60000, image_size=84, channels=3),
 }
+NORMALIZE = ("none", "dataset", "imagenet")  # folder: pixels in [0, 1] / per-channel train-split stats / ImageNet's
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # MAML paper, Omniglot 20-way: 5 steps lr 0.1 in training and at test, meta-batch 16.
 OMNIGLOT_20WAY = dict(inner_lr=0.1, inner_steps=5, test_inner_steps=5, meta_batch=16)
 
@@ -84,6 +89,13 @@ class VisionConfig(JobConfig):
     seed: int = 0
     device: str = "auto"
     download: bool = False
+    # --dataset folder only: image side and channels, normalisation, the seed splitting the classes
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    normalize: str = "none"
+    split_seed: int = 0
+    mean: Optional[List[float]] = None   # per-channel, filled from `normalize` (saved with the run)
+    std: Optional[List[float]] = None
 
     def resolved(self) -> "VisionConfig":
         """A copy with every None filled from the dataset's preset."""
@@ -98,6 +110,8 @@ class VisionConfig(JobConfig):
                 setattr(out, k, v)
         if out.queries is None:
             out.queries = out.shots
+        if out.normalize == "imagenet" and out.mean is None:
+            out.mean, out.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         return out.validate()
 
     def validate(self) -> "VisionConfig":
@@ -112,12 +126,38 @@ class VisionConfig(JobConfig):
         if self.train_split not in allowed:
             raise ValueError(f"train_split must be one of {', '.join(allowed)} for {self.dataset}, got {self.train_split!r}")
         self.check_device()
+        self._check_folder_options()
         return self
+
+    def _check_folder_options(self) -> None:
+        if self.dataset != "folder":
+            for name in ("image_size", "channels"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to --dataset folder only ({self.dataset} has a fixed size)")
+            if self.normalize != "none":
+                raise ValueError(f"normalize applies to --dataset folder only, got {self.normalize!r}")
+            return
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16:
+            raise ValueError(f"image_size must be an integer >= 16 (Conv4 halves it 4 times), got {self.image_size!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+        if self.normalize == "imagenet" and self.channels != 3:
+            raise ValueError("normalize 'imagenet' needs channels 3 (use 'dataset' for grayscale)")
 
 
 # ----------------------------------------------------------------------------- building blocks
-def load_data(dataset: str, root: str, split: str, download: bool = False):
-    """The ImageSplit of ``dataset``'s ``split`` under ``root``."""
+def load_data(dataset: str, root: str, split: str, download: bool = False, config: Optional[VisionConfig] = None):
+    """The ImageSplit of ``dataset``'s ``split`` under ``root`` (``config``: the folder dataset's options)."""
+    if dataset == "folder":
+        from ..data.folder import FolderDataset
+        if config is None:
+            raise ValueError("load_data: the folder dataset needs the run's config (image size, channels)")
+        queries = config.queries if split in ("train", "trainval") else config.eval_queries
+        return FolderDataset(root, split=split, image_size=config.image_size, channels=config.channels,
+                             split_seed=config.split_seed, min_classes=config.ways,
+                             min_images=config.shots + queries)
     if dataset == "omniglot":
         from ..data.omniglot import Omniglot
         return Omniglot(root, split=split, download=download)
@@ -132,7 +172,7 @@ def build_model(config: VisionConfig) -> torch.nn.Module:
     from ..models.conv4 import Conv4
     from ..models.resnet12 import ResNet12
 
-    channels, size = IMAGE[config.dataset]
+    channels, size = (config.channels, config.image_size) if config.dataset == "folder" else IMAGE[config.dataset]
     if config.model == "resnet12":
         return ResNet12(config.ways, in_channels=channels, image_size=size)
     if config.dataset == "omniglot":  # stride 2, no pooling
@@ -234,17 +274,20 @@ class VisionJob(Job):
 
         config = self.config
         state = self.open(create=False)  # data first: a missing dataset fails before anything is written
-        train_data = load_data(config.dataset, config.root, config.train_split, config.download)
+        train_data = load_data(config.dataset, config.root, config.train_split, config.download, config)
         self.validate = config.val_every > 0 and config.train_split == "train"
-        val_data = load_data(config.dataset, config.root, "val", config.download) if self.validate else None
+        val_data = load_data(config.dataset, config.root, "val", config.download, config) if self.validate else None
+        if config.normalize == "dataset" and config.mean is None:
+            from ..data.folder import channel_stats
+            config.mean, config.std = channel_stats(train_data)
         os.makedirs(self.out_dir, exist_ok=True)
 
         torch.manual_seed(config.seed)
         self.maml, self.optimizer = build(config, device)
         self.sampler = EpisodeSampler(train_data, config.ways, config.shots, config.queries, device=device,
-                                      seed=config.seed)
-        self.val_sampler = (EpisodeSampler(val_data, config.ways, config.shots, config.eval_queries, device=device)
-                            if self.validate else None)
+                                      seed=config.seed, mean=config.mean, std=config.std)
+        self.val_sampler = (EpisodeSampler(val_data, config.ways, config.shots, config.eval_queries, device=device,
+                                           mean=config.mean, std=config.std) if self.validate else None)
         self.running, self.running_acc = RunningLoss(), RunningLoss()
         self.history = {"train": [], "val": []}
         self.best = {"accuracy": -1.0, "iteration": 0}
@@ -322,15 +365,16 @@ def evaluate_checkpoint(path: str, root: Optional[str] = None, split: str = "tes
     state = load_checkpoint(path)
     if state.get("task") != "vision":
         raise ValueError(f"{path} is a checkpoint of task {state.get('task')!r}; `metafast eval` evaluates few-shot "
-                         "vision checkpoints (metafast train --dataset omniglot|miniimagenet|cifarfs|fc100)")
+                         "vision checkpoints (metafast train --dataset omniglot|miniimagenet|cifarfs|fc100|folder)")
     config = VisionConfig.from_dict(state["config"])
     dev = resolve_device(device)
-    data = load_data(config.dataset, root or config.root, split, download)
+    data = load_data(config.dataset, root or config.root, split, download, config)
     maml, _ = build(config, dev)
     maml.load_state_dict(state["maml"])
     n = config.eval_episodes if episodes is None else episodes
     s = config.test_inner_steps if steps is None else steps
-    sampler = EpisodeSampler(data, config.ways, config.shots, config.eval_queries, device=dev)
+    sampler = EpisodeSampler(data, config.ways, config.shots, config.eval_queries, device=dev, mean=config.mean,
+                             std=config.std)
     t0 = time.perf_counter()
     result = evaluate(maml, sampler, n, s)
     seconds = time.perf_counter() - t0
