@@ -80,8 +80,8 @@ def test_low_mode_keeps_fast_weights_not_activations():
         fast = seen["records"]
     finally:
         meta_step.MetaStep.forward = real
-    assert low[0] is None  # W_0 is theta itself
-    assert all(isinstance(r, list) and all(p.shape[0] == 3 for p in r) for r in low[1:])
+    assert low[0][0] is None  # W_0 is theta itself
+    assert all(isinstance(w, list) and all(p.shape[0] == 3 for p in w) for w, _ in low[1:])
     assert all(isinstance(r, tuple) and len(r) == 5 for r in fast)  # (tape, gys, out, layout, g)
 
 

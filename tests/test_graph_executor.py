@@ -288,9 +288,10 @@ class _MaskMul(nn.Module):
         return x * self.masks[k][t]
 
 
-@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("exact,memory", [(True, "fast"), (False, "fast"), (True, "low")])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_dropout_masks_per_task_reproducible_from_the_seed(exact, first_order):
+def test_dropout_masks_per_task_reproducible_from_the_seed(exact, memory, first_order):
+    """memory="low": the reverse rebuilds each step with the masks that step's forward drew."""
     import copy
 
     from maml_reference import per_task_maml
@@ -303,7 +304,7 @@ def test_dropout_masks_per_task_reproducible_from_the_seed(exact, first_order):
     model = DropMLP(nn.Dropout(p)).to(DT)
     ref_model = copy.deepcopy(model)
     maml = BatchedMAML(model, inner_lr=0.1, inner_steps=steps, first_order=first_order, loss="mse",
-                       exact_reverse=exact)
+                       exact_reverse=exact, memory=memory)
     assert maml.exact_reverse == exact
     layer = next(x for x in maml._engine.layers if isinstance(x, Dropout))
     layer.reseed(1234)
@@ -319,6 +320,8 @@ def test_dropout_masks_per_task_reproducible_from_the_seed(exact, first_order):
     ref = per_task_maml(ref_model, *batch, 0.1, steps, first_order)
     assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
     assert rel_err(g, flat(torch.autograd.grad(ref, list(ref_model.parameters())))) <= TOL
+    # the generator ends where the forward left it (the reverse's redraws are put back)
+    assert torch.equal(layer.gen.get_state(), gen.get_state())
     # eval mode: the identity
     model.eval()
     sx, sy, qx, qy = batch

@@ -252,3 +252,15 @@ def test_ctrl_c_saves_and_resumes_exactly(cifar_root, tmp_path, one_thread):
     ma = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert ma["per_episode_accuracy"] == mb["per_episode_accuracy"]
+
+
+def test_memory_options_reach_batched_maml_and_are_checked():
+    args = cli.build_parser().parse_args(["train", "--dataset", "omniglot", "--memory", "low", "--task-chunk", "3"])
+    assert (args.memory, args.task_chunk) == ("low", 3)
+    cf = vision.VisionConfig(dataset="omniglot", memory="low", task_chunk=3).resolved()
+    maml, _ = vision.build(cf, torch.device("cpu"))
+    assert (maml.memory, maml.task_chunk) == ("low", 3)
+    assert "memory: low (step-checkpointed exact reverse, chunks of 3 task(s))" in maml.describe()
+    for bad, name in ((dict(memory="tiny"), "memory"), (dict(task_chunk=0), "task_chunk")):
+        with pytest.raises(ValueError, match=name):
+            vision.VisionConfig(dataset="omniglot", **bad).resolved()

@@ -41,6 +41,20 @@ def _update(base, g, lr):
     return [torch.add(b, gk, alpha=-lr) for b, gk in zip(base, g)]
 
 
+def _generators(engine):
+    """The layers' own random generators (Dropout masks): a recomputed step must draw what its forward drew."""
+    return [layer.gen for layer in engine.layers if getattr(layer, "gen", None) is not None]
+
+
+def _rng_states(engine):
+    return [g.get_state() for g in _generators(engine)]
+
+
+def _set_rng_states(engine, states) -> None:
+    for g, state in zip(_generators(engine), states):
+        g.set_state(state)
+
+
 def _low(low, fast):
     return None if fast is None else [low(p) for p in fast]
 
@@ -68,6 +82,7 @@ class MetaStep(torch.autograd.Function):
         sizes = engine.slot_sizes()
         lr_parts = lrs.split(sizes) if lrs is not None else None
         for k in range(steps):
+            rng = _rng_states(engine) if ckpt else None
             out, layout, tape = engine.forward(0, n, theta_c, _low(low, fast), sx, "tn", rc, record=True)
             out = engine.output(out, layout, T)
             if k == 0:
@@ -79,14 +94,15 @@ class MetaStep(torch.autograd.Function):
                 bad = prec.overflowed(g, support_losses)
                 overflow = bad if overflow is None else overflow | bad
             # checkpointed: W_k alone (None: theta); the step's tape is dropped here and rebuilt by the reverse
-            records.append(fast if ckpt else (tape, gys, out, layout, g))
+            records.append((fast, rng) if ckpt else (tape, gys, out, layout, g))
             del tape, gys, out
             fast = _update(theta.split(sizes) if fast is None else fast, g, lr_parts if lrs is not None else lr_of(k))
+        rng = _rng_states(engine) if ckpt else None
         out_q, layout_q, tape_q = engine.forward(0, n, theta_c, _low(low, fast), qx, "tn", rc, record=not ckpt)
         out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
         if ckpt:
             tape_q = None
-            ctx.ckpt_inputs = (theta_c, sx, qx, fast)  # W_K, to rebuild the query tape in the reverse
+            ctx.ckpt_inputs = (theta_c, sx, qx, (fast, rng))  # W_K, to rebuild the query tape in the reverse
         if report is not None and overflow is not None:
             report.append(overflow)
         loss_fn.check_target(out_q, qy, "query_y")
@@ -111,10 +127,10 @@ class MetaStep(torch.autograd.Function):
         gq = ctx.dq * scale
         tape_q, layout_q = ctx.tape_q, ctx.layout_q
         if ctx.ckpt:  # rebuild the query tape from W_K
-            theta_c, _, qx, fast_k = ctx.ckpt_inputs
+            theta_c, _, qx, record = ctx.ckpt_inputs
             low = (ctx.plan[5] if len(ctx.plan) > 5 else FP32).low
-            _, layout_q, tape_q = engine.forward(0, len(engine.layers), theta_c, _low(low, fast_k), qx, "tn", rc,
-                                                 record=True)
+            _, layout_q, tape_q = MetaStep._rerun(engine, record, lambda fast: engine.forward(
+                0, len(engine.layers), theta_c, _low(low, fast), qx, "tn", rc, record=True))
         # Wbar is kept as per-parameter pieces [T, n_i] (what the layers return and the R-operators take),
         # so no [T, Pa] tensor is concatenated; the query backward runs in the tape's precision, what it
         # returns is accumulated in float32. The pieces are fresh, so they are updated in place.
@@ -150,6 +166,18 @@ class MetaStep(torch.autograd.Function):
         return torch.cat([w.sum(0) for w in wbar]), lrbar, None, None, None, None, None
 
     @staticmethod
+    def _rerun(engine, record, forward):
+        """``forward(W)`` for a checkpointed record (W, generator states): with the generators as they were
+        when the forward ran it, then put back where they are now."""
+        fast, rng = record
+        now = _rng_states(engine)
+        _set_rng_states(engine, rng)
+        try:
+            return forward(fast)
+        finally:
+            _set_rng_states(engine, now)
+
+    @staticmethod
     def _recompute(ctx, k):
         """Step k's record (tape, gys, out, layout, g) rebuilt from its fast weights W_k: the same ops on the
         same inputs as the forward, so the same values."""
@@ -157,8 +185,8 @@ class MetaStep(torch.autograd.Function):
         prec = ctx.plan[5] if len(ctx.plan) > 5 else FP32
         theta_c, sx, _, _ = ctx.ckpt_inputs
         rc = ctx.rc
-        out, layout, tape = engine.forward(0, len(engine.layers), theta_c, _low(prec.low, ctx.records[k]), sx, "tn",
-                                           rc, record=True)
+        out, layout, tape = MetaStep._rerun(engine, ctx.records[k], lambda fast: engine.forward(
+            0, len(engine.layers), theta_c, _low(prec.low, fast), sx, "tn", rc, record=True))
         out = engine.output(out, layout, rc.T)
         _, dout = loss_fn.value_and_grad(out.to(ctx.dtype), ctx.sy, False)
         g, gys = engine.backward(tape, prec.grad_seed(dout), layout, rc, record_gy=True, flat=False)

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..algorithms.batched_maml import MEMORY_MODES
 from ..runtime.checkpoint import CHECKPOINT_NAME, atomic_write, load_checkpoint, save_checkpoint, write_json
 from ..runtime.config import JobConfig
 from ..runtime.job import Job
@@ -80,6 +81,8 @@ class VisionConfig(JobConfig):
     meta_lr: Optional[float] = None
     first_order: bool = False
     meta_sgd: bool = False
+    memory: str = "fast"                 # BatchedMAML's memory mode; "low": step checkpointing (same results)
+    task_chunk: Optional[int] = None     # tasks per chunk of the meta-batch (same results)
     iterations: Optional[int] = None
     val_every: int = 500                 # 0: no validation (best.pt = the final weights)
     val_episodes: int = 100
@@ -120,6 +123,10 @@ class VisionConfig(JobConfig):
                          ("val_episodes", 1), ("eval_episodes", 1), ("checkpoint_every", 0), ("seed", 0),
                          ("width", 1)))
         self.check_positive(("inner_lr", "meta_lr"))
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
+        if self.task_chunk is not None:
+            self.check_ints((("task_chunk", 1),))
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         allowed = ("train", "trainval") if self.dataset == "omniglot" else ("train",)
@@ -184,7 +191,8 @@ def build(config: VisionConfig, device: torch.device):
     from ..algorithms.batched_maml import BatchedMAML
 
     maml = BatchedMAML(build_model(config), inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                       first_order=config.first_order, meta_sgd=config.meta_sgd, loss="cross_entropy").to(device)
+                       first_order=config.first_order, meta_sgd=config.meta_sgd, loss="cross_entropy",
+                       memory=config.memory, task_chunk=config.task_chunk).to(device)
     return maml, torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
 
 
