@@ -90,7 +90,7 @@ def inner_gradients(module: nn.Module, loss: torch.Tensor, second_order: bool,
     return [by_param.get(id(p)) for _, p in named]
 
 
-def _install(module: nn.Module, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
+def install_updated(module: nn.Module, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
              lr) -> nn.Module:
     """Swap each parameter that has a gradient for its SGD-updated tensor, module-wide (tied stay tied)."""
     if isinstance(lr, (list, tuple, nn.ParameterList)):
@@ -117,7 +117,7 @@ def maml_update(model: nn.Module, lr, grads: Optional[Sequence[Optional[torch.Te
     if len(grads) != len(params):
         raise ValueError(f"grads: expected one entry per parameter of the model ({len(params)}), "
                          f"got {len(grads)}")
-    return _install(model, params, grads, lr)
+    return install_updated(model, params, grads, lr)
 
 
 class Learner(nn.Module):
@@ -182,7 +182,7 @@ class MAML(Learner):
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         second_order = not first_order
         grads = inner_gradients(self.module, loss, second_order, allow_unused, allow_nograd)
-        self.module = _install(self.module, list(self.module.parameters()), grads, self.lr)
+        self.module = install_updated(self.module, list(self.module.parameters()), grads, self.lr)
 
     def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
               allow_nograd: Optional[bool] = None) -> "MAML":

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .maml import Learner, _install, inner_gradients
+from .maml import Learner, install_updated, inner_gradients
 from .module_utils import clone_module, clone_parameters
 
 __all__ = ["MetaSGD", "meta_sgd_update"]
@@ -39,7 +39,7 @@ def meta_sgd_update(model: nn.Module, lrs: Sequence[torch.Tensor],
     if len(grads) != len(params):
         raise ValueError(f"grads: expected one entry per parameter of the model ({len(params)}), "
                          f"got {len(grads)}")
-    return _install(model, params, grads, list(lrs))
+    return install_updated(model, params, grads, list(lrs))
 
 
 class MetaSGD(Learner):
@@ -86,7 +86,7 @@ class MetaSGD(Learner):
         """
         first_order = self.first_order if first_order is None else first_order
         grads = inner_gradients(self.module, loss, not first_order, allow_unused, allow_nograd)
-        self.module = _install(self.module, list(self.module.parameters()), grads, list(self.lrs))
+        self.module = install_updated(self.module, list(self.module.parameters()), grads, list(self.lrs))
 
     def clone(self) -> "MetaSGD":
         """A differentiable copy of the module and of the learning rates (gradients reach both)."""
