@@ -161,11 +161,22 @@ def takes_args(script: str, args: str) -> List[str]:
     so nothing is imported: the rehearsal's stand-in for running a GPU benchmark)."""
     import ast
 
-    with open(script) as f:
-        tree = ast.parse(f.read(), script)
-    declared = {a.value for node in ast.walk(tree) if isinstance(node, ast.Call)
-                and getattr(node.func, "attr", None) == "add_argument"
-                for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    def flags(path, seen):
+        # the script's own add_argument calls and those of the bench modules it imports (a shared main)
+        seen.add(path)
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        out = {a.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and getattr(node.func, "attr", None) == "add_argument"
+               for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench."):
+                dep = os.path.join(os.path.dirname(path), node.module.split(".", 1)[1] + ".py")
+                if os.path.isfile(dep) and dep not in seen:
+                    out |= flags(dep, seen)
+        return out
+
+    declared = flags(script, set())
     return [a for a in args.split() if a.startswith("--") and a not in declared]
 
 
