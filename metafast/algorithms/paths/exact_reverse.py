@@ -58,6 +58,9 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
+        options = self.setup.maml_pp_options()
+        if options:
+            return Support(False, f"MAML++ option(s) {', '.join(options)} (the reverse does not implement them yet)")
         if where.adapt:
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
