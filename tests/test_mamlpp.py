@@ -1,0 +1,200 @@
+"""MAML++ options of BatchedMAML against a float64 per-task autograd reference (rel. err <= 1e-10), the
+paper's schedules, derivative-order annealing across a checkpoint, and bad input."""
+import pytest
+import torch
+
+import metafast
+from maml_reference import per_task_maml
+from metafast import BatchedMAML
+from metafast.algorithms.mamlpp import is_first_order, msl_weights, step_loss_weights
+from test_batched_maml import DT, TOL, flat, make, rel_err
+
+
+def paper_weights(epoch, K, num_epochs):
+    """get_per_step_loss_importance_vector of the paper's code (HowToTrainYourMAMLPytorch), verbatim in numpy."""
+    import numpy as np
+    loss_weights = np.ones(shape=(K,)) * (1.0 / K)
+    decay_rate = 1.0 / K / num_epochs
+    min_value_for_non_final_losses = 0.03 / K
+    for i in range(len(loss_weights) - 1):
+        loss_weights[i] = np.maximum(loss_weights[i] - (epoch * decay_rate), min_value_for_non_final_losses)
+    loss_weights[-1] = np.minimum(loss_weights[-1] + (epoch * (K - 1) * decay_rate),
+                                  1.0 - ((K - 1) * min_value_for_non_final_losses))
+    return loss_weights.tolist()
+
+
+def lslr_reference_rates(maml):
+    """LSLR's rates as the reference takes them: per step, parameter name -> scalar (views of step_lrs)."""
+    names = [s.name for s in maml._flat.slots[maml._engine._first_adapted_slot:]]
+    return [{n: maml.step_lrs[k, i] for i, n in enumerate(names)} for k in range(maml.step_lrs.shape[0])]
+
+
+def used_path(maml):
+    return next(iter(maml._signatures.values()))[0].name
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv4_bn"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("option", ["lslr", "msl", "both"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_matches_per_task_reference(kind, steps, option, first_order):
+    torch.manual_seed(0)
+    model, batch, loss = make(kind)
+    lr = 0.1 if loss == "mse" else 0.3
+    lslr = option in ("lslr", "both")
+    msl = option in ("msl", "both")
+    maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, loss=loss, first_order=first_order, lslr=lslr,
+                       multi_step_loss=msl, msl_anneal_iters=10)
+    maml.set_iteration(3)  # weights neither uniform nor final-only
+    extra = []
+    if lslr:  # distinct rates per step and tensor, so a mix-up would show
+        with torch.no_grad():
+            maml.step_lrs.mul_(torch.rand_like(maml.step_lrs) + 0.5)
+        extra = [maml.step_lrs]
+    weights = maml.step_loss_weights() if msl else None
+    if msl and steps > 1:
+        assert weights == pytest.approx(paper_weights(3, steps, 10), abs=1e-15) and weights[0] != weights[-1]
+    out = maml(*batch)
+    assert used_path(maml) == "autograd"
+    params = list(model.parameters()) + extra
+    grads = torch.autograd.grad(out.loss, params)
+    ref = per_task_maml(model, *batch, lr, steps, first_order, loss,
+                        step_lrs=lslr_reference_rates(maml) if lslr else None, step_weights=weights)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
+    err = rel_err(flat(grads), flat(ref_grads))
+    assert err <= TOL, f"meta-gradient rel. err {err:.2e}"
+    if lslr:  # the learned rates get a real gradient, one per step and tensor
+        assert rel_err(grads[-1], ref_grads[-1]) <= TOL and (grads[-1] != 0).all()
+
+
+def test_lslr_init_and_per_step_list():
+    model, batch, loss = make("mlp")
+    maml = BatchedMAML(model, inner_lr=[0.1, 0.2], inner_steps=2, loss=loss, lslr=True)
+    assert maml.step_lrs.shape == (2, 6) and isinstance(maml.step_lrs, torch.nn.Parameter)
+    assert torch.equal(maml.step_lrs[0], torch.full((6,), 0.1, dtype=DT))
+    assert torch.equal(maml.step_lrs[1], torch.full((6,), 0.2, dtype=DT))
+    # at init LSLR equals the plain per-step rates
+    plain = BatchedMAML(make("mlp")[0], inner_lr=[0.1, 0.2], inner_steps=2, loss=loss, exact_reverse=False)
+    with torch.no_grad():
+        for p, q in zip(plain.module.parameters(), model.parameters()):
+            p.copy_(q)
+    assert torch.allclose(maml(*batch).loss, plain(*batch).loss, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="inner_steps"):
+        maml(*batch, inner_steps=3)
+
+
+@pytest.mark.parametrize("K", [1, 2, 5])
+@pytest.mark.parametrize("n", [1, 3, 15])
+def test_msl_weights_match_paper_code(K, n):
+    for it in range(0, 2 * n + 3):
+        assert msl_weights(it, K, n) == pytest.approx(paper_weights(it, K, n), abs=1e-15)
+        w = step_loss_weights(it, K, n)
+        if it < n:
+            assert w == msl_weights(it, K, n)
+        else:  # the paper's code uses only the last step's loss after its annealing epochs
+            assert w == [0.0] * (K - 1) + [1.0]
+    assert msl_weights(0, K, n) == pytest.approx([1.0 / K] * K)
+    # the floor and the ceiling
+    late = msl_weights(10 * n, K, n)
+    assert late[:-1] == pytest.approx([0.03 / K] * (K - 1)) and late[-1] == pytest.approx(1 - (K - 1) * 0.03 / K)
+
+
+def test_msl_weights_used_follow_set_iteration():
+    model, batch, loss = make("mlp")
+    maml = BatchedMAML(model, inner_lr=0.1, inner_steps=3, loss=loss, multi_step_loss=True, msl_anneal_iters=4)
+    losses = []
+    for it in (0, 2, 4):
+        maml.set_iteration(it)
+        assert maml.step_loss_weights() == step_loss_weights(it, 3, 4)
+        losses.append(maml(*batch).loss.item())
+    ref = [per_task_maml(model, *batch, 0.1, 3, False, loss, step_weights=step_loss_weights(it, 3, 4)).item()
+           for it in (0, 2, 4)]
+    assert losses == pytest.approx(ref, rel=1e-12) and len(set(losses)) == 3
+
+
+def test_derivative_order_annealing_switches_and_resumes():
+    assert [is_first_order(i, 3) for i in range(5)] == [True, True, True, False, False]
+    model, batch, loss = make("conv4_bn")
+
+    def grads_at(maml, it=None):
+        if it is not None:
+            maml.set_iteration(it)
+        return flat(torch.autograd.grad(maml(*batch).loss, list(maml.module.parameters())))
+
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=2, loss=loss, first_order_iters=3, exact_reverse=False)
+    fo = per_task_maml(model, *batch, 0.3, 2, True, loss)
+    so = per_task_maml(model, *batch, 0.3, 2, False, loss)
+    fo_g = flat(torch.autograd.grad(fo, list(model.parameters())))
+    so_g = flat(torch.autograd.grad(so, list(model.parameters())))
+    assert rel_err(fo_g, so_g) > 1e-4  # the two orders differ here
+    for it in range(3):
+        assert maml._setup().first_order and rel_err(grads_at(maml, it), fo_g) <= TOL
+    assert rel_err(grads_at(maml, 3), so_g) <= TOL and not maml._setup().first_order
+    # checkpoint before the switch, resume in a fresh module: it switches at the same iteration
+    maml.set_iteration(2)
+    state = maml.state_dict()
+    assert int(state["iteration"]) == 2
+    fresh = BatchedMAML(make("conv4_bn")[0], inner_lr=0.3, inner_steps=2, loss=loss, first_order_iters=3,
+                        exact_reverse=False)
+    fresh.set_iteration(7)  # second order before loading
+    assert not fresh._setup().first_order
+    fresh.load_state_dict(state)
+    assert fresh.get_iteration() == 2 and fresh._setup().first_order
+    assert rel_err(grads_at(fresh), fo_g) <= TOL
+    assert rel_err(grads_at(fresh, fresh.get_iteration() + 1), so_g) <= TOL
+    # and a checkpoint after the switch resumes second order
+    fresh2 = BatchedMAML(make("conv4_bn")[0], inner_lr=0.3, inner_steps=2, loss=loss, first_order_iters=3,
+                         exact_reverse=False)
+    fresh2.load_state_dict(fresh.state_dict())
+    assert fresh2.get_iteration() == 3 and rel_err(grads_at(fresh2), so_g) <= TOL
+
+
+def test_preset_and_paths():
+    model, batch, loss = make("conv4_bn")
+    maml = metafast.MAMLpp(model, inner_steps=3)
+    assert isinstance(maml, BatchedMAML) and maml.step_lrs is not None and maml.multi_step_loss
+    assert maml.msl_anneal_iters == 15 and maml.first_order_iters == 50 and maml._setup().first_order
+    text = maml.describe()
+    assert "exact_reverse: no, MAML++ option(s) lslr, multi_step_loss" in text
+    assert "fused: no" in text and "per-step BatchNorm not implemented" in text
+    assert "> autograd" in text and not maml.exact_reverse
+    out = maml(*batch)
+    assert used_path(maml) == "autograd" and torch.isfinite(out.loss)
+    # adapt() runs with the learned rates (no graph)
+    w = maml.adapt(batch[0], batch[1])
+    assert w.fast.requires_grad is False and maml.predict(w, batch[2]).shape[:2] == batch[2].shape[:2]
+
+
+def test_mlp_fused_candidate_does_not_fuse_maml_pp_options():
+    model, batch, loss = make("mlp")
+    maml = BatchedMAML(model, inner_lr=0.1, inner_steps=2, loss=loss, lslr=True)
+    verdicts = {p.name: v for p, v in maml._verdicts()}
+    assert not verdicts["fused"].ok and "lslr" in verdicts["fused"].reason
+    assert not verdicts["exact_reverse"].ok and "lslr" in verdicts["exact_reverse"].reason
+    with pytest.raises(ValueError, match="fused=True"):
+        BatchedMAML(make("mlp")[0], inner_steps=2, loss=loss, multi_step_loss=True, fused=True)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(msl_anneal_iters=-1, multi_step_loss=True), "msl_anneal_iters"),
+    (dict(msl_anneal_iters=2.5), "msl_anneal_iters"),
+    (dict(first_order_iters=-3), "first_order_iters"),
+    (dict(lslr=True, meta_sgd=True), "lslr"),
+])
+def test_bad_input_names_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BatchedMAML(make("mlp")[0], inner_steps=2, **kw)
+
+
+def test_bad_iteration_and_per_step_bn():
+    maml = BatchedMAML(make("mlp")[0], inner_steps=2, first_order_iters=2)
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(ValueError, match="iteration"):
+            maml.set_iteration(bad)
+    with pytest.raises(NotImplementedError, match="per_step_bn"):
+        BatchedMAML(make("conv4_bn")[0], per_step_bn=True)
+    with pytest.raises(ValueError, match="anneal_iters"):
+        msl_weights(0, 3, -2)
+    with pytest.raises(ValueError, match="steps"):
+        msl_weights(0, 0, 2)
