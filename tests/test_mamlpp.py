@@ -37,14 +37,16 @@ def used_path(maml):
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("option", ["lslr", "msl", "both"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_gradient_matches_per_task_reference(kind, steps, option, first_order):
+@pytest.mark.parametrize("path,memory", [("autograd", "fast"), ("exact_reverse", "fast"), ("exact_reverse", "low")])
+def test_meta_gradient_matches_per_task_reference(kind, steps, option, first_order, path, memory):
     torch.manual_seed(0)
     model, batch, loss = make(kind)
     lr = 0.1 if loss == "mse" else 0.3
     lslr = option in ("lslr", "both")
     msl = option in ("msl", "both")
     maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, loss=loss, first_order=first_order, lslr=lslr,
-                       multi_step_loss=msl, msl_anneal_iters=10)
+                       multi_step_loss=msl, msl_anneal_iters=10, exact_reverse=path == "exact_reverse",
+                       memory=memory, fused=False)
     maml.set_iteration(3)  # weights neither uniform nor final-only
     extra = []
     if lslr:  # distinct rates per step and tensor, so a mix-up would show
@@ -55,7 +57,7 @@ def test_meta_gradient_matches_per_task_reference(kind, steps, option, first_ord
     if msl and steps > 1:
         assert weights == pytest.approx(paper_weights(3, steps, 10), abs=1e-15) and weights[0] != weights[-1]
     out = maml(*batch)
-    assert used_path(maml) == "autograd"
+    assert used_path(maml) == path
     params = list(model.parameters()) + extra
     grads = torch.autograd.grad(out.loss, params)
     ref = per_task_maml(model, *batch, lr, steps, first_order, loss,
@@ -156,11 +158,10 @@ def test_preset_and_paths():
     assert isinstance(maml, BatchedMAML) and maml.step_lrs is not None and maml.multi_step_loss
     assert maml.msl_anneal_iters == 15 and maml.first_order_iters == 50 and maml._setup().first_order
     text = maml.describe()
-    assert "exact_reverse: no, MAML++ option(s) lslr, multi_step_loss" in text
     assert "fused: no" in text and "per-step BatchNorm not implemented" in text
-    assert "> autograd" in text and not maml.exact_reverse
+    assert "> exact_reverse" in text and maml.exact_reverse
     out = maml(*batch)
-    assert used_path(maml) == "autograd" and torch.isfinite(out.loss)
+    assert used_path(maml) == "exact_reverse" and torch.isfinite(out.loss)
     # adapt() runs with the learned rates (no graph)
     w = maml.adapt(batch[0], batch[1])
     assert w.fast.requires_grad is False and maml.predict(w, batch[2]).shape[:2] == batch[2].shape[:2]
@@ -171,7 +172,7 @@ def test_mlp_fused_candidate_does_not_fuse_maml_pp_options():
     maml = BatchedMAML(model, inner_lr=0.1, inner_steps=2, loss=loss, lslr=True)
     verdicts = {p.name: v for p, v in maml._verdicts()}
     assert not verdicts["fused"].ok and "lslr" in verdicts["fused"].reason
-    assert not verdicts["exact_reverse"].ok and "lslr" in verdicts["exact_reverse"].reason
+    assert verdicts["exact_reverse"].ok
     with pytest.raises(ValueError, match="fused=True"):
         BatchedMAML(make("mlp")[0], inner_steps=2, loss=loss, multi_step_loss=True, fused=True)
 

@@ -112,7 +112,8 @@ class BatchedMAML(nn.Module):
         per_step_bn: MAML++ per-step BatchNorm weights/biases and running statistics: not implemented
             (True raises NotImplementedError).
 
-    MAML++ options run on the autograd path (``describe()`` says why the others do not run them). The
+    MAML++ options run on the autograd path and the exact reverse (lslr, multi_step_loss, memory modes
+    included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
     iteration counter the schedules read is set with ``set_iteration(i)`` and is the ``iteration``
     buffer of the state_dict (present when a schedule is on), so a checkpoint resumes the schedules.
     ``metafast.MAMLpp(model)`` is the paper's combination.
@@ -225,8 +226,7 @@ class BatchedMAML(nn.Module):
     @property
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
-        return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
-                and not self._setup().maml_pp_options())
+        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:
