@@ -1,5 +1,7 @@
 """MAML++ options of BatchedMAML against a float64 per-task autograd reference (rel. err <= 1e-10), the
 paper's schedules, derivative-order annealing across a checkpoint, and bad input."""
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from maml_reference import per_task_maml
 from metafast import BatchedMAML
 from metafast.algorithms.mamlpp import is_first_order, msl_weights, step_loss_weights
 from test_batched_maml import DT, TOL, flat, make, rel_err
+from test_vision_train import cifar_root, one_thread  # noqa: F401  (fixtures)
 
 
 def paper_weights(epoch, K, num_epochs):
@@ -199,3 +202,47 @@ def test_bad_iteration_and_per_step_bn():
         msl_weights(0, 3, -2)
     with pytest.raises(ValueError, match="steps"):
         msl_weights(0, 0, 2)
+
+
+def test_vision_job_mamlpp_resumes_across_the_derivative_order_switch(cifar_root, tmp_path, one_thread,
+                                                                      monkeypatch):
+    """`metafast train --algorithm mamlpp`: MAML++ with short schedules (first order for 2 of 4 iterations),
+    cut at iteration 2 and resumed, equals the straight run (weights, rates, counter, history)."""
+    from metafast.jobs import vision
+    from metafast.runtime.checkpoint import load_checkpoint
+
+    monkeypatch.setitem(vision.MAMLPP_SCHEDULE, "msl_anneal_iters", 3)
+    monkeypatch.setitem(vision.MAMLPP_SCHEDULE, "first_order_iters", 2)
+    cfg = vision.VisionConfig(dataset="cifarfs", root=cifar_root, meta_batch=2, width=4, queries=1, eval_queries=1,
+                              iterations=4, inner_steps=2, val_every=2, val_episodes=2, eval_episodes=2,
+                              checkpoint_every=0, device="cpu", algorithm="mamlpp")
+    quiet = dict(progress=False, log=lambda s: None, plot=False)
+    vision.train_vision(cfg, str(tmp_path / "straight"), **quiet)
+
+    def ctrl_c(iteration):
+        if iteration == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(vision.TrainingInterrupted):
+        vision.train_vision(cfg, str(tmp_path / "cut"), callback=ctrl_c, **quiet)
+    cut = load_checkpoint(str(tmp_path / "cut"))
+    assert int(cut["maml"]["iteration"]) == 1  # the last step ran first order
+    vision.train_vision(cfg, str(tmp_path / "cut"), resume=True, **quiet)
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "cut"))
+    assert int(a["maml"]["iteration"]) == 3 and "step_lrs" in a["maml"]
+    assert not torch.equal(a["maml"]["step_lrs"], torch.full_like(a["maml"]["step_lrs"], 0.5))  # learned
+    for k in a["maml"]:
+        assert torch.equal(a["maml"][k], b["maml"][k]), k
+    assert a["history"] == b["history"]
+    lr = a["optimizer"]["param_groups"][0]["lr"]  # the cosine schedule's value at the last iteration (3 of 4)
+    assert lr == pytest.approx(1e-5 + (3e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 4)) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="algorithm"):
+        vision.VisionConfig(dataset="cifarfs", algorithm="reptile").resolved()
+
+
+def test_train_parser_takes_algorithm():
+    from metafast import cli
+
+    args = cli.build_parser().parse_args(["train", "--dataset", "omniglot", "--algorithm", "mamlpp"])
+    assert args.algorithm == "mamlpp"
+    assert cli.build_parser().parse_args(["train", "--dataset", "omniglot"]).algorithm is None  # the config's
