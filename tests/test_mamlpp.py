@@ -246,3 +246,18 @@ def test_train_parser_takes_algorithm():
     args = cli.build_parser().parse_args(["train", "--dataset", "omniglot", "--algorithm", "mamlpp"])
     assert args.algorithm == "mamlpp"
     assert cli.build_parser().parse_args(["train", "--dataset", "omniglot"]).algorithm is None  # the config's
+
+
+def test_task_chunks_and_step_checkpointing_give_the_same_meta_gradient():
+    model, batch, loss = make("conv4_bn")
+    grads = []
+    for memory, chunk in (("fast", None), ("low", 2), ("fast", 1)):
+        maml = BatchedMAML(model, inner_lr=0.3, inner_steps=3, loss=loss, lslr=True, multi_step_loss=True,
+                           msl_anneal_iters=10, memory=memory, task_chunk=chunk)
+        maml.set_iteration(2)
+        with torch.no_grad():
+            maml.step_lrs.mul_(torch.linspace(0.5, 1.5, maml.step_lrs.numel(), dtype=DT).view_as(maml.step_lrs))
+        out = maml(*batch)
+        assert used_path(maml) == "exact_reverse"
+        grads.append(flat(torch.autograd.grad(out.loss, list(model.parameters()) + [maml.step_lrs])))
+    assert rel_err(grads[1], grads[0]) <= TOL and rel_err(grads[2], grads[0]) <= TOL
