@@ -160,11 +160,13 @@ def test_preset_and_paths():
     maml = metafast.MAMLpp(model, inner_steps=3)
     assert isinstance(maml, BatchedMAML) and maml.step_lrs is not None and maml.multi_step_loss
     assert maml.msl_anneal_iters == 15 and maml.first_order_iters == 50 and maml._setup().first_order
+    assert maml.step_bn is not None and metafast.MAMLpp(make("mlp")[0], loss="mse").step_bn is None  # no BN
     text = maml.describe()
-    assert "fused: no" in text and "per-step BatchNorm not implemented" in text
-    assert "> exact_reverse" in text and maml.exact_reverse
+    assert "fused: no" in text and "per-step BatchNorm weights on (per-step running statistics: not implemented" in text
+    assert "exact_reverse: no, per_step_bn" in text and "> autograd" in text and not maml.exact_reverse
     out = maml(*batch)
-    assert used_path(maml) == "exact_reverse" and torch.isfinite(out.loss)
+    assert used_path(maml) == "autograd" and torch.isfinite(out.loss)
+    assert metafast.MAMLpp(make("conv4_bn")[0], per_step_bn=False).exact_reverse
     # adapt() runs with the learned rates (no graph)
     w = maml.adapt(batch[0], batch[1])
     assert w.fast.requires_grad is False and maml.predict(w, batch[2]).shape[:2] == batch[2].shape[:2]
@@ -191,13 +193,11 @@ def test_bad_input_names_the_argument(kw, match):
         BatchedMAML(make("mlp")[0], inner_steps=2, **kw)
 
 
-def test_bad_iteration_and_per_step_bn():
+def test_bad_iteration():
     maml = BatchedMAML(make("mlp")[0], inner_steps=2, first_order_iters=2)
     for bad in (-1, 1.5, "3"):
         with pytest.raises(ValueError, match="iteration"):
             maml.set_iteration(bad)
-    with pytest.raises(NotImplementedError, match="per_step_bn"):
-        BatchedMAML(make("conv4_bn")[0], per_step_bn=True)
     with pytest.raises(ValueError, match="anneal_iters"):
         msl_weights(0, 3, -2)
     with pytest.raises(ValueError, match="steps"):
@@ -261,3 +261,67 @@ def test_task_chunks_and_step_checkpointing_give_the_same_meta_gradient():
         assert used_path(maml) == "exact_reverse"
         grads.append(flat(torch.autograd.grad(out.loss, list(model.parameters()) + [maml.step_lrs])))
     assert rel_err(grads[1], grads[0]) <= TOL and rel_err(grads[2], grads[0]) <= TOL
+
+
+def step_bn_reference(maml):
+    """per_step_bn's rows as the reference takes them: per step, BatchNorm parameter name -> view of step_bn."""
+    from metafast.functional.layers import BatchNorm
+    slots = [s for layer in maml._engine.layers if isinstance(layer, BatchNorm) for s in layer.slots]
+    out = []
+    for k in range(maml.step_bn.shape[0]):
+        row, at = {}, 0
+        for s in slots:
+            row[s.name] = maml.step_bn[k, at:at + s.numel].view(s.shape)
+            at += s.numel
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp_bn", "conv4_bn"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("others", [False, True])
+def test_per_step_bn_matches_per_task_reference(kind, steps, first_order, others):
+    torch.manual_seed(0)
+    model, batch, loss = make(kind)
+    lr = 0.1 if loss == "mse" else 0.3
+    maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, loss=loss, first_order=first_order, per_step_bn=True,
+                       lslr=others, multi_step_loss=others, msl_anneal_iters=10)
+    maml.set_iteration(3)
+    with torch.no_grad():  # distinct BatchNorm weights per step, so a mix-up of steps would show
+        maml.step_bn.mul_(torch.rand_like(maml.step_bn) + 0.5)
+    extra = [maml.step_bn] + ([maml.step_lrs] if others else [])
+    out = maml(*batch)
+    assert used_path(maml) == "autograd" and not maml.exact_reverse
+    params = list(model.parameters()) + extra
+    grads = torch.autograd.grad(out.loss, params)
+    ref = per_task_maml(model, *batch, lr, steps, first_order, loss, step_params=step_bn_reference(maml),
+                        step_lrs=lslr_reference_rates(maml) if others else None,
+                        step_weights=maml.step_loss_weights() if others else None)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    ref_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ref_grads)]
+    assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
+    err = rel_err(flat(grads), flat(ref_grads))
+    assert err <= TOL, f"meta-gradient rel. err {err:.2e}"
+    rows = grads[len(list(model.parameters()))].abs().sum(1)
+    # every step's row learns; first order without the multi-step loss: only the last (the query pass's)
+    assert (rows > 0).all() if not first_order or others else (rows[-1] > 0 and (rows[:-1] == 0).all())
+
+
+def test_per_step_bn_adapt_and_predict():
+    from torch.func import functional_call
+    model, batch, loss = make("conv4_bn")
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=2, loss=loss, per_step_bn=True)
+    with torch.no_grad():
+        maml.step_bn.mul_(torch.rand_like(maml.step_bn) + 0.5)
+    sx, sy, qx, _ = batch
+    got = maml.predict(maml.adapt(sx, sy), qx)
+    _, adapted = per_task_maml(model, *batch, 0.3, 2, False, loss, step_params=step_bn_reference(maml),
+                               return_params=True)
+    buffers = dict(model.named_buffers())
+    ref = torch.stack([functional_call(model, {**adapted[t], **buffers}, (qx[t],)) for t in range(qx.shape[0])])
+    assert rel_err(got, ref.detach()) <= TOL
+    with pytest.raises(ValueError, match="per_step_bn"):
+        BatchedMAML(make("mlp")[0], per_step_bn=True)  # no BatchNorm
+    with pytest.raises(ValueError, match="per_step_bn"):
+        BatchedMAML(make("conv4_bn")[0], per_step_bn=True, anil=True)

@@ -109,11 +109,15 @@ class BatchedMAML(nn.Module):
         msl_anneal_iters: the multi-step loss's annealing length (iterations, an int >= 0).
         first_order_iters: MAML++ derivative-order annealing: first order while the iteration
             (``set_iteration``) is < this, then second order (0: never first order by schedule).
-        per_step_bn: MAML++ per-step BatchNorm weights/biases and running statistics: not implemented
-            (True raises NotImplementedError).
+        per_step_bn: MAML++ per-step BatchNorm weights and biases (BNWB): an nn.Parameter ``step_bn``
+            [inner_steps, BatchNorm weight+bias numel] initialised to the model's; inner step k (and the
+            query pass after it) uses row k in place of the BatchNorm weights, which are therefore not
+            adapted (as in the paper's code); adapt()'s weights carry the last step's. Autograd path
+            only. Per-step running statistics (BNRS) are not implemented: BatchedMAML's BatchNorm
+            normalises by each task's batch statistics and keeps none.
 
-    MAML++ options run on the autograd path and the exact reverse (lslr, multi_step_loss, memory modes
-    included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
+    MAML++ options run on the autograd path; lslr and multi_step_loss also on the exact reverse (memory
+    modes included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
     iteration counter the schedules read is set with ``set_iteration(i)`` and is the ``iteration``
     buffer of the state_dict (present when a schedule is on), so a checkpoint resumes the schedules.
     ``metafast.MAMLpp(model)`` is the paper's combination.
@@ -161,11 +165,11 @@ class BatchedMAML(nn.Module):
             raise ValueError("lslr: learns one rate per step and parameter tensor; meta_sgd one per parameter: pick one")
         _mamlpp.check_anneal(msl_anneal_iters, "msl_anneal_iters")
         _mamlpp.check_anneal(first_order_iters, "first_order_iters")
-        if per_step_bn:
-            raise NotImplementedError("per_step_bn: MAML++'s per-step BatchNorm weights/biases and running statistics "
-                                      "are not implemented in BatchedMAML (the other MAML++ options are)")
-        if fused and (lslr or multi_step_loss):
-            raise ValueError("fused=True: the fused inner loop does not implement lslr / multi_step_loss")
+        if per_step_bn and anil:
+            raise ValueError("per_step_bn: needs every layer adapted (anil=False): the BatchNorm layers then hold "
+                             "per-step weights")
+        if fused and (lslr or multi_step_loss or per_step_bn):
+            raise ValueError("fused=True: the fused inner loop does not implement lslr / multi_step_loss / per_step_bn")
         if fused not in (None, True, False):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         if fused and self._prec.mixed:
@@ -206,6 +210,9 @@ class BatchedMAML(nn.Module):
                                          .to(self._flat.buffer.device))
         else:
             self.step_lrs = None
+        self.step_bn, self._bn_index = None, None
+        if per_step_bn:
+            self._init_step_bn(inner_steps)
         if fused:  # required: raise now, naming the reason, when it cannot run
             buffer = self._flat.buffer
             choose([p for p in self._paths() if p.name == "fused"], Where(buffer.device, buffer.dtype,
@@ -226,7 +233,8 @@ class BatchedMAML(nn.Module):
     @property
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
-        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+        return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+                and self.step_bn is None)
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:
@@ -235,7 +243,7 @@ class BatchedMAML(nn.Module):
 
     def register_parameter(self, name, param) -> None:
         super().register_parameter(name, param)
-        if name in ("lrs", "step_lrs"):  # learned rates reassigned: the paths hold the old ones
+        if name in ("lrs", "step_lrs", "step_bn"):  # learned rates reassigned: the paths hold the old ones
             self._settings_changed()
 
     # -- MAML++ schedules: the iteration counter --------------------------------------------------------
@@ -287,9 +295,24 @@ class BatchedMAML(nn.Module):
                           guard=FiniteGuard(self.check_finite, self._prec), fallbacks=self._fallbacks,
                           memory=self.memory, task_chunk=self.task_chunk, step_lrs=self.step_lrs,
                           piece_sizes=self._piece_sizes(), multi_step_loss=self.multi_step_loss,
-                          step_weights=self.step_loss_weights)
+                          step_weights=self.step_loss_weights, step_bn=self.step_bn,
+                          bn_index=None if self._bn_index is None else self._bn_index.to(self._flat.buffer.device))
             self._built = (setup, make_paths(setup))
         return self._built
+
+    def _init_step_bn(self, steps: int) -> None:
+        """BNWB: ``step_bn`` [steps, n] holds every affine BatchNorm weight and bias once per step, each row
+        initialised to the model's; at step k they replace the BatchNorm weights of the fast weights."""
+        from ..functional.layers import BatchNorm
+        a = self._engine.adapt_offset
+        slots = [s for layer in self._engine.layers if isinstance(layer, BatchNorm) for s in layer.slots]
+        if not slots:
+            raise ValueError("per_step_bn: the model has no BatchNorm layer with affine weights")
+        buffer = self._flat.buffer
+        index = torch.cat([torch.arange(s.offset - a, s.offset - a + s.numel) for s in slots])
+        self._bn_index = index
+        init = buffer.detach()[a:][index.to(buffer.device)]
+        self.step_bn = nn.Parameter(init.expand(steps, -1).clone())
 
     def _piece_sizes(self) -> Optional[torch.Tensor]:
         if self.step_lrs is None:
@@ -300,6 +323,9 @@ class BatchedMAML(nn.Module):
     def _check_lslr_steps(self, steps: int) -> None:
         if self.step_lrs is not None and steps > self.step_lrs.shape[0]:
             raise ValueError(f"inner_steps: lslr learned rates for {self.step_lrs.shape[0]} steps, {steps} asked")
+        if self.step_bn is not None and steps > self.step_bn.shape[0]:
+            raise ValueError(f"inner_steps: per_step_bn holds BatchNorm weights for {self.step_bn.shape[0]} steps, "
+                             f"{steps} asked")
 
     @property
     def _overflow(self) -> Optional[torch.Tensor]:
@@ -411,7 +437,8 @@ class BatchedMAML(nn.Module):
         order = ("first" if self._scheduled_first_order() else "second") + " order now" + (
             f", first order for iterations < {self.first_order_iters}" if self.first_order_iters else "")
         return (f"MAML++ (iteration {self._iteration}): lslr {'on' if self.step_lrs is not None else 'off'}, "
-                f"multi_step_loss {msl}, {order}, per-step BatchNorm not implemented")
+                f"multi_step_loss {msl}, {order}, per-step BatchNorm weights {'on' if self.step_bn is not None else 'off'} "
+                "(per-step running statistics: not implemented; BatchNorm normalises by batch statistics)")
 
     def memory_plan(self, num_tasks: Optional[int] = None) -> str:
         """The memory mode a training step runs in and what it keeps for the reverse pass (sizes for

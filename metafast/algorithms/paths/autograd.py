@@ -36,6 +36,7 @@ def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None):
     fast = None
     support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
     for step in range(steps):
+        fast = setup.with_step_bn(theta, fast, step, T, detach=mode == "eval")
         with grad_ctx:
             out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta_c, prec.low(fast),
                                                    x, layout, rc, record=True)
@@ -58,6 +59,8 @@ def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None):
         fast = inner_update(start, g, lr, setup.clip_grad_norm)
         if on_step is not None:
             on_step(step, fast)
+    if steps:  # the query pass (and predict after adapt()) runs with the last step's BatchNorm weights
+        fast = setup.with_step_bn(theta, fast, steps - 1, T, detach=mode == "eval")
     return fast, support_losses
 
 
@@ -90,7 +93,7 @@ class AutogradPath(MetaStepPath):
 
         def query_loss(step, fast):  # MAML++ multi-step loss: the query loss after every step with a weight
             if step < steps - 1 and weights[step] != 0:  # host floats: no device sync
-                out = predict(s, theta, fast, qx, T)
+                out = predict(s, theta, s.with_step_bn(theta, fast, step, T), qx, T)
                 s.loss_fn.check_target(out, qy, "query_y")
                 step_losses.append(weights[step] * s.loss_fn.value(out, qy))
 

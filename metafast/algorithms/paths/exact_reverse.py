@@ -59,6 +59,8 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
+        if self.setup.step_bn is not None:
+            return Support(False, "per_step_bn (the reverse does not implement per-step BatchNorm weights)")
         if where.adapt:
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:

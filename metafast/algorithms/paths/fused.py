@@ -158,8 +158,8 @@ class FusedPath(MetaStepPath):
         if s.prec.mixed:
             return Support(False, f"precision={s.prec.name!r} (the fused op is fp32/fp64)")
         if s.maml_pp_options():
-            return Support(False, f"MAML++ option(s) {', '.join(s.maml_pp_options())} (the fused kernel has "
-                                  "one rate per step and only the last step's query loss)")
+            return Support(False, f"MAML++ option(s) {', '.join(s.maml_pp_options())} (the fused kernel "
+                                  "implements none of them)")
         if where.steps == 0:
             return Support(False, "no inner steps to fuse", quiet=True)
         dims, why = self.plan(where.device, where.dtype)
