@@ -16,6 +16,7 @@ from ..functional.executor import BatchedModel
 from ..functional.flat import FlatParams
 from ..functional.losses import make_loss
 from ..functional import precision as _precision
+from . import mamlpp as _mamlpp
 from .paths import FastWeights, FiniteGuard, MetaStepPath, Setup, Where, choose, make_paths
 from .paths import autograd as _autograd
 from .paths import exact_reverse as _exact_reverse
@@ -98,6 +99,28 @@ class BatchedMAML(nn.Module):
             result equals the unchunked one). With memory="low" the peak is then one step of one chunk;
             with "fast" chunks split the work, not the peak. None (default): all tasks at once. A chunk
             larger than the batch is clamped.
+        lslr: MAML++ learned per-step, per-layer inner rates: an nn.Parameter ``step_lrs``
+            [inner_steps, adapted parameter tensors] initialised to ``inner_lr`` (one value, or one per
+            step); the meta-gradient trains it. Not with meta_sgd.
+        multi_step_loss: MAML++ multi-step loss: the query loss after every inner step, weighted by
+            ``metafast.algorithms.mamlpp.step_loss_weights(iteration, steps, msl_anneal_iters)``
+            (uniform at first, annealed towards the last step; from iteration ``msl_anneal_iters`` on
+            only the last step counts, as in the paper's code).
+        msl_anneal_iters: the multi-step loss's annealing length (iterations, an int >= 0).
+        first_order_iters: MAML++ derivative-order annealing: first order while the iteration
+            (``set_iteration``) is < this, then second order (0: never first order by schedule).
+        per_step_bn: MAML++ per-step BatchNorm weights and biases (BNWB): an nn.Parameter ``step_bn``
+            [inner_steps, BatchNorm weight+bias numel] initialised to the model's; inner step k (and the
+            query pass after it) uses row k in place of the BatchNorm weights, which are therefore not
+            adapted (as in the paper's code); adapt()'s weights carry the last step's. Autograd path
+            only. Per-step running statistics (BNRS) are not implemented: BatchedMAML's BatchNorm
+            normalises by each task's batch statistics and keeps none.
+
+    MAML++ options run on the autograd path; lslr and multi_step_loss also on the exact reverse (memory
+    modes included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
+    iteration counter the schedules read is set with ``set_iteration(i)`` and is the ``iteration``
+    buffer of the state_dict (present when a schedule is on), so a checkpoint resumes the schedules.
+    ``metafast.MAMLpp(model)`` is the paper's combination.
 
     The settings (inner_lrs, inner_steps, first_order, anil, clip_grad_norm, check_finite, cuda_graph,
     exact_reverse, fused, loss_fn, memory, task_chunk, and the Meta-SGD parameter lrs) may be reassigned between steps;
@@ -110,7 +133,9 @@ class BatchedMAML(nn.Module):
                  loss: Union[str, Callable] = "mse", clip_grad_norm: Optional[float] = None,
                  check_finite: bool = True, cuda_graph: bool = False, exact_reverse: bool = True,
                  fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None,
-                 memory: str = "fast", task_chunk: Optional[int] = None):
+                 memory: str = "fast", task_chunk: Optional[int] = None, lslr: bool = False,
+                 multi_step_loss: bool = False, msl_anneal_iters: int = 0, first_order_iters: int = 0,
+                 per_step_bn: bool = False):
         super().__init__()
         self._built = None        # (Setup, paths) of the current settings
         self._choices = {}        # Where -> the path that runs it
@@ -136,6 +161,15 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"memory: expected one of {MEMORY_MODES}, got {memory!r}")
         if task_chunk is not None and (type(task_chunk) is not int or task_chunk < 1):
             raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
+        if lslr and meta_sgd:
+            raise ValueError("lslr: learns one rate per step and parameter tensor; meta_sgd one per parameter: pick one")
+        _mamlpp.check_anneal(msl_anneal_iters, "msl_anneal_iters")
+        _mamlpp.check_anneal(first_order_iters, "first_order_iters")
+        if per_step_bn and anil:
+            raise ValueError("per_step_bn: needs every layer adapted (anil=False): the BatchNorm layers then hold "
+                             "per-step weights")
+        if fused and (lslr or multi_step_loss or per_step_bn):
+            raise ValueError("fused=True: the fused inner loop does not implement lslr / multi_step_loss / per_step_bn")
         if fused not in (None, True, False):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         if fused and self._prec.mixed:
@@ -162,6 +196,23 @@ class BatchedMAML(nn.Module):
                                                lrs[0], dtype=self._flat.buffer.dtype, device=self._flat.buffer.device))
         else:
             self.lrs = None
+        self.multi_step_loss = bool(multi_step_loss)
+        self.msl_anneal_iters = msl_anneal_iters
+        self.first_order_iters = first_order_iters
+        self._iteration = 0  # mirror of the iteration buffer (read without a device sync)
+        if multi_step_loss or first_order_iters:
+            self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=self._flat.buffer.device))
+            self.register_load_state_dict_post_hook(BatchedMAML._iteration_loaded)
+        if lslr:
+            pieces = self._flat.slots[self._engine._first_adapted_slot:]
+            init = torch.tensor(lrs if len(lrs) > 1 else lrs * inner_steps, dtype=self._flat.buffer.dtype)
+            self.step_lrs = nn.Parameter(init[:, None].expand(inner_steps, len(pieces)).clone()
+                                         .to(self._flat.buffer.device))
+        else:
+            self.step_lrs = None
+        self.step_bn, self._bn_index = None, None
+        if per_step_bn:
+            self._init_step_bn(inner_steps)
         if fused:  # required: raise now, naming the reason, when it cannot run
             buffer = self._flat.buffer
             choose([p for p in self._paths() if p.name == "fused"], Where(buffer.device, buffer.dtype,
@@ -182,7 +233,8 @@ class BatchedMAML(nn.Module):
     @property
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
-        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+        return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+                and self.step_bn is None)
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:
@@ -191,8 +243,37 @@ class BatchedMAML(nn.Module):
 
     def register_parameter(self, name, param) -> None:
         super().register_parameter(name, param)
-        if name == "lrs":  # Meta-SGD's rates reassigned: the paths hold the old ones
+        if name in ("lrs", "step_lrs", "step_bn"):  # learned rates reassigned: the paths hold the old ones
             self._settings_changed()
+
+    # -- MAML++ schedules: the iteration counter --------------------------------------------------------
+    def set_iteration(self, iteration: int) -> None:
+        """Set the iteration the MAML++ schedules (multi-step loss weights, derivative order) read."""
+        if type(iteration) is not int or iteration < 0:
+            raise ValueError(f"iteration: expected an int >= 0, got {iteration!r}")
+        was = self._scheduled_first_order()
+        self._iteration = iteration
+        if "iteration" in self._buffers:
+            self.iteration.fill_(iteration)
+        if self._scheduled_first_order() != was:
+            self._settings_changed()
+
+    def get_iteration(self) -> int:
+        return self._iteration
+
+    @staticmethod
+    def _iteration_loaded(module, incompatible) -> None:
+        """load_state_dict post hook: the schedules follow the loaded counter."""
+        module._iteration = int(module.iteration)
+        module._settings_changed()
+
+    def _scheduled_first_order(self) -> bool:
+        return self.first_order or _mamlpp.is_first_order(self._iteration, self.first_order_iters)
+
+    def step_loss_weights(self, steps: Optional[int] = None):
+        """The multi-step loss weights of the current iteration (floats, one per inner step)."""
+        steps = self.inner_steps if steps is None else steps
+        return _mamlpp.step_loss_weights(self._iteration, steps, self.msl_anneal_iters)
 
     def _settings_changed(self) -> None:
         self._built = None
@@ -209,12 +290,42 @@ class BatchedMAML(nn.Module):
         if self._built is None:
             setup = Setup(owner=self, module=self.module, flat=self._flat, engine=self._engine, loss_fn=self.loss_fn,
                           prec=self._prec, inner_lrs=tuple(self.inner_lrs), lrs=self.lrs,
-                          first_order=self.first_order, anil=self.anil, clip_grad_norm=self.clip_grad_norm,
+                          first_order=self._scheduled_first_order(), anil=self.anil, clip_grad_norm=self.clip_grad_norm,
                           fused=self.fused, exact_reverse=self._exact_reverse, cuda_graph=self.cuda_graph,
                           guard=FiniteGuard(self.check_finite, self._prec), fallbacks=self._fallbacks,
-                          memory=self.memory, task_chunk=self.task_chunk)
+                          memory=self.memory, task_chunk=self.task_chunk, step_lrs=self.step_lrs,
+                          piece_sizes=self._piece_sizes(), multi_step_loss=self.multi_step_loss,
+                          step_weights=self.step_loss_weights, step_bn=self.step_bn,
+                          bn_index=None if self._bn_index is None else self._bn_index.to(self._flat.buffer.device))
             self._built = (setup, make_paths(setup))
         return self._built
+
+    def _init_step_bn(self, steps: int) -> None:
+        """BNWB: ``step_bn`` [steps, n] holds every affine BatchNorm weight and bias once per step, each row
+        initialised to the model's; at step k they replace the BatchNorm weights of the fast weights."""
+        from ..functional.layers import BatchNorm
+        a = self._engine.adapt_offset
+        slots = [s for layer in self._engine.layers if isinstance(layer, BatchNorm) for s in layer.slots]
+        if not slots:
+            raise ValueError("per_step_bn: the model has no BatchNorm layer with affine weights")
+        buffer = self._flat.buffer
+        index = torch.cat([torch.arange(s.offset - a, s.offset - a + s.numel) for s in slots])
+        self._bn_index = index
+        init = buffer.detach()[a:][index.to(buffer.device)]
+        self.step_bn = nn.Parameter(init.expand(steps, -1).clone())
+
+    def _piece_sizes(self) -> Optional[torch.Tensor]:
+        if self.step_lrs is None:
+            return None
+        sizes = [slot.numel for slot in self._flat.slots[self._engine._first_adapted_slot:]]
+        return torch.tensor(sizes, dtype=torch.long, device=self.step_lrs.device)
+
+    def _check_lslr_steps(self, steps: int) -> None:
+        if self.step_lrs is not None and steps > self.step_lrs.shape[0]:
+            raise ValueError(f"inner_steps: lslr learned rates for {self.step_lrs.shape[0]} steps, {steps} asked")
+        if self.step_bn is not None and steps > self.step_bn.shape[0]:
+            raise ValueError(f"inner_steps: per_step_bn holds BatchNorm weights for {self.step_bn.shape[0]} steps, "
+                             f"{steps} asked")
 
     @property
     def _overflow(self) -> Optional[torch.Tensor]:
@@ -259,6 +370,7 @@ class BatchedMAML(nn.Module):
         """Validate a batch and pick its path: (path, steps, what the path prepared for the signature)."""
         self._check_batch(*batch)
         steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
+        self._check_lslr_steps(steps)
         buffer = self._flat.buffer  # bound by _check_batch
         self._prec.check_params(buffer.dtype)
         if buffer is not self._keyed_buffer and not torch.compiler.is_compiling():
@@ -279,6 +391,7 @@ class BatchedMAML(nn.Module):
         """Adapted fast weights for evaluation (no graph back to the meta-parameters)."""
         self._check_batch(support_x, support_y)
         steps = self.inner_steps if steps is None else self._check_steps(steps)
+        self._check_lslr_steps(steps)
         buffer = self._flat.buffer
         self._prec.check_params(buffer.dtype)
         path = self._choose(Where(buffer.device, buffer.dtype, steps, False, adapt=True))
@@ -312,8 +425,20 @@ class BatchedMAML(nn.Module):
         listing += [f"  {'>' if p is chosen else ' '} {p.name}: {'yes' if v.ok else 'no'}, {v.reason}"
                     for p, v in verdicts]
         falls = ", ".join(f"{k} x{n}" for k, n in sorted(self._fallbacks.items())) or "none"
-        return "\n".join(self._engine.describe() + [how, line, self._prec.describe(), self.memory_plan()] + listing
+        return "\n".join(self._engine.describe() + [how, line, self._prec.describe(), self.memory_plan(),
+                                                    self._describe_maml_pp()] + listing
                          + [f"fallbacks: {falls}"])
+
+    def _describe_maml_pp(self) -> str:
+        """One line: the MAML++ options and where their schedules stand."""
+        msl = (f"on (annealed over {self.msl_anneal_iters} iterations; weights now "
+               f"{[round(w, 4) for w in self.step_loss_weights()] if self.inner_steps else []})"
+               if self.multi_step_loss else "off")
+        order = ("first" if self._scheduled_first_order() else "second") + " order now" + (
+            f", first order for iterations < {self.first_order_iters}" if self.first_order_iters else "")
+        return (f"MAML++ (iteration {self._iteration}): lslr {'on' if self.step_lrs is not None else 'off'}, "
+                f"multi_step_loss {msl}, {order}, per-step BatchNorm weights {'on' if self.step_bn is not None else 'off'} "
+                "(per-step running statistics: not implemented; BatchNorm normalises by batch statistics)")
 
     def memory_plan(self, num_tasks: Optional[int] = None) -> str:
         """The memory mode a training step runs in and what it keeps for the reverse pass (sizes for

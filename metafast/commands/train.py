@@ -16,7 +16,7 @@ SINUSOID_FIELDS = ("iterations", "meta_batch", "inner_lr", "inner_steps", "meta_
 VISION_FIELDS = SINUSOID_FIELDS + ("root", "download", "ways", "shots", "queries", "eval_queries",
                                    "test_inner_steps", "model", "width", "val_every", "val_episodes",
                                    "eval_episodes", "train_split", "image_size", "channels", "normalize", "split_seed",
-                                   "memory", "task_chunk")
+                                   "memory", "task_chunk", "algorithm")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="validate every N iterations, 0 = never (default 500)")
     p.add_argument("--val-episodes", type=int_at_least(1), help="fixed validation episodes (default 100)")
     p.add_argument("--eval-episodes", type=int_at_least(1), help="fixed test episodes at the end (default 600)")
+    p.add_argument("--algorithm", choices=("maml", "mamlpp"),
+                   help="vision: maml (default) or mamlpp (MAML++: learned per-step per-layer rates, annealed "
+                        "multi-step loss, first order for 25000 iterations, cosine-annealed meta-lr)")
     p.add_argument("--train-split", choices=("train", "trainval"),
                    help="omniglot: 'trainval' trains on all 1200 characters")
     # --dataset folder (metafast.data.folder): your own ImageFolder under --root

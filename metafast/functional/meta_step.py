@@ -20,6 +20,15 @@ support forward and backward when it reaches it (and the query pass from W_K), s
 step's activations whatever K is. Recomputation runs the same ops on the same inputs, so the
 meta-gradient is the same.
 
+MAML++ (an optional ninth plan entry, ``(lslr, weights)``): with ``lslr`` the ``lrs`` input is LSLR's
+[K', n_pieces] per-step per-piece rates (K' >= K), so lr_k is a scalar per piece i and
+
+    lrbar[k, i] = -sum_t <Wbar_{k+1,i}, g_{k,i}>,   Wbar_k = Wbar_{k+1} - H_s(W_k) (lr_k * Wbar_{k+1});
+
+``weights`` [K] (the multi-step loss) makes the result sum_j w_j L_q(W_j) over the fast weights after
+every step j = 1..K, so the reverse adds w_j dL_q/dW_j to Wbar_j (a query pass per weighted step,
+rebuilt from W_j under step checkpointing).
+
 Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
 accumulated Wbar stay float32; the inner gradient (and its R-operator) is taken of S * loss and
@@ -71,6 +80,7 @@ class MetaStep(torch.autograd.Function):
         prec = plan[5] if len(plan) > 5 else FP32
         report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
         ckpt = len(plan) > 7 and bool(plan[7])
+        lslr, weights = plan[8] if len(plan) > 8 else (False, None)
         overflow = None
         low, scale = prec.low, prec.scale
         T = sx.shape[0]
@@ -80,7 +90,8 @@ class MetaStep(torch.autograd.Function):
         support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
         theta_c, sx, qx = low(theta), low(sx), low(qx)
         sizes = engine.slot_sizes()
-        lr_parts = lrs.split(sizes) if lrs is not None else None
+        lr_parts = lrs.split(sizes) if lrs is not None and not lslr else None
+        msl = {}  # MAML++ multi-step loss: step j -> (weighted loss [T], query tape, layout, dL/dout)
         for k in range(steps):
             rng = _rng_states(engine) if ckpt else None
             out, layout, tape = engine.forward(0, n, theta_c, _low(low, fast), sx, "tn", rc, record=True)
@@ -96,7 +107,12 @@ class MetaStep(torch.autograd.Function):
             # checkpointed: W_k alone (None: theta); the step's tape is dropped here and rebuilt by the reverse
             records.append((fast, rng) if ckpt else (tape, gys, out, layout, g))
             del tape, gys, out
-            fast = _update(theta.split(sizes) if fast is None else fast, g, lr_parts if lrs is not None else lr_of(k))
+            lr_k = list(lrs[k].unbind()) if lslr else (lr_parts if lrs is not None else lr_of(k))
+            fast = _update(theta.split(sizes) if fast is None else fast, g, lr_k)
+            if weights is not None and k + 1 < steps and weights[k] != 0:
+                rng = _rng_states(engine) if ckpt else None
+                msl[k + 1] = MetaStep._query(engine, loss_fn, theta_c, _low(low, fast), qx, qy, rc, not ckpt,
+                                             weights[k], theta.dtype) + (rng,)
         rng = _rng_states(engine) if ckpt else None
         out_q, layout_q, tape_q = engine.forward(0, n, theta_c, _low(low, fast), qx, "tn", rc, record=not ckpt)
         out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
@@ -107,11 +123,23 @@ class MetaStep(torch.autograd.Function):
             report.append(overflow)
         loss_fn.check_target(out_q, qy, "query_y")
         task_losses, dq = loss_fn.value_and_grad(out_q, qy, False)
+        if weights is not None and steps > 0:
+            task_losses = sum((m[0] for m in msl.values()), weights[steps - 1] * task_losses)
+            dq = dq * weights[steps - 1]
+        ctx.msl, ctx.qy = msl, qy
         ctx.plan, ctx.rc, ctx.sy, ctx.scale, ctx.ckpt, ctx.dtype = plan, rc, sy, scale, ckpt, theta.dtype
         ctx.records, ctx.tape_q, ctx.layout_q, ctx.dq = records, tape_q, layout_q, dq
         ctx.lrs, ctx.theta_shape, ctx.records_dtype = lrs, theta.shape, theta_c.dtype
         ctx.mark_non_differentiable(support_losses, out_q)
         return task_losses, support_losses, out_q
+
+    @staticmethod
+    def _query(engine, loss_fn, theta_c, fast_c, qx, qy, rc, record, weight, dtype):
+        """A multi-step loss term: (weight * query loss [T], its tape or None, layout, weight * dL/dout)."""
+        out, layout, tape = engine.forward(0, len(engine.layers), theta_c, fast_c, qx, "tn", rc, record=record)
+        out = engine.output(out, layout, rc.T).to(dtype)
+        loss, dq = loss_fn.value_and_grad(out, qy, False)
+        return weight * loss, tape, layout, dq * weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -137,22 +165,30 @@ class MetaStep(torch.autograd.Function):
         wbar = [w.to(gq.dtype) for w in engine.backward(tape_q, gq.to(ctx.records_dtype), layout_q, rc,
                                                          flat=False)]
         sizes = [w.shape[1] for w in wbar]
+        lslr = len(ctx.plan) > 8 and ctx.plan[8][0]
         lrbar = None
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
         del tape_q
         for k in range(steps - 1, -1, -1):
+            if k + 1 in ctx.msl:  # the multi-step loss's term at W_{k+1} joins Wbar_{k+1}
+                wbar = MetaStep._add_query_grad(ctx, wbar, k + 1, scale)
+            if first_order and lrbar is None:
+                continue  # FOMAML without learned rates reads nothing of the inner steps
             if ctx.ckpt:
-                if first_order and lrbar is None:
-                    break  # FOMAML without learned rates reads nothing of the inner steps
                 tape = gys = out = h = None  # drop step k+1's rebuilt activations before rebuilding step k's
                 tape, gys, out, layout, g = MetaStep._recompute(ctx, k)
             else:
                 tape, gys, out, layout, g = ctx.records[k]
-            if lrbar is not None:
+            if lrbar is not None and lslr:
+                lrbar[k] -= torch.stack([(w * gk).sum() for w, gk in zip(wbar, g)])
+            elif lrbar is not None:
                 lrbar -= torch.cat([(w * gk).sum(0) for w, gk in zip(wbar, g)])
             if not first_order:
-                lrs = ctx.lrs.split(sizes) if ctx.lrs is not None else [lr_of(k)] * len(wbar)
+                if lslr:
+                    lrs = list(ctx.lrs[k].unbind())
+                else:
+                    lrs = ctx.lrs.split(sizes) if ctx.lrs is not None else [lr_of(k)] * len(wbar)
                 # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar.
                 # Low-precision layers get lr * Wbar, the range the inner loss scale was chosen for;
                 # otherwise a scalar lr is applied after H (H (lr Wbar) = lr H Wbar), one pass less.
@@ -164,6 +200,19 @@ class MetaStep(torch.autograd.Function):
                     h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale)
                     wbar = [w.add_(hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
         return torch.cat([w.sum(0) for w in wbar]), lrbar, None, None, None, None, None
+
+    @staticmethod
+    def _add_query_grad(ctx, wbar, j, scale):
+        """Wbar_j += w_j dL_q/dW_j (the multi-step loss), its query tape rebuilt from W_j when checkpointed."""
+        engine = ctx.plan[0]
+        _, tape, layout, dq, rng = ctx.msl[j]
+        if ctx.ckpt:
+            theta_c, _, qx, _ = ctx.ckpt_inputs
+            low = (ctx.plan[5] if len(ctx.plan) > 5 else FP32).low
+            _, layout, tape = MetaStep._rerun(engine, (ctx.records[j][0], rng), lambda fast: engine.forward(
+                0, len(engine.layers), theta_c, _low(low, fast), qx, "tn", ctx.rc, record=True))
+        g = engine.backward(tape, (dq * scale).to(ctx.records_dtype), layout, ctx.rc, flat=False)
+        return [w.add_(gk.to(w.dtype)) for w, gk in zip(wbar, g)]
 
     @staticmethod
     def _rerun(engine, record, forward):

@@ -60,7 +60,11 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # MAML paper, Omniglot 20-way: 5 steps lr 0.1 in training and at test, meta-batch 16.
 OMNIGLOT_20WAY = dict(inner_lr=0.1, inner_steps=5, test_inner_steps=5, meta_batch=16)
 
-_FIXED_ON_RESUME = ("dataset", "ways", "shots", "queries", "model", "width", "inner_lr", "inner_steps", "meta_batch",
+# MAML++ (Antoniou et al. 2019) in iterations: the paper's schedules in epochs of 500 iterations (multi-step
+# loss annealed over 15, first order for 50), and its cosine-annealed meta-learning rate down to 1e-5.
+MAMLPP_SCHEDULE = dict(msl_anneal_iters=15 * 500, first_order_iters=50 * 500, min_meta_lr=1e-5)
+ALGORITHMS = ("maml", "mamlpp")
+_FIXED_ON_RESUME = ("algorithm", "dataset", "ways", "shots", "queries", "model", "width", "inner_lr", "inner_steps", "meta_batch",
                     "meta_lr", "first_order", "meta_sgd", "seed", "train_split")
 
 
@@ -99,6 +103,7 @@ class VisionConfig(JobConfig):
     split_seed: int = 0
     mean: Optional[List[float]] = None   # per-channel, filled from `normalize` (saved with the run)
     std: Optional[List[float]] = None
+    algorithm: str = "maml"              # "mamlpp": MAML++ (metafast.MAMLpp, cosine-annealed meta_lr)
 
     def resolved(self) -> "VisionConfig":
         """A copy with every None filled from the dataset's preset."""
@@ -127,6 +132,8 @@ class VisionConfig(JobConfig):
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         if self.task_chunk is not None:
             self.check_ints((("task_chunk", 1),))
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         allowed = ("train", "trainval") if self.dataset == "omniglot" else ("train",)
@@ -189,7 +196,14 @@ def build_model(config: VisionConfig) -> torch.nn.Module:
 
 def build(config: VisionConfig, device: torch.device):
     from ..algorithms.batched_maml import BatchedMAML
+    from ..algorithms.mamlpp import MAMLpp
 
+    if config.algorithm == "mamlpp":
+        maml = MAMLpp(build_model(config), inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                      first_order=config.first_order, msl_anneal_iters=MAMLPP_SCHEDULE["msl_anneal_iters"],
+                      first_order_iters=MAMLPP_SCHEDULE["first_order_iters"], memory=config.memory,
+                      task_chunk=config.task_chunk).to(device)
+        return maml, torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
     maml = BatchedMAML(build_model(config), inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                        first_order=config.first_order, meta_sgd=config.meta_sgd, loss="cross_entropy",
                        memory=config.memory, task_chunk=config.task_chunk).to(device)
@@ -338,6 +352,11 @@ class VisionJob(Job):
     def step(self, iteration: int) -> bool:
         config, maml = self.config, self.maml
         batch = self.sampler.sample(config.meta_batch)
+        if config.algorithm == "mamlpp":  # the schedules and the cosine meta-lr follow the iteration (resume-proof)
+            maml.set_iteration(iteration)
+            lo = MAMLPP_SCHEDULE["min_meta_lr"]
+            for group in self.optimizer.param_groups:  # CosineAnnealingLR's closed form, T_max = iterations
+                group["lr"] = lo + (config.meta_lr - lo) * (1 + math.cos(math.pi * iteration / config.iterations)) / 2
         out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -14,9 +14,10 @@ from ...ops.inner_update import inner_update
 from .base import FastWeights, MetaStepPath, StepOutput, Support, Where
 
 
-def inner_loop(setup, theta, sx, sy, steps: int, mode: str):
+def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None):
     """(fast weights [T, Pa] or None, support losses [T]) after ``steps`` inner steps from ``theta``;
-    ``mode``: "second" (differentiable to second order), "first" (FOMAML) or "eval" (adapt())."""
+    ``mode``: "second" (differentiable to second order), "first" (FOMAML) or "eval" (adapt()).
+    ``on_step(step, fast)``: called after each inner update (MAML++'s multi-step loss)."""
     engine = setup.engine
     prec = setup.prec
     guard = setup.guard
@@ -35,6 +36,7 @@ def inner_loop(setup, theta, sx, sy, steps: int, mode: str):
     fast = None
     support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
     for step in range(steps):
+        fast = setup.with_step_bn(theta, fast, step, T, detach=mode == "eval")
         with grad_ctx:
             out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta_c, prec.low(fast),
                                                    x, layout, rc, record=True)
@@ -55,6 +57,10 @@ def inner_loop(setup, theta, sx, sy, steps: int, mode: str):
             lr = lr.detach()
         start = theta[a:] if fast is None else fast
         fast = inner_update(start, g, lr, setup.clip_grad_norm)
+        if on_step is not None:
+            on_step(step, fast)
+    if steps:  # the query pass (and predict after adapt()) runs with the last step's BatchNorm weights
+        fast = setup.with_step_bn(theta, fast, steps - 1, T, detach=mode == "eval")
     return fast, support_losses
 
 
@@ -81,10 +87,23 @@ class AutogradPath(MetaStepPath):
         sx, sy, qx, qy = batch
         s.guard.overflow = None
         theta = s.flat.theta()
-        fast, support_losses = inner_loop(s, theta, sx, sy, steps, "first" if s.first_order else "second")
-        out = predict(s, theta, fast, qx, sx.shape[0])
+        T = sx.shape[0]
+        weights = s.step_weights(steps) if s.multi_step_loss and steps > 1 else None
+        step_losses = []
+
+        def query_loss(step, fast):  # MAML++ multi-step loss: the query loss after every step with a weight
+            if step < steps - 1 and weights[step] != 0:  # host floats: no device sync
+                out = predict(s, theta, s.with_step_bn(theta, fast, step, T), qx, T)
+                s.loss_fn.check_target(out, qy, "query_y")
+                step_losses.append(weights[step] * s.loss_fn.value(out, qy))
+
+        fast, support_losses = inner_loop(s, theta, sx, sy, steps, "first" if s.first_order else "second",
+                                          None if weights is None else query_loss)
+        out = predict(s, theta, fast, qx, T)
         s.loss_fn.check_target(out, qy, "query_y")
         task_losses = s.loss_fn.value(out, qy)
+        if weights is not None:
+            task_losses = sum(step_losses, weights[-1] * task_losses)
         s.guard.check(task_losses, "query loss", support_losses)
         acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
         return StepOutput(task_losses, acc, support_losses)

@@ -128,11 +128,40 @@ class Setup:
     fallbacks: dict = field(default_factory=dict)  # key -> count, shared with the owner (describe())
     memory: str = "fast"             # "fast" | "low" (step checkpointing; the exact reverse runs it)
     task_chunk: Optional[int] = None  # tasks per chunk of the meta-batch (None: all)
+    # MAML++ (metafast/algorithms/mamlpp.py); a path that does not implement one says so in supports()
+    step_lrs: Optional[torch.Tensor] = None  # LSLR: [steps, adapted tensors] learned rates, else None
+    piece_sizes: Optional[torch.Tensor] = None  # LSLR: numel of each adapted tensor (int64, on the device)
+    multi_step_loss: bool = False    # query loss after every inner step, weighted by step_weights()
+    step_weights: Any = None         # MSL: fn(steps) -> [steps] weights of this iteration, or None (last only)
+    step_bn: Optional[torch.Tensor] = None  # BNWB: [steps, BatchNorm weight+bias numel] per-step BN affine params
+    bn_index: Optional[torch.Tensor] = None  # BNWB: their positions in the adapted weights [Pa] (int64)
+
+    def maml_pp_options(self) -> List[str]:
+        """The MAML++ options this setup uses (for a path's supports() reason)."""
+        return [name for name, on in (("lslr", self.step_lrs is not None), ("multi_step_loss", self.multi_step_loss),
+                                      ("per_step_bn", self.step_bn is not None)) if on]
+
+    def with_step_bn(self, theta: torch.Tensor, fast: Optional[torch.Tensor], step: int, T: int,
+                     detach: bool = False) -> Optional[torch.Tensor]:
+        """Per-step BatchNorm weights (BNWB): the fast weights [T, Pa] (θ's adapted part where None) with
+        every BatchNorm weight and bias replaced by step ``step``'s; unchanged without per_step_bn."""
+        if self.step_bn is None:
+            return fast
+        base = theta[self.engine.adapt_offset:].expand(T, -1) if fast is None else fast
+        if self.bn_index.device != base.device:  # the module moved since the setup was built
+            self.bn_index = self.bn_index.to(base.device)
+        values = self.step_bn[step].detach() if detach else self.step_bn[step]
+        return base.index_copy(1, self.bn_index, values.to(base.dtype).expand(T, -1))
 
     def lr(self, step: int):
-        """The inner rate of ``step``: Meta-SGD's [Pa] tensor, or a float."""
+        """The inner rate of ``step``: Meta-SGD's [Pa] tensor, LSLR's per-tensor rates expanded to [Pa],
+        or a float."""
         if self.lrs is not None:
             return self.lrs
+        if self.step_lrs is not None:
+            if self.piece_sizes.device != self.step_lrs.device:  # the module moved since the setup was built
+                self.piece_sizes = self.piece_sizes.to(self.step_lrs.device)
+            return torch.repeat_interleave(self.step_lrs[step], self.piece_sizes, output_size=self.engine.adapted_numel)
         return self.inner_lrs[step] if len(self.inner_lrs) > 1 else self.inner_lrs[0]
 
     def fallback(self, key: str, message: str) -> None:

@@ -55,6 +55,8 @@ class CudaGraphPath(MetaStepPath):
             return Support(False, "cuda_graph=False", quiet=True)
         if where.adapt:
             return Support(False, "adapt() runs eagerly", quiet=True)
+        if self.setup.multi_step_loss:
+            return Support(False, "multi_step_loss (its weights change with the iteration; a graph would freeze them)")
         if where.device.type != "cuda":
             return Support(False, "inputs are not on a CUDA device")
         if not where.grad:

@@ -157,6 +157,9 @@ class FusedPath(MetaStepPath):
             return Support(False, "fused=False")
         if s.prec.mixed:
             return Support(False, f"precision={s.prec.name!r} (the fused op is fp32/fp64)")
+        if s.maml_pp_options():
+            return Support(False, f"MAML++ option(s) {', '.join(s.maml_pp_options())} (the fused kernel "
+                                  "implements none of them)")
         if where.steps == 0:
             return Support(False, "no inner steps to fuse", quiet=True)
         dims, why = self.plan(where.device, where.dtype)
