@@ -92,9 +92,10 @@ def test_mlp_reasons(kw, fused, exact):
 
 
 def test_other_models_and_calls_say_why():
-    v = verdicts(BatchedMAML(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double(), 0.1))
+    v = verdicts(BatchedMAML(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double(), 0.1,
+                             clip_grad_norm=1.0))
     assert "not a chain of Linear layers with ReLU" in v["fused"].reason and not v["fused"].ok
-    assert not v["exact_reverse"].ok and "no R-operator for GELU" in v["exact_reverse"].reason
+    assert not v["exact_reverse"].ok and "clip_grad_norm is set" in v["exact_reverse"].reason
     conv = BatchedMAML(Conv4(5, hidden=4, image_size=8).double(), 0.1, loss="cross_entropy")
     v = verdicts(conv)
     assert not v["fused"].ok and "not a chain" in v["fused"].reason and v["exact_reverse"].ok
@@ -243,15 +244,16 @@ def test_explain_paths_names_the_path_and_why_the_others_do_not_apply():
 
     line = explain_paths(Conv4(5, hidden=4, image_size=8), "cross_entropy")
     assert line.startswith("exact_reverse: exact reverse (R-operator") and "not fused: the model is not a chain" in line
-    gelu = explain_paths(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)))
-    assert gelu.startswith("autograd: ") and "exact_reverse: no R-operator for GELU" in gelu
+    custom = explain_paths(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)),
+                           lambda out, y: ((out - y) ** 4).flatten(1).mean(1))
+    assert custom.startswith("autograd: ") and "exact_reverse: the loss is a custom function" in custom
 
 
 def test_memory_low_runs_on_the_exact_reverse_and_elsewhere_is_a_counted_fallback(ran):
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double()
-    maml = BatchedMAML(model, 0.2, memory="low", task_chunk=2)
+    maml = BatchedMAML(model, 0.2, memory="low", task_chunk=2, clip_grad_norm=1.0)
     b = batch()
-    with pytest.warns(fb.FallbackWarning, match=r"memory='low', task_chunk=2\): no R-operator for GELU"):
+    with pytest.warns(fb.FallbackWarning, match=r"memory='low', task_chunk=2\): clip_grad_norm is set"):
         meta_grad(maml, b)
     meta_grad(maml, b)  # once per choice
     assert ran == ["autograd", "autograd"] and "fallbacks: maml_path.exact_reverse x1" in maml.describe()
