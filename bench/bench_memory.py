@@ -13,7 +13,8 @@ GPU: ``torch.cuda.max_memory_allocated`` over the measured step, minus what was 
 A method whose memory, extrapolated linearly in K from its two previous rows, would exceed
 ``--budget-mb`` is skipped at that K (its row says so): at K = 100 torch.func, learn2learn and metafast's
 fast mode would need many GB.
-Each method's meta-gradient is compared with learn2learn's at the same K where both ran.
+Each method's meta-gradient is compared with learn2learn's at the same K where both ran (in float32 the
+distance grows with K; torch.func's own distance from learn2learn sets the tolerance's scale).
 
     python bench/bench_memory.py [--steps 1 5 10 25 100] [--budget-mb 12000] [--device cpu|cuda] [--quick]
 """
@@ -44,7 +45,7 @@ METHODS = {
     "learn2learn": None,
     "torch.func": None,
 }
-GRAD_RTOL = 1e-3  # fp32, deep inner loops: rounding grows with K; a wrong gradient is off by O(1)
+GRAD_RTOL = 1e-3  # the floor; where torch.func ran too, twice its distance from learn2learn (rounding grows with K)
 COLUMNS = ["method", "steps", "peak_mb", "s_per_step", "vs_learn2learn", "grad_rel_err_vs_learn2learn", "note"]
 
 
@@ -231,6 +232,11 @@ def main(argv=None) -> int:
                 print(f"{method:22s} K={steps:<4d} {row['peak_mb']} MB  {row['s_per_step']} s  {row['note']}",
                       flush=True)
             ref = grads.get("learn2learn")
+            # fp32 through K inner steps on random images amplifies rounding: torch.func's distance from
+            # learn2learn (two correct implementations) sets the scale a wrong gradient must exceed
+            floor = GRAD_RTOL
+            if ref is not None and "torch.func" in grads:
+                floor = max(floor, 2 * float((grads["torch.func"] - ref).norm() / ref.norm()))
             for row in rows[-len(args.methods):]:
                 l2l = next((r for r in rows if r["method"] == "learn2learn" and r["steps"] == steps), None)
                 if l2l and l2l["peak_mb"] and row["peak_mb"] is not None:
@@ -238,7 +244,8 @@ def main(argv=None) -> int:
                 if ref is not None and row["method"] in grads:
                     err = float((grads[row["method"]] - ref).norm() / ref.norm())
                     row["grad_rel_err_vs_learn2learn"] = err
-                    if err > GRAD_RTOL and METHODS[row["method"]] is not None:
+                    row["grad_tol"] = floor
+                    if err > floor and METHODS[row["method"]] is not None:
                         sink.fail(f"{row['method']} K={steps}: meta-gradient off by {err:.2e} from learn2learn's")
                 sink.add(row)  # each K's rows once their comparisons are known
     print_table(rows, COLUMNS)
