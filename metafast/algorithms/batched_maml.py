@@ -425,7 +425,7 @@ class BatchedMAML(nn.Module):
         listing += [f"  {'>' if p is chosen else ' '} {p.name}: {'yes' if v.ok else 'no'}, {v.reason}"
                     for p, v in verdicts]
         falls = ", ".join(f"{k} x{n}" for k, n in sorted(self._fallbacks.items())) or "none"
-        return "\n".join(self._engine.describe() + [how, line, self._prec.describe(), self.memory_plan(),
+        return "\n".join(self._engine.describe() + [how, line, self._prec.describe(), self._memory_line(verdicts),
                                                     self._describe_maml_pp()] + listing
                          + [f"fallbacks: {falls}"])
 
@@ -443,7 +443,10 @@ class BatchedMAML(nn.Module):
     def memory_plan(self, num_tasks: Optional[int] = None) -> str:
         """The memory mode a training step runs in and what it keeps for the reverse pass (sizes for
         ``num_tasks`` tasks when given)."""
-        chosen, verdict = next((p, v) for p, v in self._verdicts() if v.ok)
+        return self._memory_line(self._verdicts(), num_tasks)
+
+    def _memory_line(self, verdicts, num_tasks: Optional[int] = None) -> str:
+        chosen = next(p for p, v in verdicts if v.ok)
         asked = f"memory={self.memory!r}, task_chunk={self.task_chunk!r}"
         if chosen.name == "fused":
             return (f"memory: the fused kernel's own saved state (small: an MLP's per-step activations); {asked} "
@@ -451,7 +454,7 @@ class BatchedMAML(nn.Module):
         if chosen.name != "exact_reverse":
             if self.memory == "fast" and self.task_chunk is None:
                 return "memory: fast (autograd keeps every inner step's graph)"
-            why = dict((p.name, v) for p, v in self._verdicts())["exact_reverse"].reason
+            why = dict((p.name, v) for p, v in verdicts)["exact_reverse"].reason
             return f"memory: fast, although {asked} was asked: they need the exact reverse, which does not run: {why}"
         chunk = "all" if self.task_chunk is None else str(min(self.task_chunk, num_tasks or self.task_chunk))
         if self.memory == "fast":
