@@ -67,12 +67,14 @@ class BatchedMAML(nn.Module):
             in a CUDA graph on first use and replay it; a new input shape captures again (up to 8),
             then runs eagerly with one warning. Results equal the eager path. With CPU inputs it runs
             eagerly (a metafast.FallbackWarning, an error under METAFAST_STRICT=1).
-        exact_reverse: where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU,
-            Tanh, Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL) and the
-            loss is "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is
-            the hand-derived exact reverse (Hessian-vector products by R-operators) instead of
-            autograd through the unrolled inner loop. Same gradients, far fewer autograd nodes; the
-            result supports one backward (no third-order derivatives). False forces autograd.
+        exact_reverse: where every adapted layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d,
+            ReLU, Tanh, Sigmoid, Flatten and the graph layers: MLPs, Conv4, ResNet-12) and the loss is
+            "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is the
+            hand-derived exact reverse (Hessian-vector products by R-operators) instead of autograd
+            through the unrolled inner loop. Same gradients, far fewer autograd nodes; the result
+            supports one backward (no third-order derivatives). False forces autograd. With anil=True
+            the body runs once per support and query set under autograd and the head's reverse hands
+            it its features' gradients (fp32 only; on a module graph the head must read one value).
         fused: run the whole meta-step (inner loop, query loss, exact reverse) of a small Linear/ReLU
             MLP as one fused kernel per task batch (metafast.ops.fused_inner_loop). None (default):
             whenever the model and settings qualify (``describe()`` says whether and why); True:
@@ -234,7 +236,7 @@ class BatchedMAML(nn.Module):
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
         return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
-                and self.step_bn is None)
+                and self.step_bn is None and not (self._engine.adapt_from and self._prec.mixed))
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:

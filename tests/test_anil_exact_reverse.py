@@ -1,0 +1,156 @@
+"""ANIL (anil=True) on the exact reverse: the body is meta-learned through its features' gradients, the head
+adapted by MetaStep. Meta-gradients (body, head init, Meta-SGD rates, LSLR rates) equal the float64 per-task
+autograd reference (rel. err <= 1e-10) and the autograd path, first and second order, 1 and 3 steps, both
+memory modes and task chunks, on chains (MLP, Conv4 with BatchNorm) and module graphs (ResNet-12)."""
+import pytest
+import torch
+from torch import nn
+
+from maml_reference import per_task_maml
+from meta_paths import assert_path, path_taken
+from metafast import BatchedMAML
+from metafast.models import ResNet12
+from metafast.models.resnet12 import NARROW
+from test_batched_maml import DT, TOL, flat, image_batch, make, reference, rel_err
+
+
+class ResidualHead(nn.Module):
+    """A graph whose last node after the head reads the body's features again: out = head(h) + h."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3, track_running_stats=False),
+                                  nn.ReLU(), nn.Flatten(), nn.Linear(75, 3))
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + h
+
+
+class TwoInputHead(nn.Module):
+    """The nodes from the head on read two values of the body: out = head(b) + a."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.head(torch.tanh(self.b(a))) + a
+
+
+def build(kind):
+    if kind == "resnet12":
+        return ResNet12(3, in_channels=2, widths=(3, 4, 5, 6), image_size=16).to(DT), image_batch(H=16), "cross_entropy"
+    if kind == "resnet12_narrow":
+        model = ResNet12(3, in_channels=3, widths=NARROW, image_size=16).to(DT)
+        return model, image_batch(T=2, S=3, Q=2, C=3, H=16), "cross_entropy"
+    if kind == "residual_head":
+        return ResidualHead().to(DT), image_batch(), "cross_entropy"
+    return make(kind)
+
+
+def meta_gradient(kind, steps, first_order, meta_sgd, exact_reverse=True, **kw):
+    torch.manual_seed(0)
+    model, batch, loss = build(kind)
+    lr = 0.1 if loss == "mse" else 0.3
+    maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd, anil=True,
+                       loss=loss, exact_reverse=exact_reverse, fused=False, **kw)
+    assert_path(maml, fused=False, exact_reverse=exact_reverse)
+    if meta_sgd:  # distinct per-element rates, so a mix-up of lrs would show
+        with torch.no_grad():
+            maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
+    params = list(model.parameters()) + ([maml.lrs] if meta_sgd else [])
+    out = maml(*batch)
+    assert path_taken(maml) == ("exact_reverse" if exact_reverse else "autograd")
+    grads = torch.autograd.grad(out.loss * 1.7, params)  # grad_output != 1
+    return maml, (batch, lr, loss), out, flat(grads), params
+
+
+def check(kind, steps, first_order, meta_sgd, against_autograd=True, **kw):
+    maml, (batch, lr, loss), out, g, params = meta_gradient(kind, steps, first_order, meta_sgd, **kw)
+    ref = reference(maml, batch, lr, steps, first_order, loss)
+    assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
+    ref_g = flat(torch.autograd.grad(ref * 1.7, params))
+    err = rel_err(g, ref_g)
+    assert err <= TOL, f"meta-gradient rel. err vs per-task reference {err:.2e}"
+    body = maml._engine.adapt_offset  # the body's meta-gradient alone, so a small one cannot hide in the total
+    err = rel_err(g[:body], ref_g[:body])
+    assert err <= TOL and g[:body].abs().sum() > 0, f"body meta-gradient rel. err {err:.2e}"
+    if against_autograd:
+        g_autograd = meta_gradient(kind, steps, first_order, meta_sgd, exact_reverse=False)[3]
+        err = rel_err(g, g_autograd)
+        assert err <= TOL, f"meta-gradient rel. err vs the autograd path {err:.2e}"
+    return maml, g
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_bn", "conv4_bn", "conv4_pool", "resnet12", "residual_head"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_anil_exact_reverse_matches_reference_and_autograd_path(kind, steps, first_order, meta_sgd):
+    check(kind, steps, first_order, meta_sgd)
+
+
+@pytest.mark.parametrize("kind", ["conv4_bn", "resnet12"])
+@pytest.mark.parametrize("memory,task_chunk", [("low", None), ("low", 2), ("fast", 2)])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_memory_modes_match_reference(kind, memory, task_chunk, steps, first_order):
+    check(kind, steps, first_order, False, against_autograd=False, memory=memory, task_chunk=task_chunk)
+
+
+@pytest.mark.parametrize("steps,first_order,memory", [(1, False, "fast"), (3, False, "low"), (3, True, "fast")])
+def test_anil_full_width_resnet12_narrow_matches_reference(steps, first_order, memory):
+    check("resnet12_narrow", steps, first_order, False, against_autograd=False, memory=memory)
+
+
+def test_first_order_body_gradient_is_the_query_path_alone():
+    # second order adds the support features' cross terms to the body's meta-gradient, first order has none
+    g2 = meta_gradient("conv4_bn", 2, False, False)[3]
+    maml, _, _, g1, _ = meta_gradient("conv4_bn", 2, True, False)
+    body = maml._engine.adapt_offset
+    assert rel_err(g1[:body], g2[:body]) > 1e-3
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_anil_lslr_and_multi_step_loss_match_reference(memory):
+    from test_mamlpp import lslr_reference_rates
+
+    model, batch, loss = make("conv4_bn")
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=3, loss=loss, lslr=True, anil=True, multi_step_loss=True,
+                       msl_anneal_iters=5, memory=memory)
+    maml.set_iteration(1)
+    with torch.no_grad():
+        maml.step_lrs.mul_(torch.rand_like(maml.step_lrs) + 0.5)
+    names = [s.name for s in maml._flat.slots[maml._engine._first_adapted_slot:]]
+    params = list(model.parameters()) + [maml.step_lrs]
+    grads = torch.autograd.grad(maml(*batch).loss, params)
+    assert path_taken(maml) == "exact_reverse"
+    ref = per_task_maml(model, *batch, 0.3, 3, False, loss, head_names=names, step_lrs=lslr_reference_rates(maml),
+                        step_weights=maml.step_loss_weights())
+    assert rel_err(flat(grads), flat(torch.autograd.grad(ref, params))) <= TOL
+
+
+def test_what_the_exact_reverse_leaves_to_autograd_says_why():
+    # a head reading two values of the body: the autograd path, with the reason, and the same gradients
+    torch.manual_seed(0)
+    model = TwoInputHead().to(DT)
+    g = torch.Generator().manual_seed(3)
+    batch = [torch.randn(2, n, 4, generator=g, dtype=DT) for n in (5, 5)]
+    batch = [batch[0], torch.randint(0, 3, (2, 5), generator=g), batch[1], torch.randint(0, 3, (2, 5), generator=g)]
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=2, anil=True, loss="cross_entropy")
+    assert not maml.exact_reverse
+    assert "anil=True and the adapted nodes read 2 values of the body" in maml.describe()
+    out = maml(*batch)
+    assert path_taken(maml) == "autograd"
+    params = list(model.parameters())
+    ref = reference(maml, batch, 0.3, 2, False, "cross_entropy")
+    assert rel_err(flat(torch.autograd.grad(out.loss, params)), flat(torch.autograd.grad(ref, params))) <= TOL
+    # bf16/fp16 ANIL: the autograd path
+    bf16 = BatchedMAML(make("conv4_bn")[0].float(), inner_lr=0.3, anil=True, loss="cross_entropy", precision="bf16")
+    assert not bf16.exact_reverse
+    assert "anil=True with precision='bf16'" in bf16.describe()
