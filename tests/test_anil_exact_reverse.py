@@ -154,3 +154,43 @@ def test_what_the_exact_reverse_leaves_to_autograd_says_why():
     bf16 = BatchedMAML(make("conv4_bn")[0].float(), inner_lr=0.3, anil=True, loss="cross_entropy", precision="bf16")
     assert not bf16.exact_reverse
     assert "anil=True with precision='bf16'" in bf16.describe()
+
+
+def test_low_mode_recomputes_the_body_per_chunk(monkeypatch):
+    from metafast.functional import head
+
+    calls = []
+    real = head.body_features
+    monkeypatch.setattr(head, "body_features", lambda *a: calls.append(1) or real(*a))
+    maml, *_ = meta_gradient("conv4_bn", 2, False, False, memory="low", task_chunk=2)  # 3 tasks: 2 chunks
+    assert len(calls) == 8  # support and query body per chunk, forward and its recomputation in the backward
+
+
+def test_low_mode_body_dropout_draws_the_forward_masks_again():
+    # the checkpointed body is recomputed with its Dropout generators rewound: the same masks, the same gradient
+    def grads(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 6), nn.Tanh(),
+                              nn.Linear(6, 1)).to(DT)
+        maml = BatchedMAML(model, inner_lr=0.1, inner_steps=2, anil=True, fused=False, **kw)
+        for layer in maml._engine.layers:
+            if hasattr(layer, "reseed"):
+                layer.reseed(7)
+        g = flat(torch.autograd.grad(maml(*make("mlp")[1]).loss, list(model.parameters())))
+        return g, path_taken(maml)
+
+    low, path = grads(memory="low")
+    assert path == "exact_reverse"
+    auto, path = grads(exact_reverse=False)
+    assert path == "autograd"
+    assert rel_err(low, auto) <= TOL
+    low_chunked, fast_chunked = grads(memory="low", task_chunk=2)[0], grads(task_chunk=2)[0]
+    assert rel_err(low_chunked, fast_chunked) <= TOL
+    assert rel_err(low_chunked, low) > 1e-6  # chunks draw other masks: the comparisons above could fail
+
+
+def test_describe_names_the_head_reverse_and_the_checkpointed_body():
+    maml = BatchedMAML(make("conv4_bn")[0], inner_lr=0.3, anil=True, loss="cross_entropy", memory="low")
+    text = maml.describe()
+    assert "> exact_reverse: yes, exact reverse of the head (anil=True" in text
+    assert "anil: the body checkpointed too" in maml.memory_plan(4)

@@ -465,8 +465,11 @@ class BatchedMAML(nn.Module):
         numel = self._engine.adapted_numel
         per_task = self.inner_steps * numel * self._flat.buffer.element_size() / 2**20
         kept = f"{per_task:.1f} MB per task" + (f", {per_task * num_tasks:.1f} MB in all" if num_tasks else "")
+        body = ("; anil: the body checkpointed too (its features kept, its activations rebuilt one chunk at a time "
+                "in the backward)" if self._engine.adapt_from else "")
         return (f"memory: low (step-checkpointed exact reverse, chunks of {chunk} task(s)): peak ~ one inner step's "
-                f"activations of one chunk + fast weights of {self.inner_steps} steps x {numel} parameters ({kept})")
+                f"activations of one chunk + fast weights of {self.inner_steps} steps x {numel} parameters ({kept})"
+                + body)
 
     def _verdicts(self):
         """(path, Support) of every path for a training step of the current settings on the model's device."""

@@ -11,9 +11,12 @@ everywhere in the executor). MetaStep runs the head's inner loop and query loss 
 the second being the R-operator of the head's input gradient along lr_k Wbar_{k+1} (the mixed second
 derivative, one extra output of the Hessian-vector product the reverse takes anyway). Autograd carries both
 into the body's parameters, which therefore need only first derivatives: no R-operator, and any layer the
-executor runs (per-task fallbacks included) may be in the body.
+executor runs (per-task fallbacks included) may be in the body. With memory="low" the body is
+checkpointed too (:func:`checkpointed_body_features`): its activations are rebuilt in the backward, one task
+chunk at a time, so the peak no longer holds every chunk's body.
 """
 import torch
+import torch.utils.checkpoint
 
 from .graph.model import Live
 from .layers import RunCtx, to_tn
@@ -64,3 +67,27 @@ def body_features(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(h, Live):
         h, layout = h.values[engine.head_input()[0]]
     return to_tn(h, T) if layout == "g" else h
+
+
+def checkpointed_body_features(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`body_features` whose activations are not kept: autograd recomputes the body when the backward
+    reaches it (torch.utils.checkpoint), so one task chunk's body is alive at a time (memory="low"). The body's
+    own Dropout generators are rewound for the recomputation, which therefore draws the forward's masks."""
+    gens = [layer.gen for layer in engine.layers[:engine.adapt_from] if getattr(layer, "gen", None) is not None]
+    states = [g.get_state() for g in gens]
+    ran = []
+
+    def run(theta, x):
+        if not ran:  # the forward: draws as usual
+            ran.append(True)
+            return body_features(engine, theta, x)
+        now = [g.get_state() for g in gens]
+        for g, s in zip(gens, states):
+            g.set_state(s)
+        try:
+            return body_features(engine, theta, x)
+        finally:
+            for g, s in zip(gens, now):
+                g.set_state(s)
+
+    return torch.utils.checkpoint.checkpoint(run, theta, x, use_reentrant=False)

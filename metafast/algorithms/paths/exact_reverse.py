@@ -17,12 +17,13 @@ asked for where this path does not run is a fallback (the next path keeps every 
 ANIL (anil=True): the body runs once per support and query set with autograd (metafast.functional.head),
 MetaStep runs the head's inner loop on its features and returns their gradients (the query pass's input
 gradient, and the inner loop's adjoint by the head's mixed second derivatives), and autograd carries them
-into the body, which needs no R-operators. Not with bf16/fp16 (autograd runs those), and on a module graph
+into the body, which needs no R-operators (with memory="low" the body is checkpointed, recomputed per task
+chunk in the backward). Not with bf16/fp16 (autograd runs those), and on a module graph
 only where the head reads one value of the body and every node after it depends on it.
 """
 import torch
 
-from ...functional.head import HeadEngine, body_features
+from ...functional.head import HeadEngine, body_features, checkpointed_body_features
 from ...functional.losses import CrossEntropy
 from ...functional.meta_step import MetaStep
 from .base import MetaStepPath, StepOutput, Support, Where
@@ -96,14 +97,15 @@ class ExactReversePath(MetaStepPath):
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
         maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None)
         anil = s.engine.adapt_from != 0
+        body = checkpointed_body_features if s.memory == "low" else body_features
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
             engine, th, xs, xq = s.engine, theta, sx[c], qx[c]
             if anil:  # the body once per set, by autograd; MetaStep runs the head on its features
                 with torch.no_grad() if s.first_order else torch.enable_grad():
-                    xs = body_features(s.engine, theta, xs)  # first order: no gradient through h_s
-                xq = body_features(s.engine, theta, xq)
+                    xs = (body_features if s.first_order else body)(s.engine, theta, xs)  # first order: h_s constant
+                xq = body(s.engine, theta, xq)
                 engine, th = self._head, theta[s.engine.adapt_offset:]
             plan = (engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
             outs.append(MetaStep.apply(th, lrs, xs, sy[c], xq, qy[c], plan))
