@@ -1,17 +1,17 @@
 """ANIL (anil=True) on the exact reverse: the body is meta-learned through its features' gradients, the head
-adapted by MetaStep. Meta-gradients (body, head init, Meta-SGD rates, LSLR rates) equal the float64 per-task
+adapted by MetaStep. Meta-gradients (body, head init, Meta-SGD rates; LSLR and the multi-step loss in test_mamlpp.py) equal the float64 per-task
 autograd reference (rel. err <= 1e-10) and the autograd path, first and second order, 1 and 3 steps, both
 memory modes and task chunks, on chains (MLP, Conv4 with BatchNorm) and module graphs (ResNet-12)."""
 import pytest
 import torch
 from torch import nn
 
-from maml_reference import per_task_maml
-from meta_paths import assert_path, path_taken
+from meta_paths import path_taken
 from metafast import BatchedMAML
 from metafast.models import ResNet12
 from metafast.models.resnet12 import NARROW
 from test_batched_maml import DT, TOL, flat, image_batch, make, reference, rel_err
+from test_batched_maml_exact_reverse import meta_gradient as exact_reverse_meta_gradient
 
 
 class ResidualHead(nn.Module):
@@ -54,20 +54,11 @@ def build(kind):
 
 
 def meta_gradient(kind, steps, first_order, meta_sgd, exact_reverse=True, **kw):
-    torch.manual_seed(0)
-    model, batch, loss = build(kind)
-    lr = 0.1 if loss == "mse" else 0.3
-    maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd, anil=True,
-                       loss=loss, exact_reverse=exact_reverse, fused=False, **kw)
-    assert_path(maml, fused=False, exact_reverse=exact_reverse)
-    if meta_sgd:  # distinct per-element rates, so a mix-up of lrs would show
-        with torch.no_grad():
-            maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
-    params = list(model.parameters()) + ([maml.lrs] if meta_sgd else [])
-    out = maml(*batch)
-    assert path_taken(maml) == ("exact_reverse" if exact_reverse else "autograd")
-    grads = torch.autograd.grad(out.loss * 1.7, params)  # grad_output != 1
-    return maml, (batch, lr, loss), out, flat(grads), params
+    """(maml, (batch, lr, loss), output, meta-gradient x 1.7, parameters) of an ANIL step on the path asked for."""
+    result = exact_reverse_meta_gradient(kind, exact_reverse, steps, first_order, meta_sgd, anil=True, make_model=build,
+                                         **kw)
+    assert path_taken(result[0]) == ("exact_reverse" if exact_reverse else "autograd")
+    return result
 
 
 def check(kind, steps, first_order, meta_sgd, against_autograd=True, **kw):
@@ -114,25 +105,6 @@ def test_first_order_body_gradient_is_the_query_path_alone():
     maml, _, _, g1, _ = meta_gradient("conv4_bn", 2, True, False)
     body = maml._engine.adapt_offset
     assert rel_err(g1[:body], g2[:body]) > 1e-3
-
-
-@pytest.mark.parametrize("memory", ["fast", "low"])
-def test_anil_lslr_and_multi_step_loss_match_reference(memory):
-    from test_mamlpp import lslr_reference_rates
-
-    model, batch, loss = make("conv4_bn")
-    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=3, loss=loss, lslr=True, anil=True, multi_step_loss=True,
-                       msl_anneal_iters=5, memory=memory)
-    maml.set_iteration(1)
-    with torch.no_grad():
-        maml.step_lrs.mul_(torch.rand_like(maml.step_lrs) + 0.5)
-    names = [s.name for s in maml._flat.slots[maml._engine._first_adapted_slot:]]
-    params = list(model.parameters()) + [maml.step_lrs]
-    grads = torch.autograd.grad(maml(*batch).loss, params)
-    assert path_taken(maml) == "exact_reverse"
-    ref = per_task_maml(model, *batch, 0.3, 3, False, loss, head_names=names, step_lrs=lslr_reference_rates(maml),
-                        step_weights=maml.step_loss_weights())
-    assert rel_err(flat(grads), flat(torch.autograd.grad(ref, params))) <= TOL
 
 
 def test_what_the_exact_reverse_leaves_to_autograd_says_why():

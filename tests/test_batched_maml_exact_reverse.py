@@ -59,12 +59,13 @@ def build(kind):
     return extra[kind]() if kind in extra else make(kind)
 
 
-def meta_gradient(kind, exact_reverse, steps, first_order, meta_sgd, anil=False):
+def meta_gradient(kind, exact_reverse, steps, first_order, meta_sgd, anil=False, make_model=build, **kw):
+    """``make_model(kind)`` -> (model, batch, loss); ``kw``: more BatchedMAML settings."""
     torch.manual_seed(0)
-    model, batch, loss = build(kind)
+    model, batch, loss = make_model(kind)
     lr = 0.1 if loss == "mse" else 0.3
     maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd, anil=anil,
-                       loss=loss, exact_reverse=exact_reverse, fused=False)
+                       loss=loss, exact_reverse=exact_reverse, fused=False, **kw)
     assert_path(maml, fused=False, exact_reverse=exact_reverse)
     if meta_sgd:  # distinct per-element rates, so a mix-up of lrs would show
         with torch.no_grad():

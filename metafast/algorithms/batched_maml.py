@@ -413,6 +413,8 @@ class BatchedMAML(nn.Module):
         meta-step path with the reason it runs or not ('>' marks the one a training step takes here)."""
         how = ("meta-gradient: exact reverse (R-operator Hessian-vector products, one autograd node)"
                if self.exact_reverse else "meta-gradient: autograd through the unrolled inner loop")
+        if self.exact_reverse and self._engine.adapt_from:
+            how += "; anil: of the head, the body's by autograd from its features' gradients"
         buffer = self._flat.ensure_bound()
         verdicts = self._verdicts()
         fused = dict((p.name, v) for p, v in verdicts)["fused"]
