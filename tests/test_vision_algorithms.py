@@ -112,26 +112,29 @@ def test_protonet_through_the_cli_on_resnet12_with_cosine(cifar_root, tmp_path, 
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 640)
 
 
-@pytest.mark.parametrize("algorithm,extra", [("protonet", dict(train_ways=8)), ("metasgd", dict(first_order=True))])
-def test_resume_is_exact(algorithm, extra, cifar_root, tmp_path, one_thread):
-    cfg = config(cifar_root, algorithm=algorithm, iterations=4, val_every=2, val_episodes=3, eval_episodes=3, **extra)
-    vision.train_vision(cfg, str(tmp_path / "straight"), **QUIET)
-
-    def ctrl_c(iteration):
-        if iteration == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(vision.TrainingInterrupted):
-        vision.train_vision(cfg, str(tmp_path / "cut"), callback=ctrl_c, **QUIET)
-    vision.train_vision(cfg, str(tmp_path / "cut"), resume=True, **QUIET)
-    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "cut"))
-    assert a["config"]["algorithm"] == algorithm and a["iteration"] == b["iteration"] == 4
+@pytest.mark.parametrize("options", [["--algorithm", "protonet", "--train-ways", "8"],
+                                     ["--algorithm", "metasgd", "--first-order"]])
+def test_resume_keeps_the_algorithm_and_is_exact(options, cifar_root, tmp_path, one_thread, capsys):
+    """Trained 2 iterations, then resumed to 4 without repeating the algorithm's options, equals 4 straight."""
+    common = ["--dataset", "cifarfs", "--root", cifar_root, "--val-every", "2", "--val-episodes", "3",
+              "--eval-episodes", "3", "--checkpoint-every", "0"] + TINY[:-2]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert cli.main(["train", "--out", straight, "--iterations", "4"] + options + common) == 0
+    assert cli.main(["train", "--out", split, "--iterations", "2"] + options + common) == 0
+    assert cli.main(["train", "--resume", split, "--iterations", "4"] + common) == 0
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert a["config"] == b["config"] and b["config"]["algorithm"] == options[1] and a["iteration"] == b["iteration"] == 4
     for k in a["maml"]:
         assert torch.equal(a["maml"][k], b["maml"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["sampler"]["generator"].equal(b["sampler"]["generator"])
     assert a["history"] == b["history"] and a["best"] == b["best"]
-    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "cut"))
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "split"))
     assert ma["per_episode_accuracy"] == mb["per_episode_accuracy"]
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", split, "--iterations", "5", "--algorithm", "maml"] + common) == 2
+    assert "algorithm" in capsys.readouterr().err  # the algorithm is fixed on resume
 
 
 def test_algorithm_names_and_flags_resolve():
