@@ -149,6 +149,9 @@ def test_algorithm_names_and_flags_resolve():
     assert (an.algorithm, an.first_order, an.meta_sgd) == ("anil", True, True)
     pn = resolve(algorithm="protonet", ways=5, shots=5)
     assert (pn.train_ways, pn.train_shots, pn.inner_lr, pn.inner_steps, pn.test_inner_steps) == (5, 5, None, None, None)
+    assert pn.distance == "euclidean" and resolve(algorithm="protonet", distance="cosine").distance == "cosine"
+    with pytest.raises(ValueError, match="distance"):
+        resolve(algorithm="protonet", distance="manhattan")
     # checkpoints written before the variants had names: "maml" + a flag
     old = vision.VisionConfig.from_dict({**resolve().to_dict(), "first_order": True, "algorithm": "maml"})
     assert old.algorithm == "fomaml"

@@ -102,10 +102,11 @@ class VisionConfig(JobConfig):
     algorithm: Optional[str] = None      # one of ALGORITHMS; None: maml, or the variant first_order / meta_sgd name
     train_ways: Optional[int] = None     # protonet: ways / shots of the training episodes (None: = ways / shots)
     train_shots: Optional[int] = None
-    distance: Optional[str] = None       # protonet: "euclidean" (None) or "cosine"
+    distance: Optional[str] = None       # protonet: "euclidean" (its default) or "cosine"
 
     def resolved(self) -> "VisionConfig":
-        """A copy with every None filled from the dataset's preset."""
+        """A copy with every None filled: the algorithm (from first_order / meta_sgd when not named), then
+        the dataset's preset (protonet: all but the inner loop's options, and its training episodes)."""
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {self.dataset!r}")
         preset = dict(PRESETS[self.dataset])
@@ -120,6 +121,7 @@ class VisionConfig(JobConfig):
             preset = {k: v for k, v in preset.items() if k not in INNER_OPTIONS}
             out.train_ways = out.ways if out.train_ways is None else out.train_ways
             out.train_shots = out.shots if out.train_shots is None else out.train_shots
+            out.distance = out.distance or "euclidean"
         for k, v in preset.items():
             if getattr(out, k) is None:
                 setattr(out, k, v)

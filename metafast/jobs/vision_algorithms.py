@@ -95,7 +95,7 @@ def build_learner(config, model: nn.Module, device: torch.device) -> Tuple[nn.Mo
 
     algo = config.algorithm
     if algo == "protonet":
-        learner = ProtoNet(embedding_of(model), distance=config.distance or "euclidean")
+        learner = ProtoNet(embedding_of(model), distance=config.distance)
     elif algo == "mamlpp":
         learner = MAMLpp(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                          first_order=config.first_order, msl_anneal_iters=MAMLPP_SCHEDULE["msl_anneal_iters"],
