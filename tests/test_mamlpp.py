@@ -9,6 +9,7 @@ import metafast
 from maml_reference import per_task_maml
 from metafast import BatchedMAML
 from metafast.algorithms.mamlpp import is_first_order, msl_weights, step_loss_weights
+from meta_paths import assert_path
 from test_batched_maml import DT, TOL, flat, make, rel_err
 from test_vision_train import cifar_root, one_thread  # noqa: F401  (fixtures)
 
@@ -163,9 +164,9 @@ def test_preset_and_paths():
     assert maml.step_bn is not None and metafast.MAMLpp(make("mlp")[0], loss="mse").step_bn is None  # no BN
     text = maml.describe()
     assert "fused: no" in text and "per-step BatchNorm weights on (per-step running statistics: not implemented" in text
-    assert "exact_reverse: no, per_step_bn" in text and "> autograd" in text and not maml.exact_reverse
+    assert "> exact_reverse: yes" in text and maml.exact_reverse
     out = maml(*batch)
-    assert used_path(maml) == "autograd" and torch.isfinite(out.loss)
+    assert used_path(maml) == "exact_reverse" and torch.isfinite(out.loss)
     assert metafast.MAMLpp(make("conv4_bn")[0], per_step_bn=False).exact_reverse
     # adapt() runs with the learned rates (no graph)
     w = maml.adapt(batch[0], batch[1])
@@ -277,35 +278,76 @@ def step_bn_reference(maml):
     return out
 
 
+def meta_sgd_reference_rates(maml):
+    """Meta-SGD's rates as the reference takes them: parameter name -> view of lrs."""
+    return {s.name: maml.lrs[s.offset:s.offset + s.numel].view(s.shape) for s in maml._flat.slots}
+
+
+PATHS = {"autograd": dict(exact_reverse=False), "exact_reverse": dict(),
+         "exact_reverse_low_chunks": dict(memory="low", task_chunk=3)}
+
+
 @pytest.mark.parametrize("kind", ["mlp_bn", "conv4_bn"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("others", [False, True])
-def test_per_step_bn_matches_per_task_reference(kind, steps, first_order, others):
+@pytest.mark.parametrize("others", ["none", "lslr_msl", "meta_sgd"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_per_step_bn_matches_per_task_reference(kind, steps, first_order, others, path):
     torch.manual_seed(0)
     model, batch, loss = make(kind)
     lr = 0.1 if loss == "mse" else 0.3
+    lslr_msl = others == "lslr_msl"
     maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, loss=loss, first_order=first_order, per_step_bn=True,
-                       lslr=others, multi_step_loss=others, msl_anneal_iters=10)
+                       lslr=lslr_msl, multi_step_loss=lslr_msl, msl_anneal_iters=10, meta_sgd=others == "meta_sgd",
+                       fused=False, **PATHS[path])
     maml.set_iteration(3)
-    with torch.no_grad():  # distinct BatchNorm weights per step, so a mix-up of steps would show
+    with torch.no_grad():  # distinct BatchNorm weights per step (and rates), so a mix-up would show
         maml.step_bn.mul_(torch.rand_like(maml.step_bn) + 0.5)
-    extra = [maml.step_bn] + ([maml.step_lrs] if others else [])
+        if others == "meta_sgd":
+            maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
+    extra = [maml.step_bn] + ([maml.step_lrs] if lslr_msl else [maml.lrs] if others == "meta_sgd" else [])
     out = maml(*batch)
-    assert used_path(maml) == "autograd" and not maml.exact_reverse
+    assert used_path(maml) == path.split("_low")[0]
+    assert_path(maml, fused=False, exact_reverse=path != "autograd")
     params = list(model.parameters()) + extra
     grads = torch.autograd.grad(out.loss, params)
     ref = per_task_maml(model, *batch, lr, steps, first_order, loss, step_params=step_bn_reference(maml),
-                        step_lrs=lslr_reference_rates(maml) if others else None,
-                        step_weights=maml.step_loss_weights() if others else None)
+                        step_lrs=lslr_reference_rates(maml) if lslr_msl else None,
+                        lrs=meta_sgd_reference_rates(maml) if others == "meta_sgd" else None,
+                        step_weights=maml.step_loss_weights() if lslr_msl else None)
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     ref_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ref_grads)]
     assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
     err = rel_err(flat(grads), flat(ref_grads))
     assert err <= TOL, f"meta-gradient rel. err {err:.2e}"
-    rows = grads[len(list(model.parameters()))].abs().sum(1)
+    n = len(list(model.parameters()))
+    assert rel_err(grads[n], ref_grads[n]) <= TOL, "step_bn's meta-gradient"
+    rows = grads[n].abs().sum(1)
     # every step's row learns; first order without the multi-step loss: only the last (the query pass's)
-    assert (rows > 0).all() if not first_order or others else (rows[-1] > 0 and (rows[:-1] == 0).all())
+    assert (rows > 0).all() if not first_order or lslr_msl else (rows[-1] > 0 and (rows[:-1] == 0).all())
+
+
+def test_per_step_bn_exact_reverse_five_steps_in_chunks():
+    """K = 5 with LSLR and the multi-step loss: the step-checkpointed reverse in chunks of 3 tasks (4 tasks:
+    chunks of 3 and 1) equals the unchunked reverse, autograd and the per-task reference."""
+    model, batch, loss = make("conv4_bn")
+    grads = {}
+    for name, kw in PATHS.items():
+        maml = BatchedMAML(model, inner_lr=0.3, inner_steps=5, loss=loss, per_step_bn=True, lslr=True,
+                           multi_step_loss=True, msl_anneal_iters=10, fused=False, **kw)
+        maml.set_iteration(2)
+        with torch.no_grad():
+            maml.step_bn.copy_(torch.linspace(0.5, 1.5, maml.step_bn.numel(), dtype=DT).view_as(maml.step_bn))
+            maml.step_lrs.mul_(torch.linspace(0.5, 1.5, maml.step_lrs.numel(), dtype=DT).view_as(maml.step_lrs))
+        params = list(model.parameters()) + [maml.step_bn, maml.step_lrs]
+        grads[name] = flat(torch.autograd.grad(maml(*batch).loss, params))
+        assert used_path(maml) == name.split("_low")[0]
+    ref = per_task_maml(model, *batch, 0.3, 5, False, loss, step_params=step_bn_reference(maml),
+                        step_lrs=lslr_reference_rates(maml), step_weights=maml.step_loss_weights())
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    ref_grads = flat([torch.zeros_like(p) if g is None else g for p, g in zip(params, ref_grads)])
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads) <= TOL, name
 
 
 def test_per_step_bn_adapt_and_predict():

@@ -112,12 +112,12 @@ class BatchedMAML(nn.Module):
         per_step_bn: MAML++ per-step BatchNorm weights and biases (BNWB): an nn.Parameter ``step_bn``
             [inner_steps, BatchNorm weight+bias numel] initialised to the model's; inner step k (and the
             query pass after it) uses row k in place of the BatchNorm weights, which are therefore not
-            adapted (as in the paper's code); adapt()'s weights carry the last step's. Autograd path
-            only. Per-step running statistics (BNRS) are not implemented: BatchedMAML's BatchNorm
-            normalises by each task's batch statistics and keeps none.
+            adapted (as in the paper's code); adapt()'s weights carry the last step's. Per-step running
+            statistics (BNRS) are not implemented: BatchedMAML's BatchNorm normalises by each task's batch
+            statistics and keeps none.
 
-    MAML++ options run on the autograd path; lslr and multi_step_loss also on the exact reverse (memory
-    modes included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
+    MAML++ options run on the autograd path and on the exact reverse (memory modes and task chunks
+    included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
     iteration counter the schedules read is set with ``set_iteration(i)`` and is the ``iteration``
     buffer of the state_dict (present when a schedule is on), so a checkpoint resumes the schedules.
     ``metafast.MAMLpp(model)`` is the paper's combination.
@@ -233,8 +233,7 @@ class BatchedMAML(nn.Module):
     @property
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
-        return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
-                and self.step_bn is None)
+        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from ... import fallback as _fallback
 from ...functional.executor import BatchedModel
 from ...functional.flat import FlatParams
+from ...functional.layers import BatchNorm
 from ...functional.precision import Precision
 
 
@@ -152,6 +153,18 @@ class Setup:
             self.bn_index = self.bn_index.to(base.device)
         values = self.step_bn[step].detach() if detach else self.step_bn[step]
         return base.index_copy(1, self.bn_index, values.to(base.dtype).expand(T, -1))
+
+    def step_bn_pieces(self) -> Optional[List[Tuple[int, int]]]:
+        """BNWB for the exact reverse: (adapted piece index, column in step_bn's rows) of every BatchNorm
+        weight and bias, in step_bn's column order; None without per_step_bn."""
+        if self.step_bn is None:
+            return None
+        adapted = [s.offset for s in self.flat.slots if s.offset >= self.engine.adapt_offset]
+        at, pieces = 0, []
+        for s in (s for layer in self.engine.layers if isinstance(layer, BatchNorm) for s in layer.slots):
+            pieces.append((adapted.index(s.offset), at))
+            at += s.numel
+        return pieces
 
     def lr(self, step: int):
         """The inner rate of ``step``: Meta-SGD's [Pa] tensor, LSLR's per-tensor rates expanded to [Pa],

@@ -9,8 +9,8 @@ clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and 
 wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
 graph).
 
-MAML++'s per-step per-tensor rates (lslr) and multi-step loss run here too (MetaStep's ninth plan
-entry). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
+MAML++'s per-step per-tensor rates (lslr), multi-step loss and per-step BatchNorm weights (per_step_bn)
+run here too (MetaStep's ninth plan entry; step_bn is its eighth input). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
 weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
 chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
 asked for where this path does not run is a fallback (the next path keeps every step).
@@ -59,8 +59,6 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
-        if self.setup.step_bn is not None:
-            return Support(False, "per_step_bn (the reverse does not implement per-step BatchNorm weights)")
         if where.adapt:
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
@@ -77,12 +75,13 @@ class ExactReversePath(MetaStepPath):
         outs, flags = [], []
         # MAML++: LSLR's [steps, pieces] rates take Meta-SGD's place; the multi-step loss's weights of this iteration
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
-        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None)
+        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
+                   s.step_bn_pieces())
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
             plan = (s.engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
-            outs.append(MetaStep.apply(theta, lrs, sx[c], sy[c], qx[c], qy[c], plan))
+            outs.append(MetaStep.apply(theta, lrs, sx[c], sy[c], qx[c], qy[c], plan, s.step_bn))
             if report:
                 flags.append(report[0])
         task_losses, support_losses, out = outs[0] if len(outs) == 1 else (torch.cat(t) for t in zip(*outs))
