@@ -36,6 +36,8 @@ step k at P_k(W_{k+1}). The BatchNorm pieces of W_{k+1} are thus never read, so 
     step_bnbar[k] += (Wbar'_k)_bn,  Wbar'_k = Wbar_{k+1} - H_s(W'_k)(lr_k Wbar_{k+1}),   then (Wbar_k)_bn = 0
 
 (θ's BatchNorm weights get no gradient; full adaptation is assumed: step 0 runs at θ with row 0 in it).
+A fourth entry (per-step BatchNorm running statistics, BNRS: a metafast.functional.step_stats.Recorder)
+receives the batch statistics of each step's support pass in the forward (not of its recomputation).
 
 Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
@@ -114,6 +116,7 @@ class MetaStep(torch.autograd.Function):
         ckpt = len(plan) > 7 and bool(plan[7])
         lslr, weights = plan[8][:2] if len(plan) > 8 else (False, None)
         bn = plan[8][2] if len(plan) > 8 and len(plan[8]) > 2 and steps > 0 else None  # BNWB: [(piece, column)]
+        recorder = plan[8][3] if len(plan) > 8 and len(plan[8]) > 3 else None  # BNRS: support-pass statistics
         overflow = None
         low, scale = prec.low, prec.scale
         T = sx.shape[0]
@@ -131,7 +134,9 @@ class MetaStep(torch.autograd.Function):
             if bn is not None and fast is not None:
                 fast = _with_bn(bn, step_bn, k, fast, T)
             rng = _rng_states(engine) if ckpt else None
+            rc.bn_stats = None if recorder is None else recorder.at(k)  # recorded here only, not when recomputed
             out, layout, tape = engine.forward(0, n, theta_c, _low(low, fast), sx, "tn", rc, record=True)
+            rc.bn_stats = None
             out = engine.output(out, layout, T)
             if k == 0:
                 loss_fn.check_target(out, sy, "support_y")

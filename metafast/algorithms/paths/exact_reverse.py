@@ -63,6 +63,9 @@ class ExactReversePath(MetaStepPath):
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
             return Support(False, "no meta-gradient is recorded (no_grad / inference mode)", quiet=True)
+        if self.setup.step_stats is not None and not self.setup.owner.training:
+            return Support(False, "per_step_bn_stats in eval mode (the reverse normalises by batch statistics; the "
+                                  "autograd path uses each step's running statistics)")
         return self._support
 
     def run(self, batch, steps, prepared) -> StepOutput:
@@ -75,8 +78,9 @@ class ExactReversePath(MetaStepPath):
         outs, flags = [], []
         # MAML++: LSLR's [steps, pieces] rates take Meta-SGD's place; the multi-step loss's weights of this iteration
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
+        recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
         maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
-                   s.step_bn_pieces())
+                   s.step_bn_pieces(), recorder)
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
@@ -87,5 +91,6 @@ class ExactReversePath(MetaStepPath):
         task_losses, support_losses, out = outs[0] if len(outs) == 1 else (torch.cat(t) for t in zip(*outs))
         s.guard.overflow = torch.cat(flags) if flags else None
         s.guard.check(task_losses, "query loss", support_losses)
+        s.commit_stats(recorder)
         acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
         return StepOutput(task_losses, acc, support_losses)
