@@ -5,8 +5,9 @@ tasks, K=5 inner steps, second order; a step is forward + backward of the mean q
 configuration runs on the path BatchedMAML picks (the exact reverse for Conv4; ``--path autograd``
 forces the unrolled path for all). Options: lslr (learned per-step per-tensor rates), msl (multi-step
 loss: a query pass per step, weights not yet annealed), fo_anneal (derivative-order annealing past its
-switch: second order, so its cost is the schedule's bookkeeping), per_step_bn (per-step BatchNorm weights:
-autograd path only), mamlpp (the preset's lslr + msl + per_step_bn, second order).
+switch: second order, so its cost is the schedule's bookkeeping), per_step_bn (per-step BatchNorm weights),
+per_step_bn_stats (per-step BatchNorm running statistics, updated by each training step), mamlpp (the
+preset's lslr + msl + per_step_bn + per_step_bn_stats, second order).
 Target: each option <= 1.25x plain, except msl (its extra query passes).
 
 CPU timing: interleaved rounds (bench.common.time_interleaved); ratios are taken within the run.
@@ -35,7 +36,8 @@ OPTIONS = {
     "msl": dict(multi_step_loss=True, msl_anneal_iters=100),
     "fo_anneal": dict(first_order_iters=10),
     "per_step_bn": dict(per_step_bn=True),
-    "mamlpp": dict(lslr=True, multi_step_loss=True, msl_anneal_iters=100, per_step_bn=True),
+    "per_step_bn_stats": dict(per_step_bn_stats=True),
+    "mamlpp": dict(lslr=True, multi_step_loss=True, msl_anneal_iters=100, per_step_bn=True, per_step_bn_stats=True),
 }
 
 

@@ -163,7 +163,7 @@ def test_preset_and_paths():
     assert maml.msl_anneal_iters == 15 and maml.first_order_iters == 50 and maml._setup().first_order
     assert maml.step_bn is not None and metafast.MAMLpp(make("mlp")[0], loss="mse").step_bn is None  # no BN
     text = maml.describe()
-    assert "fused: no" in text and "per-step BatchNorm weights on (per-step running statistics: not implemented" in text
+    assert "fused: no" in text and "per-step BatchNorm weights on, per-step BatchNorm running statistics on (" in text
     assert "> exact_reverse: yes" in text and maml.exact_reverse
     out = maml(*batch)
     assert used_path(maml) == "exact_reverse" and torch.isfinite(out.loss)
