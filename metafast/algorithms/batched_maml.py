@@ -14,8 +14,8 @@ from torch import nn
 from .. import _backend
 from ..functional.executor import BatchedModel
 from ..functional.flat import FlatParams
-from ..functional.step_stats import StepStats
 from ..functional.losses import make_loss
+from ..functional.step_stats import StepStats
 from ..functional import precision as _precision
 from . import mamlpp as _mamlpp
 from .paths import FastWeights, FiniteGuard, MetaStepPath, Setup, Where, choose, make_paths
@@ -126,9 +126,10 @@ class BatchedMAML(nn.Module):
             (training mode); CUDA graphs do not capture it.
 
     MAML++ options run on the autograd path and on the exact reverse (memory modes and task chunks
-    included; per_step_bn_stats in eval mode: autograd); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
-    iteration counter the schedules read is set with ``set_iteration(i)`` and is the ``iteration``
-    buffer of the state_dict (present when a schedule is on), so a checkpoint resumes the schedules.
+    included; per_step_bn_stats in eval mode: autograd); the fused path and CUDA graphs (multi_step_loss,
+    per_step_bn_stats) do not run them (``describe()`` says so). The iteration counter the schedules
+    read is set with ``set_iteration(i)`` and is the ``iteration`` buffer of the state_dict (present
+    when a schedule is on), so a checkpoint resumes the schedules.
     ``metafast.MAMLpp(model)`` is the paper's combination.
 
     The settings (inner_lrs, inner_steps, first_order, anil, clip_grad_norm, check_finite, cuda_graph,
