@@ -165,6 +165,7 @@ def test_preset_and_paths():
     text = maml.describe()
     assert "fused: no" in text and "per-step BatchNorm weights on, per-step BatchNorm running statistics on (" in text
     assert "> exact_reverse: yes" in text and maml.exact_reverse
+    assert "with MAML++ lslr, multi_step_loss, per_step_bn, per_step_bn_stats" in text
     out = maml(*batch)
     assert used_path(maml) == "exact_reverse" and torch.isfinite(out.loss)
     assert metafast.MAMLpp(make("conv4_bn")[0], per_step_bn=False).exact_reverse

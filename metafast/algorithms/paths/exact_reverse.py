@@ -66,6 +66,9 @@ class ExactReversePath(MetaStepPath):
         if self.setup.step_stats is not None and not self.setup.owner.training:
             return Support(False, "per_step_bn_stats in eval mode (the reverse normalises by batch statistics; the "
                                   "autograd path uses each step's running statistics)")
+        options = self.setup.maml_pp_options()
+        if options:
+            return Support(True, f"{self._support.reason}, with MAML++ {', '.join(options)}")
         return self._support
 
     def run(self, batch, steps, prepared) -> StepOutput:
