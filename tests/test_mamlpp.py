@@ -593,3 +593,33 @@ def test_per_step_bn_stats_bad_input_and_paths():
     assert not verdicts["fused"].ok and "per_step_bn_stats" in verdicts["fused"].reason
     assert verdicts["exact_reverse"].ok
     assert metafast.MAMLpp(make("mlp")[0], loss="mse")._step_stats is None  # no BatchNorm: off
+
+
+def test_per_step_bn_and_stats_on_a_module_graph():
+    """ResNet-12 (the traced module graph): per_step_bn's exact reverse equals the per-task reference, and
+    per_step_bn_stats records the same statistics on both paths."""
+    from metafast.models import ResNet12
+    torch.manual_seed(0)
+    model = ResNet12(3, in_channels=1, widths=(2, 3, 4, 5), image_size=16).to(DT)
+    g = torch.Generator().manual_seed(3)
+    sx, qx = (torch.randn(2, 3, 1, 16, 16, generator=g, dtype=DT) for _ in range(2))
+    sy, qy = (torch.randint(0, 3, (2, 3), generator=g) for _ in range(2))
+    batch = (sx, sy, qx, qy)
+    stats, grads = [], {}
+    for path in ("exact_reverse", "autograd"):
+        maml = metafast.MAMLpp(model, inner_lr=0.3, inner_steps=2, first_order_iters=0, msl_anneal_iters=10,
+                               exact_reverse=path == "exact_reverse")
+        maml.set_iteration(2)
+        with torch.no_grad():
+            maml.step_bn.copy_(torch.linspace(0.5, 1.5, maml.step_bn.numel(), dtype=DT).view_as(maml.step_bn))
+        params = list(model.parameters()) + [maml.step_bn, maml.step_lrs]
+        grads[path] = flat(torch.autograd.grad(maml(*batch).loss, params))
+        assert used_path(maml) == path
+        stats.append(torch.cat([maml.step_running_mean, maml.step_running_var], 1))
+    ref = per_task_maml(model, *batch, 0.3, 2, False, "cross_entropy", step_params=step_bn_reference(maml),
+                        step_lrs=lslr_reference_rates(maml), step_weights=maml.step_loss_weights())
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    ref_grads = flat([torch.zeros_like(p) if r is None else r for p, r in zip(params, ref_grads)])
+    for path, g in grads.items():
+        assert rel_err(g, ref_grads) <= TOL, path
+    assert rel_err(stats[0], stats[1]) <= TOL and stats[0][:, :maml._step_stats.channels].abs().sum() > 0
