@@ -12,6 +12,10 @@ channels, layer after layer in model order) and ``step_running_count`` [R] (upda
   does with one batch:  running = (1 - m) running + m mean_t(stat_t)  (m = 1 / count when momentum
   is None). It runs under no_grad: the meta-gradient does not see it.
 - :meth:`StepStats.use` (evaluation): every BatchNorm layer normalises by row ``min(k, R - 1)``.
+
+The paper's code updates the statistics task after task, in the support and the target passes alike;
+here one update per meta-step from the support passes does not depend on the order of tasks or on how
+they are chunked.
 """
 from typing import Dict, Optional, Tuple
 

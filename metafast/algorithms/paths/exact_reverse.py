@@ -46,6 +46,7 @@ class ExactReversePath(MetaStepPath):
     def __init__(self, setup):
         super().__init__(setup)
         self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
+        self._bn_pieces = setup.step_bn_pieces()  # per_step_bn: where the BatchNorm weights sit
 
     @property
     def flag(self) -> str:
@@ -83,7 +84,7 @@ class ExactReversePath(MetaStepPath):
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
         recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
         maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
-                   s.step_bn_pieces(), recorder)
+                   self._bn_pieces, recorder)
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
