@@ -9,8 +9,8 @@ clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and 
 wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
 graph).
 
-MAML++'s per-step per-tensor rates (lslr) and multi-step loss run here too (MetaStep's ninth plan
-entry). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
+MAML++'s per-step per-tensor rates (lslr), multi-step loss and per-step BatchNorm weights (per_step_bn)
+run here too (MetaStep's ninth plan entry; step_bn is its eighth input). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
 weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
 chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
 asked for where this path does not run is a fallback (the next path keeps every step).
@@ -46,6 +46,7 @@ class ExactReversePath(MetaStepPath):
     def __init__(self, setup):
         super().__init__(setup)
         self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
+        self._bn_pieces = setup.step_bn_pieces()  # per_step_bn: where the BatchNorm weights sit
 
     @property
     def flag(self) -> str:
@@ -59,12 +60,16 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
-        if self.setup.step_bn is not None:
-            return Support(False, "per_step_bn (the reverse does not implement per-step BatchNorm weights)")
         if where.adapt:
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
             return Support(False, "no meta-gradient is recorded (no_grad / inference mode)", quiet=True)
+        if self.setup.step_stats is not None and not self.setup.owner.training:
+            return Support(False, "per_step_bn_stats in eval mode (the reverse normalises by batch statistics; the "
+                                  "autograd path uses each step's running statistics)")
+        options = self.setup.maml_pp_options()
+        if options:
+            return Support(True, f"{self._support.reason}, with MAML++ {', '.join(options)}")
         return self._support
 
     def run(self, batch, steps, prepared) -> StepOutput:
@@ -77,16 +82,19 @@ class ExactReversePath(MetaStepPath):
         outs, flags = [], []
         # MAML++: LSLR's [steps, pieces] rates take Meta-SGD's place; the multi-step loss's weights of this iteration
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
-        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None)
+        recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
+        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
+                   self._bn_pieces, recorder)
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
             plan = (s.engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
-            outs.append(MetaStep.apply(theta, lrs, sx[c], sy[c], qx[c], qy[c], plan))
+            outs.append(MetaStep.apply(theta, lrs, sx[c], sy[c], qx[c], qy[c], plan, s.step_bn))
             if report:
                 flags.append(report[0])
         task_losses, support_losses, out = outs[0] if len(outs) == 1 else (torch.cat(t) for t in zip(*outs))
         s.guard.overflow = torch.cat(flags) if flags else None
         s.guard.check(task_losses, "query loss", support_losses)
+        s.commit_stats(recorder)
         acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
         return StepOutput(task_losses, acc, support_losses)
