@@ -192,3 +192,46 @@ def test_eval_refuses_steps_for_protonet(cifar_root, tmp_path, one_thread, capsy
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--steps", "3", "--device", "cpu"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+
+def test_maml_evaluation_runs_in_eval_mode_and_restores_training(cifar_root, one_thread):
+    """MAML++'s per-step running statistics (and Dropout's eval behaviour) apply only in eval mode, so the
+    job's evaluation adapts and predicts with the learner in eval mode, then puts training mode back."""
+    from metafast.data.episodes import EVAL_SEED
+    from metafast.jobs.vision_algorithms import build_learner, evaluate
+
+    c = config(cifar_root, algorithm="mamlpp").resolved()
+    torch.manual_seed(0)
+    learner, _ = build_learner(c, vision.build_model(c), torch.device("cpu"))
+    assert learner._step_stats is not None  # the preset keeps per-step running statistics
+    with torch.no_grad():  # statistics far from any batch's, so that using them changes the predictions
+        learner.step_running_mean.uniform_(-2, 2)
+        learner.step_running_var.uniform_(0.1, 4)
+    modes = []
+    adapt = learner.adapt
+
+    def spy(*args, **kw):
+        modes.append(learner.training)
+        return adapt(*args, **kw)
+
+    learner.adapt = spy
+    sampler = EpisodeSampler(vision.load_data("cifarfs", cifar_root, "test"), c.ways, c.shots, 1, device="cpu")
+    out = evaluate(learner, sampler, episodes=6, steps=1)
+    assert modes and not any(modes) and learner.training
+
+    def by_hand(train_mode):
+        learner.train(train_mode)
+        accs = []
+        for ep in sampler.fixed_episodes(count=6, batch=50, seed=EVAL_SEED):
+            fast = adapt(ep.support_x, ep.support_y, steps=1)
+            with torch.no_grad():
+                logits = learner.predict(fast, ep.query_x)
+            accs.append(logits)
+        return torch.cat(accs)
+
+    eval_logits, train_logits = by_hand(False), by_hand(True)
+    assert not torch.allclose(eval_logits, train_logits)  # the statistics matter here
+    ys = torch.cat([ep.query_y for ep in sampler.fixed_episodes(count=6, batch=50, seed=EVAL_SEED)])
+    expected = (eval_logits.argmax(-1) == ys).double().mean(1)
+    assert out["per_episode"] == expected.tolist()
