@@ -17,6 +17,7 @@ Each method's meta-gradient is compared with learn2learn's at the same K where b
 distance grows with K; torch.func's own distance from learn2learn sets the tolerance's scale).
 
     python bench/bench_memory.py [--steps 1 5 10 25 100] [--budget-mb 12000] [--device cpu|cuda] [--quick]
+                                 [--no-plot]
 """
 import argparse
 import json
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="32x32 images, K = 1 2 4 (a smoke run)")
     p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--no-plot", action="store_true", help="no PNG (e.g. a machine without matplotlib)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--grad-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
     print_table(rows, COLUMNS)
     for line in targets(rows):
         print(line)
-    if not args.quick:
+    if not (args.quick or args.no_plot):
         png = os.path.join(args.out, f"{BENCH}_{args.device}.png")
         plot(rows, png)
         print(f"wrote {png}")

@@ -8,7 +8,8 @@
 #   info      python -m metafast info
 #   shard     strict correctness shard: fused CUDA kernels + BatchedMAML on CUDA, one line per test
 #             (METAFAST_STRICT=1, pytest -v)                                   -> $OUT/tests_shard.log
-#   bench:*   the target rows of each benchmark; every row streams to $OUT/rows.jsonl as measured
+#   bench:*   the target rows of each benchmark, then bench_memory's peak memory at K = 1, 10 (capped
+#             at 90 s); every row streams to $OUT/rows.jsonl as measured
 #   tests     the remaining gpu tests, pytest-xdist workers with few threads  -> $OUT/tests_gpu.log
 #   summary   each step's exit code, wall time, pass/fail and row/target counts -> $OUT/summary.json
 # plus $OUT/device_check.log (everything printed): 7 files, under the 8 a call brings back.
@@ -71,6 +72,9 @@ BENCHES=(
   "task_cross_entropy|task_cross_entropy_${DEVICE}|45|--device $DEVICE --quick"
   "kd_loss|kd_loss_${DEVICE}|45|--device $DEVICE --quick"
   "multitask_heads|multitask_heads_${DEVICE}|45|--device $DEVICE --quick"
+  # peak memory (max_memory_allocated) of every method at K = 1 and 10 (the K=10 target), each (method, K) a
+  # fresh process: ~10 processes of a few seconds; rows stream, so a cut-short run keeps what it measured
+  "memory|memory_${DEVICE}|90|--device $DEVICE --steps 1 10 --no-plot"
 )
 
 left() { echo $((DEADLINE - RESERVE - $(date +%s))); }
