@@ -223,7 +223,8 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 25, 100])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   type=lambda name: name.replace("_", " "), help="e.g. metafast_low learn2learn (_ for spaces)")
     p.add_argument("--budget-mb", type=float, default=12000.0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--image", type=int, default=84)

@@ -13,7 +13,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_check.sh")
 STEPS = ["manifest", "deps", "build", "info", "shard", "bench:maml_step", "bench:fused_inner_loop",
-         "bench:task_cross_entropy", "bench:kd_loss", "bench:multitask_heads", "bench:memory", "tests"]
+         "bench:task_cross_entropy", "bench:kd_loss", "bench:multitask_heads", "bench:memory",
+         "bench:memory_resnet12", "tests"]
 
 
 def _rehearse(out, budget=None):
