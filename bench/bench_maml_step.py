@@ -33,8 +33,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `metafast` im
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.baselines import MetaStep, PerTaskLoop, TorchFunc, available  # noqa: E402
-from bench.common import (RESULTS_DIR, RowSink, as_sink, base_row, finish, print_table, print_targets,  # noqa: E402
-                          rel_err, speedup_target, time_ms)
+from bench.common import (RESULTS_DIR, RowSink, add_target, as_sink, base_row, finish, print_table,  # noqa: E402
+                          print_targets, rel_err, speedup_target, time_ms)
 from metafast.models import MLP, Conv4, ResNet12  # noqa: E402
 
 BENCH = "maml_step"
@@ -291,7 +291,7 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
             if device.type == "cpu" and "speedup_vs_torch_func" in goals:
                 row["target_vs_torch_func"] = goals["speedup_vs_torch_func"]
             speedup_target(row, goals, device.type)
-            row["target_met"] = bool(row["target_met"] and errs[m.name] <= GRAD_RTOL)
+            add_target(row, f"meta-grad rel. err <= {GRAD_RTOL:g}", errs[m.name] <= GRAD_RTOL, errs[m.name])
         if m.name in notes:
             row["note"] = notes[m.name]
         rows.append(sink.add(row))

@@ -5,14 +5,15 @@ tasks, K=5 inner steps, second order; a step is forward + backward of the mean q
 configuration runs on the path BatchedMAML picks (the exact reverse for Conv4; ``--path autograd``
 forces the unrolled path for all). Options: lslr (learned per-step per-tensor rates), msl (multi-step
 loss: a query pass per step, weights not yet annealed), fo_anneal (derivative-order annealing past its
-switch: second order, so its cost is the schedule's bookkeeping), per_step_bn (per-step BatchNorm weights:
-autograd path only), mamlpp (the preset's lslr + msl + per_step_bn, second order).
+switch: second order, so its cost is the schedule's bookkeeping), per_step_bn (per-step BatchNorm weights),
+per_step_bn_stats (per-step BatchNorm running statistics, updated by each training step), mamlpp (the
+preset's lslr + msl + per_step_bn + per_step_bn_stats, second order).
 Target: each option <= 1.25x plain, except msl (its extra query passes).
 
 CPU timing: interleaved rounds (bench.common.time_interleaved); ratios are taken within the run.
 
     python bench/bench_mamlpp.py [--tasks 8] [--steps 5] [--rounds 3] [--path auto|autograd] [--device cpu]
-                                 [--quick] [--out DIR]
+                                 [--options plain,per_step_bn,...] [--quick] [--out DIR]
 """
 import argparse
 import os
@@ -35,11 +36,13 @@ OPTIONS = {
     "msl": dict(multi_step_loss=True, msl_anneal_iters=100),
     "fo_anneal": dict(first_order_iters=10),
     "per_step_bn": dict(per_step_bn=True),
-    "mamlpp": dict(lslr=True, multi_step_loss=True, msl_anneal_iters=100, per_step_bn=True),
+    "per_step_bn_stats": dict(per_step_bn_stats=True),
+    "mamlpp": dict(lslr=True, multi_step_loss=True, msl_anneal_iters=100, per_step_bn=True, per_step_bn_stats=True),
 }
 
 
-def run(tasks: int, steps: int, rounds: int, path: str, device: torch.device, width: int, repeats: int):
+def run(tasks: int, steps: int, rounds: int, path: str, device: torch.device, width: int, repeats: int,
+        options=tuple(OPTIONS)):
     g = torch.Generator().manual_seed(0)
     ways, shots, queries = 5, 1, 5
     sx = torch.randn(tasks, ways * shots, 1, 28, 28, generator=g).to(device)
@@ -47,7 +50,7 @@ def run(tasks: int, steps: int, rounds: int, path: str, device: torch.device, wi
     sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous().to(device)
     qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous().to(device)
     fns, mamls = {}, {}
-    for name, kw in OPTIONS.items():
+    for name, kw in ((n, OPTIONS[n]) for n in options):
         torch.manual_seed(0)
         model = Conv4(ways, in_channels=1, hidden=width, image_size=28, stride=2, pool=False).to(device)
         maml = BatchedMAML(model, inner_lr=0.1, inner_steps=steps, loss="cross_entropy",
@@ -79,11 +82,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--path", choices=("auto", "autograd"), default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--options", default=",".join(OPTIONS),
+                   help="comma-separated subset of " + ", ".join(OPTIONS) + " (plain is always timed)")
     p.add_argument("--quick", action="store_true", help="2 tasks, width 16, 2 repeats (a smoke run)")
     p.add_argument("--out", help="write the rows to DIR/mamlpp.json")
     a = p.parse_args(argv)
     tasks, width, repeats = (2, 16, 2) if a.quick else (a.tasks, 64, 5)
-    rows = run(tasks, a.steps, a.rounds, a.path, torch.device(a.device), width, repeats)
+    options = ["plain"] + [o for o in a.options.split(",") if o != "plain"]
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        p.error(f"--options: unknown {unknown}; expected names from {list(OPTIONS)}")
+    rows = run(tasks, a.steps, a.rounds, a.path, torch.device(a.device), width, repeats, options)
     print_table(rows, COLUMNS)
     if a.out:
         print("wrote", write_rows(BENCH, rows, a.out))

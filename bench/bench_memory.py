@@ -10,6 +10,11 @@ runs the measured step; the row's ``peak_mb`` is that step's peak resident memor
 memory before the warm-up, i.e. what the meta-step adds (blocks a cache kept from the warm-up count).
 GPU: ``torch.cuda.max_memory_allocated`` over the measured step, minus what was allocated before it.
 
+``--model resnet12 --tasks 4 --steps 10 --device cuda --cuda-budget-gb G``: the memory issue's GPU run,
+miniImageNet ResNet-12 (wide, 64-160-320-640) 5-way 5-shot, meta-batch 4, second order, every method held
+to the same G GB of the GPU (``torch.cuda.set_per_process_memory_fraction``). A baseline that runs out of
+memory there gets the row note "out of memory" (the point of the run); metafast running out is a failure.
+
 A method whose memory, extrapolated linearly in K from its two previous rows, would exceed
 ``--budget-mb`` is skipped at that K (its row says so): at K = 100 torch.func, learn2learn and metafast's
 fast mode would need many GB.
@@ -17,6 +22,8 @@ Each method's meta-gradient is compared with learn2learn's at the same K where b
 distance grows with K; torch.func's own distance from learn2learn sets the tolerance's scale).
 
     python bench/bench_memory.py [--steps 1 5 10 25 100] [--budget-mb 12000] [--device cpu|cuda] [--quick]
+                                 [--model conv4|resnet12] [--tasks 2] [--cuda-budget-gb G]
+                                 [--no-plot]
 """
 import argparse
 import json
@@ -36,7 +43,8 @@ from bench.baselines import Learn2Learn, TorchFunc  # noqa: E402
 from bench.common import RESULTS_DIR, RowSink, base_row, finish, print_table  # noqa: E402
 
 BENCH = "memory"
-WAYS, SHOTS, QUERIES, TASKS, LR = 5, 5, 15, 2, 0.01
+WAYS, SHOTS, QUERIES, LR = 5, 5, 15, 0.01
+MODELS = ("conv4", "resnet12")
 # (method, BatchedMAML keyword arguments); baselines take none
 METHODS = {
     "metafast fast": {"memory": "fast"},
@@ -46,15 +54,17 @@ METHODS = {
     "torch.func": None,
 }
 GRAD_RTOL = 1e-3  # the floor; where torch.func ran too, twice its distance from learn2learn (rounding grows with K)
-COLUMNS = ["method", "steps", "peak_mb", "s_per_step", "vs_learn2learn", "grad_rel_err_vs_learn2learn", "note"]
+COLUMNS = ["method", "steps", "peak_mb", "s_per_step", "vs_learn2learn", "grad_rel_err_vs_learn2learn",
+           "grad_rel_err_vs_float64", "note"]
+REFERENCE = "metafast low"  # --float64-reference: this method in float64 (exact to 1e-10 per the test suite)
 
 
-def _batch(image: int, device: torch.device):
+def _batch(image: int, tasks: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
-    sx = torch.randn(TASKS, WAYS * SHOTS, 3, image, image, generator=g)
-    qx = torch.randn(TASKS, WAYS * QUERIES, 3, image, image, generator=g)
-    sy = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
-    qy = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(TASKS, 1)
+    sx = torch.randn(tasks, WAYS * SHOTS, 3, image, image, generator=g)
+    qx = torch.randn(tasks, WAYS * QUERIES, 3, image, image, generator=g)
+    sy = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(tasks, 1)
+    qy = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(tasks, 1)
     return [t.to(device) for t in (sx, sy, qx, qy)]
 
 
@@ -71,14 +81,31 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current resident set
 
 
-def child(method: str, steps: int, image: int, device: torch.device, grad_path: str) -> Dict[str, object]:
+def child(method: str, steps: int, args, device: torch.device, grad_path: str) -> Dict[str, object]:
     """One (method, K) in this process: measure, save the meta-gradient, return the numbers."""
-    import metafast
-    from metafast.models import Conv4
+    if device.type == "cuda" and args.cuda_budget_gb:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cuda_budget_gb * 2**30 / total), device)
+    try:
+        return _measure(method, steps, args, device, grad_path)
+    except torch.cuda.OutOfMemoryError:
+        if METHODS[method] is not None:
+            raise
+        return {"peak_mb": None, "s_per_step": None, "note": "out of memory", "describe": ""}
 
+
+def _measure(method: str, steps: int, args, device: torch.device, grad_path: str) -> Dict[str, object]:
+    import metafast
+    from metafast.models import Conv4, ResNet12
+
+    image, dtype = args.image, torch.float64 if args.float64 else torch.float32
     torch.manual_seed(0)
-    model = Conv4(WAYS, in_channels=3, hidden=32, image_size=image, stride=1, pool=True).to(device)
-    batch = _batch(image, device)
+    if args.model == "resnet12":
+        model = ResNet12.wide(WAYS, in_channels=3, image_size=image).to(device)
+    else:
+        model = Conv4(WAYS, in_channels=3, hidden=32, image_size=image, stride=1, pool=True).to(device)
+    model = model.to(dtype)
+    batch = [t.to(dtype) if t.is_floating_point() else t for t in _batch(image, args.tasks, device)]
     if METHODS[method] is not None:
         maml = metafast.BatchedMAML(model, inner_lr=LR, inner_steps=steps, loss="cross_entropy",
                                     **METHODS[method])
@@ -121,9 +148,10 @@ def child(method: str, steps: int, image: int, device: torch.device, grad_path: 
     return {"peak_mb": round(peak, 1), "s_per_step": round(seconds, 4), "describe": desc}
 
 
-def _run_child(method: str, steps: int, args, grad_path: str) -> Dict[str, object]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--steps", str(steps), "--image",
-           str(args.image), "--device", args.device, "--grad-out", grad_path, "--threads", str(args.threads)]
+def _run_child(method: str, steps: int, args, grad_path: str, float64: bool = False) -> Dict[str, object]:
+    cmd = [sys.executable, os.path.abspath(__file__)] + ["--float64"] * float64 + ["--child", method, "--steps", str(steps), "--image",
+           str(args.image), "--device", args.device, "--grad-out", grad_path, "--threads", str(args.threads),
+           "--model", args.model, "--tasks", str(args.tasks), "--cuda-budget-gb", str(args.cuda_budget_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} at K={steps} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -146,6 +174,12 @@ def targets(rows: List[Dict[str, object]]) -> List[str]:
     def check(name, ok, detail):
         out.append(f"{'n/a ' if ok is None else 'PASS' if ok else 'FAIL'} {name}: {detail}")
 
+    if rows and rows[0].get("model") == "resnet12":  # the GPU run: what fits where learn2learn does not
+        fits = [r["steps"] for r in rows if r["method"] == "metafast low" and r.get("peak_mb") is not None]
+        oom = [r["steps"] for r in rows if r["method"] == "learn2learn" and r.get("note") == "out of memory"]
+        check("metafast low fits where learn2learn runs out of memory", None if not oom else bool(set(fits) & set(oom)),
+              f"low ran at K = {fits}, learn2learn out of memory at K = {oom}")
+        return out
     low, l2l, fast = at.get(("metafast low", 10)), at.get(("learn2learn", 10)), at.get(("metafast fast", 10))
     check("K=10 low peak <= 0.5x learn2learn", None if not (low and l2l) else low["peak_mb"] <= 0.5 * l2l["peak_mb"],
           f"{low and low['peak_mb']} vs {l2l and l2l['peak_mb']} MB")
@@ -179,7 +213,7 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
     ax.set_xlabel("inner steps K")
     ax.set_ylabel("peak memory one meta-step adds (MB)")
     r0 = rows[0]
-    ax.set_title(f"second-order MAML, Conv4 miniImageNet 5w5s, meta-batch {TASKS}\n{r0['device']}, "
+    ax.set_title(f"second-order MAML, {r0['model']} miniImageNet 5w5s, meta-batch {r0['tasks']}\n{r0['device']}, "
                  f"{r0['commit']}, {r0['date']}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -189,33 +223,52 @@ def plot(rows: List[Dict[str, object]], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 25, 100])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   type=lambda name: name.replace("_", " "), help="e.g. metafast_low learn2learn (_ for spaces)")
     p.add_argument("--budget-mb", type=float, default=12000.0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--image", type=int, default=84)
+    p.add_argument("--model", default="conv4", choices=MODELS, help="conv4 (32 channels) or resnet12 (wide)")
+    p.add_argument("--tasks", type=int, default=2, help="meta-batch size (default 2)")
+    p.add_argument("--cuda-budget-gb", type=float, default=0.0,
+                   help="cuda: hold every method to this many GB of the GPU (0: the whole GPU)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="32x32 images, K = 1 2 4 (a smoke run)")
     p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--no-plot", action="store_true", help="no PNG (e.g. a machine without matplotlib)")
+    p.add_argument("--float64-reference", action="store_true",
+                   help="compare meta-gradients with metafast's low mode in float64 instead of learn2learn's fp32 "
+                        "(on by default for resnet12: in fp32 its gradients are ill-conditioned, bench/NOTES.md)")
+    p.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--grad-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, args.steps[0], args.image, device, args.grad_out)))
+        print(json.dumps(child(args.child, args.steps[0], args, device, args.grad_out)))
         return 0
     if args.quick:
         args.image, args.steps = 32, [1, 2, 4]
     rows: List[Dict[str, object]] = []
-    sink = RowSink(f"{BENCH}_{args.device}", out_dir=args.out)
+    if args.tasks < 1:
+        p.error(f"--tasks: expected an integer >= 1, got {args.tasks}")
+    suffix = "" if args.model == "conv4" else f"_{args.model}"
+    sink = RowSink(f"{BENCH}{suffix}_{args.device}", out_dir=args.out)
     sink.expect(len(args.steps) * len(args.methods))
     floor = GRAD_RTOL
+    use_f64 = args.float64_reference or args.model == "resnet12"
     with tempfile.TemporaryDirectory() as tmp:
         for steps in args.steps:
             grads = {}
+            if use_f64:
+                path = os.path.join(tmp, f"f64_{steps}.pt")
+                _run_child(REFERENCE, steps, args, path, float64=True)  # its failure fails the run
+                f64 = torch.load(path)
             for method in args.methods:
-                row = dict(base_row(BENCH, device), method=method, steps=steps, image=args.image, tasks=TASKS,
-                           peak_mb=None, s_per_step=None, note="")
+                row = dict(base_row(BENCH, device), method=method, steps=steps, image=args.image, tasks=args.tasks,
+                           model=args.model, cuda_budget_gb=args.cuda_budget_gb or None, peak_mb=None,
+                           s_per_step=None, note="")
                 guess = _predicted(rows, method, steps)
                 if guess is not None and guess > args.budget_mb:
                     row["note"] = f"skipped: ~{guess:.0f} MB predicted > --budget-mb {args.budget_mb:.0f}"
@@ -223,7 +276,8 @@ def main(argv=None) -> int:
                     path = os.path.join(tmp, f"{len(rows)}.pt")
                     try:
                         row.update(_run_child(method, steps, args, path))
-                        grads[method] = torch.load(path)
+                        if row["peak_mb"] is not None:  # else a baseline out of memory: its row says so
+                            grads[method] = torch.load(path)
                     except RuntimeError as e:
                         print(e, file=sys.stderr)
                         row["note"] = "failed"
@@ -232,11 +286,16 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{method:22s} K={steps:<4d} {row['peak_mb']} MB  {row['s_per_step']} s  {row['note']}",
                       flush=True)
-            ref = grads.get("learn2learn")
+            ref = f64 if use_f64 else grads.get("learn2learn")
+            key = "grad_rel_err_vs_float64" if use_f64 else "grad_rel_err_vs_learn2learn"
+            if use_f64:  # a fp32 metafast gradient may be as far from the float64 one as twice the baselines' are
+                for b in ("learn2learn", "torch.func"):
+                    if b in grads:
+                        floor = max(floor, 2 * float((grads[b] - ref).norm() / ref.norm()))
             # fp32 through K inner steps on random images amplifies rounding: torch.func's distance from
             # learn2learn (two correct implementations) sets the scale a wrong gradient must exceed
             # (carried to larger K where torch.func no longer fits: the distance only grows with K)
-            if ref is not None and "torch.func" in grads:
+            if not use_f64 and ref is not None and "torch.func" in grads:
                 floor = max(floor, 2 * float((grads["torch.func"] - ref).norm() / ref.norm()))
             for row in rows[-len(args.methods):]:
                 l2l = next((r for r in rows if r["method"] == "learn2learn" and r["steps"] == steps), None)
@@ -244,16 +303,16 @@ def main(argv=None) -> int:
                     row["vs_learn2learn"] = round(row["peak_mb"] / l2l["peak_mb"], 3)
                 if ref is not None and row["method"] in grads:
                     err = float((grads[row["method"]] - ref).norm() / ref.norm())
-                    row["grad_rel_err_vs_learn2learn"] = err
+                    row[key] = err
                     row["grad_tol"] = floor
                     if err > floor and METHODS[row["method"]] is not None:
-                        sink.fail(f"{row['method']} K={steps}: meta-gradient off by {err:.2e} from learn2learn's")
+                        sink.fail(f"{row['method']} K={steps}: meta-gradient off by {err:.2e} ({key})")
                 sink.add(row)  # each K's rows once their comparisons are known
     print_table(rows, COLUMNS)
     for line in targets(rows):
         print(line)
-    if not args.quick:
-        png = os.path.join(args.out, f"{BENCH}_{args.device}.png")
+    if not (args.quick or args.no_plot):
+        png = os.path.join(args.out, f"{BENCH}{suffix}_{args.device}.png")
         plot(rows, png)
         print(f"wrote {png}")
     return finish(sink)

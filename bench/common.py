@@ -195,21 +195,31 @@ def as_sink(sink: Optional[RowSink]) -> RowSink:
     return RowSink() if sink is None else sink
 
 
-def set_targets(row: Dict[str, object], checks: Dict[str, bool]) -> Dict[str, object]:
-    """Record targets on a row: ``targets`` {description: met}, ``target_met`` all of them."""
+def set_targets(row: Dict[str, object], checks: Dict[str, bool],
+                values: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """Record targets on a row: ``targets`` {description: met}, ``target_met`` all of them, and
+    ``target_values`` {description: the measured value it judged} (``values``; `metafast bench` prints them)."""
     row["targets"] = {k: bool(v) for k, v in checks.items()}
+    row["target_values"] = {k: (values or {}).get(k) for k in checks}
     row["target_met"] = all(row["targets"].values())
     return row
 
 
+def add_target(row: Dict[str, object], what: str, met: bool, value: object = None) -> Dict[str, object]:
+    """One more target on a row that may already have some (``target_met`` is then all of them)."""
+    return set_targets(row, {**(row.get("targets") or {}), what: met},
+                       {**(row.get("target_values") or {}), what: value})
+
+
 def speedup_target(row: Dict[str, object], goals: Dict[str, float], device: str) -> Dict[str, object]:
     """``goals`` {"speedup_vs_X": at least}: targets named "<device>: >= Nx X" on ``row``."""
-    checks = {}
+    checks, values = {}, {}
     for key, goal in goals.items():
         v = row.get(key)
         what = BASELINE_NAMES.get(key, key.replace("speedup_vs_", ""))
-        checks[f"{device}: >= {goal:g}x {what}"] = v is not None and v == v and v >= goal
-    return set_targets(row, checks)
+        name = f"{device}: >= {goal:g}x {what}"
+        checks[name], values[name] = v is not None and v == v and v >= goal, v
+    return set_targets(row, checks, values)
 
 
 BASELINE_NAMES = {"speedup_vs_torch_func": "torch.func", "speedup_vs_learn2learn": "learn2learn",

@@ -8,7 +8,8 @@
 #   info      python -m metafast info
 #   shard     strict correctness shard: fused CUDA kernels + BatchedMAML on CUDA, one line per test
 #             (METAFAST_STRICT=1, pytest -v)                                   -> $OUT/tests_shard.log
-#   bench:*   the target rows of each benchmark; every row streams to $OUT/rows.jsonl as measured
+#   bench:*   the target rows of each benchmark, then bench_memory's peak memory at K = 1, 10 (capped
+#             at 90 s) and its ResNet-12 run (150 s); every row streams to $OUT/rows.jsonl as measured
 #   tests     the remaining gpu tests, pytest-xdist workers with few threads  -> $OUT/tests_gpu.log
 #   summary   each step's exit code, wall time, pass/fail and row/target counts -> $OUT/summary.json
 # plus $OUT/device_check.log (everything printed): 7 files, under the 8 a call brings back.
@@ -71,6 +72,12 @@ BENCHES=(
   "task_cross_entropy|task_cross_entropy_${DEVICE}|45|--device $DEVICE --quick"
   "kd_loss|kd_loss_${DEVICE}|45|--device $DEVICE --quick"
   "multitask_heads|multitask_heads_${DEVICE}|45|--device $DEVICE --quick"
+  # peak memory (max_memory_allocated) of every method at K = 1 and 10 (the K=10 target), each (method, K) a
+  # fresh process: ~10 processes of a few seconds; rows stream, so a cut-short run keeps what it measured
+  "memory|memory_${DEVICE}|90|--device $DEVICE --steps 1 10 --no-plot"
+  # ResNet-12 wide miniImageNet 5w5s meta-batch 4, K=10: the low mode against learn2learn (expected out of
+  # memory: ~120 GB by estimate), meta-gradients against the low mode in float64
+  "memory|memory_resnet12_${DEVICE}|150|--device $DEVICE --model resnet12 --tasks 4 --steps 10 --methods metafast_low learn2learn --no-plot"
 )
 
 left() { echo $((DEADLINE - RESERVE - $(date +%s))); }
@@ -146,13 +153,16 @@ bench_step() {  # bench_step SPEC
   IFS='|' read -r name file cap args <<< "$1"
   for script in bench/bench_"$name".py bench/bench_"$name"_*.py; do
     [ -f "$script" ] || continue
+    local label stem=${file%_"${DEVICE}"}
+    label=$(basename "$script" .py | sed 's/^bench_//')
+    [ "$stem" != "$name" ] && label=$stem  # a second run of one script (memory_resnet12)
     if [ "$REHEARSE" = 1 ] && [ "$name" != task_cross_entropy ]; then
       # stubbed (one benchmark runs for real on the CPU): the script imports and takes every argument
-      step "bench:$(basename "$script" .py | sed 's/^bench_//')" "$cap" bench-stub "" "" -- \
+      step "bench:$label" "$cap" bench-stub "" "" -- \
         $PY bench/device_check.py takes-args "$script" "$args"
     else
       # shellcheck disable=SC2086  (the rehearsal's CPU run gets 4x the GPU cap: a shared 2-core host)
-      step "bench:$(basename "$script" .py | sed 's/^bench_//')" "$(( REHEARSE ? 4 * cap : cap ))" bench "" "$file" -- \
+      step "bench:$label" "$(( REHEARSE ? 4 * cap : cap ))" bench "" "$file" -- \
         $PY "$script" $args $BENCH_OUT
     fi
   done

@@ -157,7 +157,44 @@ def _gpu(name: str) -> Tuple[List[str], List[dict]]:
     return lines, fresh
 
 
+def _demo(name: str) -> Tuple[List[str], List[dict]]:
+    """`make demo`'s run (bench/bench_demo.py): a sentence on the run, then held-out MSE ± 95% CI."""
+    rows = [r for r in load(name) if not r.get("quick")]
+    if not rows:
+        return ["No row of the demo run yet (`python bench/bench_demo.py` writes them)."], []
+    r0 = rows[0]
+    shots = list(dict.fromkeys(r["shots"] for r in rows))
+    steps = list(dict.fromkeys(r["steps"] for r in rows))
+    at = {(r["shots"], r["steps"]): r for r in rows}
+
+    def cell(r: Optional[dict]) -> str:
+        if r is None:
+            return "-"
+        if r["mse"] is None:
+            return f"diverged ({r['diverged']}/{r['eval_tasks']})"
+        return f"{r['mse']:.3f} ± {r['ci95']:.3f}"
+
+    intro = (f"One default run (`{r0['command']}`: {r0['iterations']:,} iterations, seed {r0['seed']}, "
+             f"{r0['threads']} CPU threads, host load average {r0['load_avg_1min_before']:.1f} before and "
+             f"{r0['load_avg_1min_after']:.1f} after): {r0['end_to_end_s']:.0f} s end to end, {r0['train_s']:.0f} s "
+             f"of training at {r0['ms_per_iteration']:.2f} ms per meta-step ({r0['meta_step']}); held-out MSE on "
+             f"{r0['eval_tasks']} tasks, mean ± 95% CI:")
+    body = [[f"K={k}"] + [cell(at.get((k, s))) for s in steps] for k in shots]
+    return [intro, ""] + table([""] + [f"{s} step" + ("s" if s != 1 else "") for s in steps], body), rows
+
+
+def _distributed(name: str) -> Tuple[List[str], List[dict]]:
+    """Data-parallel scaling of the sinusoid meta-step (bench/bench_distributed.py)."""
+    rows = load(name)
+    body = [[f"{r['processes']} x {r['threads_per_process']}", str(r["meta_batch_per_process"]), ms(r["ms_per_step"]),
+             f"{r['tasks_per_s']:.0f}", x(r["speedup_vs_1x1"]), ms(r.get("all_reduce_ms"))] for r in rows]
+    return table(["processes x threads (CPU, gloo)", "tasks per process", "ms per step", "tasks/s",
+                  "vs 1 x 1", "all_reduce ms"], body), rows
+
+
 TABLES: Dict[str, Tuple[str, Callable[[str], Tuple[List[str], List[dict]]]]] = {
+    "demo_cpu": ("demo_cpu", _demo),
+    "distributed_cpu": ("distributed_cpu", _distributed),
     "maml_step_cpu": ("maml_step_cpu", _meta_step),
     "fused_inner_loop_cpu": ("fused_inner_loop_cpu", _fused),
     "micro_cpu": (", ".join(m[0] for m in MICRO), _micro),

@@ -19,7 +19,7 @@ if [ "$($PY -c 'import sys; sys.path.insert(0, "bench"); from source import sour
   echo "warning: the tree is dirty (or its state unknown): the rows will say so"
 fi
 BENCHES=(maml_step fused_inner_loop task_cross_entropy kd_loss multitask_heads batch_norm batch_norm_rop to_nchw
-         sampler distributed)
+         sampler distributed demo)
 for s in bench/bench_inner_update*.py; do [ -f "$s" ] && BENCHES+=("$(basename "$s" .py | sed 's/^bench_//')"); done
 failed=()
 for b in "${BENCHES[@]}"; do

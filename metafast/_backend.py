@@ -1,7 +1,8 @@
 """The backend registry: which implementation of an op runs on a device, and why.
 
 Backends (names say what runs)
-- ``"cuda"``: metafast._C's CUDA kernels, for CUDA tensors.
+- ``"cuda"``: metafast._C's CUDA kernels, for CUDA tensors; only when the binary was built with them
+  (``_ext_info.build_info()``), since a CPU-only build registers some of the same symbols.
 - ``"cpp"``: metafast._C's C++ CPU kernels, for CPU tensors.
 - ``"triton"``: the Triton kernels of kernels/, for CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1`` (Triton's interpreter, which the tests use).
@@ -154,7 +155,19 @@ def _probe_cuda_device() -> Tuple[bool, str]:
         return False, f"CUDA initialisation failed ({type(e).__name__}: {e})"
 
 
-_PROBES = {"extension": "_probe_extension", "triton": "_probe_triton", "cuda_device": "_probe_cuda_device"}
+def _probe_cuda_build() -> Tuple[bool, str]:
+    """Whether the loaded metafast._C holds CUDA kernels: a CPU-only build still registers the symbols
+    its C++ CPU kernels share with the cuda backend (fused_inner_loop_cxx), so the symbol alone does not say."""
+    info = _ext_info.build_info()
+    if info is None:
+        return False, "metafast._C does not load"
+    if not info.get("cuda"):
+        return False, "metafast._C was built without CUDA kernels (CPU only: no nvcc or a CPU build of torch at build time)"
+    return True, f"metafast._C was built with CUDA {info.get('cuda_version', 'unknown')}"
+
+
+_PROBES = {"extension": "_probe_extension", "triton": "_probe_triton", "cuda_device": "_probe_cuda_device",
+           "cuda_build": "_probe_cuda_build"}
 _lock = threading.Lock()
 _probes: Dict[str, Tuple[bool, str]] = {}
 
@@ -213,6 +226,8 @@ def available() -> Dict[str, Tuple[bool, str]]:
     out = {}
     if not ext_ok:
         out["cuda"] = (False, ext_why)
+    elif not _probe("cuda_build")[0]:
+        out["cuda"] = (False, _probe("cuda_build")[1])
     elif not dev_ok:
         out["cuda"] = (False, f"metafast._C is built but {dev_why}")
     else:
@@ -257,6 +272,9 @@ def _usable(backend: str, op: str, dev: str) -> Tuple[bool, str]:
     if not ok:
         return False, why
     if backend == "cuda":
+        built, built_why = _probe("cuda_build")
+        if not built:
+            return False, built_why
         dev_ok, dev_why = _probe("cuda_device")
         if not dev_ok:
             return False, f"metafast._C is built but {dev_why}"

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from metafast import _backend, fallback
+from metafast import _backend, _ext_info, fallback
 from metafast.ops.inner_update import inner_update, inner_update_reference
 
 
@@ -29,8 +29,8 @@ def lenient(fresh):
     return fresh
 
 
-def simulate(monkeypatch, *, ext=True, triton=True, device=True):
-    """Pretend the extension / triton / a CUDA device is (not) there."""
+def simulate(monkeypatch, *, ext=True, triton=True, device=True, cuda_build=True):
+    """Pretend the extension / triton / a CUDA device / the extension's CUDA kernels are (not) there."""
     monkeypatch.setattr(_backend, "_probe_extension",
                         lambda: (True, "metafast._C loaded") if ext else
                         (False, "metafast._C failed to import (ModuleNotFoundError: simulated)"))
@@ -40,6 +40,9 @@ def simulate(monkeypatch, *, ext=True, triton=True, device=True):
     monkeypatch.setattr(_backend, "_probe_cuda_device",
                         lambda: (True, "1 CUDA device(s)") if device else (False, "no CUDA device is visible"))
     monkeypatch.setattr(_backend, "_ext_has", lambda symbol: True)
+    info = {"cuda": cuda_build, "cuda_version": "13.0" if cuda_build else None, "torch": torch.__version__,
+            "cxx11_abi": True, "openmp": True}
+    monkeypatch.setattr(_ext_info, "build_info", lambda: info)
     _backend.reset()
 
 
@@ -129,6 +132,27 @@ def test_extension_without_the_op_counts_as_missing(fresh):
     fresh.setattr(_backend, "_ext_has", lambda symbol: False)
     with pytest.raises(_backend.BackendUnavailableError, match="built without metafast::inner_update_cuda"):
         _backend.resolve("inner_update", "cuda", "cuda")
+
+
+def test_cpu_only_build_is_no_cuda_backend(lenient):
+    """An extension built without CUDA registers fused_inner_loop_cxx (its C++ CPU kernel) too: CUDA
+    tensors must not be routed to it. The build info, not the symbol, decides."""
+    simulate(lenient, triton=True, device=True, cuda_build=False)
+    assert _ext_info.cuda_built() is False
+    avail = _backend.available()
+    assert avail["cuda"][0] is False and "built without CUDA kernels" in avail["cuda"][1]
+    assert avail["cpp"][0] is True
+    with pytest.raises(_backend.BackendUnavailableError, match="fused_inner_loop on cuda.*built without CUDA kernels"):
+        _backend.resolve("fused_inner_loop", "cuda", "cuda")
+    results, caught = _resolve_recording(1, "fused_inner_loop", "cuda")
+    assert results == ["triton"] and len(caught) == 1 and "cuda: metafast._C was built without CUDA" in str(
+        caught[0].message)
+    with pytest.warns(fallback.FallbackWarning, match="inner_update runs on the triton backend"):
+        assert _backend.resolve("inner_update", "cuda") == "triton"
+    assert _backend.resolve("fused_inner_loop", "cpu") == "cpp"  # the CPU kernels stay
+    simulate(lenient, triton=True, device=True, cuda_build=True)  # the same binary with CUDA kernels
+    assert _backend.resolve("fused_inner_loop", "cuda") == "cuda"
+    assert _backend.available()["cuda"] == (True, "metafast._C loaded")
 
 
 def test_explicit_cuda_without_extension_is_a_clear_error(fresh):
@@ -299,7 +323,7 @@ if os.environ.get("METAFAST_REQUIRE_EXT") == "1":
         sys.exit(0)
     sys.exit("import metafast succeeded without the extension")
 import metafast
-from metafast import _backend, fallback
+from metafast import _backend, _ext_info, fallback
 from metafast.ops.inner_update import inner_update
 from metafast.ops.inner_update_multi import inner_update_multi
 from metafast.ops.to_nchw import to_nchw

@@ -48,6 +48,33 @@ def test_failed_rename_keeps_old_file(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
+def test_stale_temp_files_of_dead_writers_are_removed_on_the_next_write(tmp_path):
+    """A writer killed mid-write leaves .f.bin.<pid>.<random>.tmp: the next write of f.bin removes it when
+    that pid is gone, and keeps a live writer's temp file and every other file."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)  # exited and reaped: no such process now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {"stale": f".f.bin.{dead_pid}.abc_12XY.tmp", "live": f".f.bin.{live.pid}.zz9.tmp",
+                 "own": f".f.bin.{os.getpid()}.q1.tmp", "other_file": f".g.bin.{dead_pid}.abc.tmp",
+                 "no_pid": ".f.bin.abcdefgh.tmp", "not_temp": f".f.bin.{dead_pid}.abc.tmp.keep"}
+        for n in names.values():
+            (tmp_path / n).write_bytes(b"half")
+        ckpt.atomic_write(str(tmp_path / "f.bin"), lambda f: f.write(b"new"))
+        left = set(os.listdir(tmp_path))
+        assert left == {"f.bin"} | set(names.values()) - {names["stale"]}, left
+        assert ckpt.remove_stale_temp_files(str(tmp_path / "f.bin")) == []  # nothing more to remove
+    finally:
+        live.kill()
+        live.wait()
+    assert ckpt.remove_stale_temp_files(str(tmp_path / "f.bin")) == [str(tmp_path / names["live"])]
+    assert ckpt.remove_stale_temp_files(str(tmp_path / "missing_dir" / "f.bin")) == []
+
+
 def test_atomic_write_respects_umask(tmp_path):
     path = str(tmp_path / "f.bin")
     ckpt.atomic_write(path, lambda f: f.write(b"x"))

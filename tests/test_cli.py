@@ -1,7 +1,9 @@
 """The metafast command: the default train job end to end, Ctrl-C, bad arguments, info, bench."""
+import ast
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,13 +251,77 @@ def test_bench_runs_scripts_as_processes_and_reports_failures(tmp_path, capfd, m
     out, err = capfd.readouterr()
     assert rc == 1
     assert "== bench_alpha on cpu (quick)" in out
-    assert f"alpha argv ['--device', 'cpu', '--out', '{rows}', '--quick'] cwd {tmp_path.name}" in out
-    assert (rows / "alpha_cpu.json").read_text() == "[]"  # --out keeps the rows
+    argv = re.search(r"alpha argv (\[.*\]) cwd (\S+)", out)
+    assert argv and argv.group(2) == tmp_path.name, out
+    argv = ast.literal_eval(argv.group(1))  # --out is a fresh directory of this script's own, never --out DIR
+    assert argv[:3] == ["--device", "cpu", "--out"] and argv[4:] == ["--quick"] and argv[3] != str(rows), argv
+    assert (rows / "alpha_cpu.json").read_text() == "[]"  # --out keeps a copy of the rows
     assert "bench_gamma: skipped" in out and "gamma must not run" not in err
-    assert "beta exploded" in err and "bench_beta failed (exit status 1)" in err and "1 of 2 benchmarks failed" in err
+    assert "beta exploded" in err and "bench_beta failed (exit status 1)" in err
+    assert "1 of 2 benchmarks failed (bench_beta)" in err
     rc = cli.main(["bench", "--device", "cpu", "--only", "alpha"])
     out, _ = capfd.readouterr()
     assert rc == 0 and "bench_alpha on cpu\n" in out and "bench_beta" not in out and "'--quick'" not in out
+
+
+_TARGETED_BENCH = """
+import json, os, sys
+def run(device, quick=False):
+    return []
+if __name__ == "__main__":
+    out = sys.argv[sys.argv.index("--out") + 1]
+    assert not os.listdir(out), "the output directory of a run starts empty"
+    base = {"bench": "%(name)s", "device": "cpu", "commit": "abc1234", "dirty": False, "date": "2026-12-07"}
+    rows = [dict(base, impl="metafast", B=8, C=100, ms=1.0, speedup_vs_eager=%(speedup)r,
+                 targets={"cpu: >= 2x eager": %(speedup)r >= 2}, target_values={"cpu: >= 2x eager": %(speedup)r},
+                 target_met=%(speedup)r >= 2),
+            dict(base, impl="eager", B=8, C=100, ms=%(speedup)r)]
+    with open(os.path.join(out, "%(name)s_cpu.json"), "w") as f:
+        json.dump(rows, f)
+    sys.exit(%(rc)d)
+"""
+
+
+def test_bench_prints_targets_and_fails_on_a_missed_one(tmp_path, capfd, monkeypatch):
+    """Each script's rows of this run are read back: one line per target with the measured value and
+    PASS/FAIL; a missed target makes the command exit 1 even when the script itself exited 0."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name, speedup, rc in (("fast", 2.5, 0), ("slow", 1.25, 0), ("broken", 3.0, 1)):
+        (bench / f"bench_{name}.py").write_text(_TARGETED_BENCH % dict(name=name, speedup=speedup, rc=rc))
+    monkeypatch.setattr(bench_command, "find_bench_dir", lambda: bench)
+    out_dir = tmp_path / "rows"
+    out_dir.mkdir()
+    (out_dir / "slow_cpu.json").write_text(json.dumps([{"targets": {"stale": False}}]))  # an earlier run's rows
+    rc = cli.main(["bench", "--device", "cpu", "--only", "fast", "--out", str(out_dir)])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    lines = out.splitlines()
+    head = lines.index("-- bench_fast: targets")
+    assert lines[head + 1].split() == ["case", "target", "measured", "result"]
+    assert lines[head + 2].split() == ["metafast", "B=8", "C=100", "cpu:", ">=", "2x", "eager", "2.5", "PASS"]
+    assert lines[head + 3] == "-- bench_fast: 1 of 1 targets met" and "stale" not in out
+    rc = cli.main(["bench", "--device", "cpu", "--only", "slow", "--out", str(out_dir)])
+    out, err = capfd.readouterr()
+    assert rc == 1
+    assert re.search(r"metafast B=8 C=100\s+cpu: >= 2x eager\s+1.25\s+FAIL", out), out
+    assert "-- bench_slow: 0 of 1 targets met" in out and "stale" not in out  # only this run's rows
+    assert "1 of 1 benchmarks failed (bench_slow); 1 target(s) missed" in err
+    assert json.loads((out_dir / "slow_cpu.json").read_text())[0]["target_values"] == {"cpu: >= 2x eager": 1.25}
+    rc = cli.main(["bench", "--device", "cpu"])  # all three: a failing script fails even with its targets met
+    out, err = capfd.readouterr()
+    assert rc == 1 and "bench_broken failed (exit status 1)" in err
+    assert "2 of 3 benchmarks failed (bench_broken, bench_slow); 1 target(s) missed" in err
+    assert re.search(r"cpu: >= 2x eager\s+3\s+PASS", out), out
+
+
+def test_bench_target_lines_flag_a_verdict_beyond_the_listed_targets():
+    rows = [{"method": "metafast", "workload": "sinusoid", "targets": {"cpu: >= 5x torch.func": True},
+             "target_values": {"cpu: >= 5x torch.func": 6.0}, "target_met": False},
+            {"method": "torch.func", "workload": "sinusoid", "ms": 3.0}]
+    assert bench_command.target_lines(rows) == [
+        ("sinusoid metafast", "cpu: >= 5x torch.func", "6", True),
+        ("sinusoid metafast", "target_met (the row's overall verdict)", "-", False)]
 
 
 def test_cli_does_not_import_bench():

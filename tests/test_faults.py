@@ -85,12 +85,15 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_con
             proc.kill()
             proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert len(_temp_files(out)) == 1  # the half-written temp file the kill left; checkpoint.pt untouched
-    assert ckpt.load_checkpoint(str(out))["iteration"] == 5
+    left = _temp_files(out)  # the half-written temp file the kill left, named with the writer's pid
+    assert left == [n for n in left if n.startswith(f".checkpoint.pt.{proc.pid}.")] and len(left) == 1, left
+    assert ckpt.load_checkpoint(str(out))["iteration"] == 5  # checkpoint.pt untouched
     res = subprocess.run([sys.executable, "-m", "metafast", "train", "--resume", str(out), "--iterations", "12",
                           "--no-progress"], env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming {out} at iteration 5/12" in res.stdout, res.stdout
+    assert f"removed {out / left[0]}" in res.stdout, res.stdout  # removed on opening the run, before any write
+    assert _temp_files(out) == []
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iteration"] == 12 and metrics["timing"]["iterations_this_run"] == 7
     assert ckpt.load_checkpoint(str(out))["iteration"] == 12

@@ -15,6 +15,7 @@ from .. import _backend
 from ..functional.executor import BatchedModel
 from ..functional.flat import FlatParams
 from ..functional.losses import make_loss
+from ..functional.step_stats import StepStats
 from ..functional import precision as _precision
 from . import mamlpp as _mamlpp
 from .paths import FastWeights, FiniteGuard, MetaStepPath, Setup, Where, choose, make_paths
@@ -114,14 +115,23 @@ class BatchedMAML(nn.Module):
         per_step_bn: MAML++ per-step BatchNorm weights and biases (BNWB): an nn.Parameter ``step_bn``
             [inner_steps, BatchNorm weight+bias numel] initialised to the model's; inner step k (and the
             query pass after it) uses row k in place of the BatchNorm weights, which are therefore not
-            adapted (as in the paper's code); adapt()'s weights carry the last step's. Autograd path
-            only. Per-step running statistics (BNRS) are not implemented: BatchedMAML's BatchNorm
-            normalises by each task's batch statistics and keeps none.
+            adapted (as in the paper's code); adapt()'s weights carry the last step's.
+        per_step_bn_stats: MAML++ per-step BatchNorm running statistics (BNRS): buffers
+            ``step_running_mean`` / ``step_running_var`` [inner_steps, C] (C: every BatchNorm layer's channels,
+            layer after layer) and ``step_running_count`` [inner_steps], in the state_dict. Each training-mode
+            meta-step (``forward``) moves row k, with each layer's momentum (1/count when None), towards the
+            mean over the meta-batch's tasks of the per-task batch mean and unbiased variance of inner step
+            k's support pass (a no-grad side effect: losses and meta-gradients are those of batch
+            statistics). In eval mode (``maml.eval()``) inner step k of ``adapt()``/``forward`` and the pass
+            after it, and ``predict()`` after K steps, normalise by row min(k, inner_steps - 1) (K - 1 for
+            predict) instead of batch statistics. Runs on the autograd path and the exact reverse
+            (training mode); CUDA graphs do not capture it.
 
-    MAML++ options run on the autograd path; lslr and multi_step_loss also on the exact reverse (memory
-    modes included); the fused path and CUDA graphs (multi_step_loss) do not run them (``describe()`` says so). The
-    iteration counter the schedules read is set with ``set_iteration(i)`` and is the ``iteration``
-    buffer of the state_dict (present when a schedule is on), so a checkpoint resumes the schedules.
+    MAML++ options run on the autograd path and on the exact reverse (memory modes and task chunks
+    included; per_step_bn_stats in eval mode: autograd); the fused path and CUDA graphs (multi_step_loss,
+    per_step_bn_stats) do not run them (``describe()`` says so). The iteration counter the schedules
+    read is set with ``set_iteration(i)`` and is the ``iteration`` buffer of the state_dict (present
+    when a schedule is on), so a checkpoint resumes the schedules.
     ``metafast.MAMLpp(model)`` is the paper's combination.
 
     The settings (inner_lrs, inner_steps, first_order, anil, clip_grad_norm, check_finite, cuda_graph,
@@ -137,7 +147,7 @@ class BatchedMAML(nn.Module):
                  fused: Optional[bool] = None, precision: str = "fp32", inner_loss_scale: Optional[float] = None,
                  memory: str = "fast", task_chunk: Optional[int] = None, lslr: bool = False,
                  multi_step_loss: bool = False, msl_anneal_iters: int = 0, first_order_iters: int = 0,
-                 per_step_bn: bool = False):
+                 per_step_bn: bool = False, per_step_bn_stats: bool = False):
         super().__init__()
         self._built = None        # (Setup, paths) of the current settings
         self._choices = {}        # Where -> the path that runs it
@@ -170,8 +180,15 @@ class BatchedMAML(nn.Module):
         if per_step_bn and anil:
             raise ValueError("per_step_bn: needs every layer adapted (anil=False): the BatchNorm layers then hold "
                              "per-step weights")
-        if fused and (lslr or multi_step_loss or per_step_bn):
-            raise ValueError("fused=True: the fused inner loop does not implement lslr / multi_step_loss / per_step_bn")
+        if per_step_bn_stats and anil:
+            raise ValueError("per_step_bn_stats: needs every layer adapted (anil=False): the body's BatchNorm "
+                             "layers run once per meta-step, not once per inner step")
+        if per_step_bn_stats and inner_steps < 1:
+            raise ValueError(f"per_step_bn_stats: keeps one row of statistics per inner step; inner_steps="
+                             f"{inner_steps}")
+        if fused and (lslr or multi_step_loss or per_step_bn or per_step_bn_stats):
+            raise ValueError("fused=True: the fused inner loop does not implement lslr / multi_step_loss / "
+                             "per_step_bn / per_step_bn_stats")
         if fused not in (None, True, False):
             raise ValueError(f"fused: expected None, True or False, got {fused!r}")
         if fused and self._prec.mixed:
@@ -215,6 +232,9 @@ class BatchedMAML(nn.Module):
         self.step_bn, self._bn_index = None, None
         if per_step_bn:
             self._init_step_bn(inner_steps)
+        self._step_stats = None
+        if per_step_bn_stats:
+            self._init_step_stats(inner_steps)
         if fused:  # required: raise now, naming the reason, when it cannot run
             buffer = self._flat.buffer
             choose([p for p in self._paths() if p.name == "fused"], Where(buffer.device, buffer.dtype,
@@ -236,7 +256,7 @@ class BatchedMAML(nn.Module):
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
         return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
-                and self.step_bn is None and not (self._engine.adapt_from and self._prec.mixed))
+                and not (self._engine.adapt_from and self._prec.mixed))
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:
@@ -297,7 +317,7 @@ class BatchedMAML(nn.Module):
                           guard=FiniteGuard(self.check_finite, self._prec), fallbacks=self._fallbacks,
                           memory=self.memory, task_chunk=self.task_chunk, step_lrs=self.step_lrs,
                           piece_sizes=self._piece_sizes(), multi_step_loss=self.multi_step_loss,
-                          step_weights=self.step_loss_weights, step_bn=self.step_bn,
+                          step_weights=self.step_loss_weights, step_bn=self.step_bn, step_stats=self._step_stats,
                           bn_index=None if self._bn_index is None else self._bn_index.to(self._flat.buffer.device))
             self._built = (setup, make_paths(setup))
         return self._built
@@ -315,6 +335,27 @@ class BatchedMAML(nn.Module):
         self._bn_index = index
         init = buffer.detach()[a:][index.to(buffer.device)]
         self.step_bn = nn.Parameter(init.expand(steps, -1).clone())
+
+    def _init_step_stats(self, steps: int) -> None:
+        """BNRS: the per-step running statistics buffers (mean 0, variance 1, as nn.BatchNorm starts)."""
+        stats = StepStats(self._engine)
+        if not stats.channels:
+            raise ValueError("per_step_bn_stats: the model has no BatchNorm layer (BatchNorm1d/2d) run by the "
+                             "batched engine")
+        buffer = self._flat.buffer
+        kw = dict(dtype=buffer.dtype, device=buffer.device)
+        self.register_buffer("step_running_mean", torch.zeros(steps, stats.channels, **kw))
+        self.register_buffer("step_running_var", torch.ones(steps, stats.channels, **kw))
+        self.register_buffer("step_running_count", torch.zeros(steps, dtype=torch.long, device=buffer.device))
+        self._step_stats = stats
+
+    def train(self, mode: bool = True):
+        """nn.Module.train; with per_step_bn_stats the paths are chosen again (eval mode runs on autograd)."""
+        changed = mode != self.training
+        super().train(mode)
+        if changed and getattr(self, "_step_stats", None) is not None:
+            self._settings_changed()
+        return self
 
     def _piece_sizes(self) -> Optional[torch.Tensor]:
         if self.step_lrs is None:
@@ -373,6 +414,9 @@ class BatchedMAML(nn.Module):
         self._check_batch(*batch)
         steps = self.inner_steps if inner_steps is None else self._check_steps(inner_steps)
         self._check_lslr_steps(steps)
+        if self._step_stats is not None and self.training and steps > self.step_running_mean.shape[0]:
+            raise ValueError(f"inner_steps: per_step_bn_stats keeps statistics for {self.step_running_mean.shape[0]} "
+                             f"steps, {steps} asked in training mode (eval mode uses the last row past them)")
         buffer = self._flat.buffer  # bound by _check_batch
         self._prec.check_params(buffer.dtype)
         if buffer is not self._keyed_buffer and not torch.compiler.is_compiling():
@@ -397,7 +441,9 @@ class BatchedMAML(nn.Module):
         buffer = self._flat.buffer
         self._prec.check_params(buffer.dtype)
         path = self._choose(Where(buffer.device, buffer.dtype, steps, False, adapt=True))
-        return path.adapt(support_x, support_y, steps)
+        weights = path.adapt(support_x, support_y, steps)
+        weights.steps = steps
+        return weights
 
     def predict(self, weights: FastWeights, x: torch.Tensor) -> torch.Tensor:
         """Outputs [T, N, ...] of the adapted models on inputs x [T, N, ...] (float32 with bf16/fp16)."""
@@ -406,7 +452,8 @@ class BatchedMAML(nn.Module):
         self._check_x(x, "x")
         if weights.fast is not None and weights.fast.shape[0] != x.shape[0]:
             raise ValueError(f"x: weights were adapted for {weights.fast.shape[0]} tasks, x has {x.shape[0]}")
-        return _autograd.predict(self._setup(), weights.theta, weights.fast, x, x.shape[0])
+        # per-step BatchNorm statistics (eval mode): those of the last inner step that adapted the weights
+        return _autograd.predict(self._setup(), weights.theta, weights.fast, x, x.shape[0], (weights.steps or 1) - 1)
 
     def describe(self) -> str:
         """Which layer runs how ('*' marks adapted layers), how the meta-gradient is computed, and every
@@ -441,8 +488,15 @@ class BatchedMAML(nn.Module):
         order = ("first" if self._scheduled_first_order() else "second") + " order now" + (
             f", first order for iterations < {self.first_order_iters}" if self.first_order_iters else "")
         return (f"MAML++ (iteration {self._iteration}): lslr {'on' if self.step_lrs is not None else 'off'}, "
-                f"multi_step_loss {msl}, {order}, per-step BatchNorm weights {'on' if self.step_bn is not None else 'off'} "
-                "(per-step running statistics: not implemented; BatchNorm normalises by batch statistics)")
+                f"multi_step_loss {msl}, {order}, per-step BatchNorm weights {'on' if self.step_bn is not None else 'off'}, "
+                f"per-step BatchNorm running statistics {self._describe_step_stats()}")
+
+    def _describe_step_stats(self) -> str:
+        if self._step_stats is None:
+            return "off (BatchNorm normalises by each task's batch statistics)"
+        rows, used = self.step_running_mean.shape[0], "used now" if not self.training else "used in eval mode"
+        return (f"on ({rows} step(s) x {self._step_stats.channels} channels; updated by training meta-steps, "
+                f"{used}: autograd path in eval mode)")
 
     def memory_plan(self, num_tasks: Optional[int] = None) -> str:
         """The memory mode a training step runs in and what it keeps for the reverse pass (sizes for

@@ -10,9 +10,11 @@ Each MAML++ piece is a separate BatchedMAML option, so it can be ablated:
   the last step's loss counts, as the paper's code does);
 - ``first_order_iters=N``: first order while the iteration is < N, then second order;
 - ``per_step_bn=True``: per-step BatchNorm weights and biases (BNWB, an nn.Parameter ``step_bn``
-  [inner_steps, BatchNorm weight+bias numel]; autograd path). Per-step running statistics (BNRS) are
-  not implemented: BatchedMAML's BatchNorm normalises by each task's batch statistics (as the paper's
-  code does, even at evaluation) and keeps no running statistics;
+  [inner_steps, BatchNorm weight+bias numel]; autograd path and exact reverse);
+- ``per_step_bn_stats=True``: per-step BatchNorm running statistics (BNRS, buffers ``step_running_mean``
+  / ``step_running_var`` [inner_steps, channels]): training meta-steps update row k from the mean over
+  tasks of inner step k's support-pass batch statistics; after ``maml.eval()`` step k (and predict after
+  K steps: row K-1, clamped to the last row) normalises by them instead of batch statistics;
 - cosine annealing of the meta-learning rate belongs to the training loop
   (``torch.optim.lr_scheduler.CosineAnnealingLR``; ``metafast train --algorithm mamlpp`` uses it).
 
@@ -64,17 +66,22 @@ def is_first_order(iteration: int, first_order_iters: int) -> bool:
 
 
 def MAMLpp(model, inner_lr: float = 0.1, inner_steps: int = 5, loss="cross_entropy", msl_anneal_iters: int = 15,
-           first_order_iters: int = 50, per_step_bn=None, **kwargs):
+           first_order_iters: int = 50, per_step_bn=None, per_step_bn_stats=None, **kwargs):
     """A BatchedMAML with the paper's MAML++ setup: LSLR (initialised to ``inner_lr``), the annealed
     multi-step loss over ``msl_anneal_iters``, first order for ``first_order_iters`` (the paper's 15
-    and 50 are epochs: call ``set_iteration(epoch)``) and per-step BatchNorm weights (``per_step_bn``
-    None: on when the model has an affine BatchNorm). The meta-learning rate's cosine annealing is the
-    training loop's (CosineAnnealingLR). Other BatchedMAML arguments pass through."""
+    and 50 are epochs: call ``set_iteration(epoch)``), per-step BatchNorm weights (``per_step_bn``
+    None: on when the model has an affine BatchNorm) and per-step BatchNorm running statistics
+    (``per_step_bn_stats`` None: on when it has a BatchNorm; used after ``maml.eval()``). The
+    meta-learning rate's cosine annealing is the training loop's (CosineAnnealingLR). Other BatchedMAML
+    arguments pass through."""
     from torch import nn
 
     from .batched_maml import BatchedMAML
     if per_step_bn is None:
         per_step_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine for m in model.modules())
+    if per_step_bn_stats is None:
+        per_step_bn_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return BatchedMAML(model, inner_lr=inner_lr, inner_steps=inner_steps, loss=loss, lslr=True, multi_step_loss=True,
                        msl_anneal_iters=msl_anneal_iters, first_order_iters=first_order_iters, per_step_bn=per_step_bn,
+                       per_step_bn_stats=per_step_bn_stats,
                        **kwargs)

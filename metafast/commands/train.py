@@ -1,11 +1,11 @@
 """``metafast train``: meta-train MAML. With no arguments the default job, sinusoid regression with the
 MAML paper's setup (metafast.jobs.sinusoid); ``--dataset omniglot|miniimagenet|cifarfs|fc100`` trains
-on a few-shot image dataset (metafast.jobs.vision)."""
+on a few-shot image dataset with ``--algorithm maml|fomaml|metasgd|anil|mamlpp|protonet`` (metafast.jobs.vision)."""
 import argparse
 
 from .. import distributed
 from ..jobs.sinusoid import DEFAULT_CHECKPOINT_EVERY, DEFAULT_ITERATIONS, PAPER_ITERATIONS, SinusoidJob
-from ..jobs.vision import DATASETS, MODELS, VisionJob
+from ..jobs.vision import ALGORITHMS, DATASETS, MODELS, VisionJob
 from ..runtime import allocator
 from ..runtime.arguments import int_at_least, positive_float
 from ..runtime.command import CommandError, add_run_arguments, given_options, job_config, reports_errors, run_job
@@ -16,7 +16,7 @@ SINUSOID_FIELDS = ("iterations", "meta_batch", "inner_lr", "inner_steps", "meta_
 VISION_FIELDS = SINUSOID_FIELDS + ("root", "download", "ways", "shots", "queries", "eval_queries",
                                    "test_inner_steps", "model", "width", "val_every", "val_episodes",
                                    "eval_episodes", "train_split", "image_size", "channels", "normalize", "split_seed",
-                                   "memory", "task_chunk", "algorithm")
+                                   "memory", "task_chunk", "algorithm", "train_ways", "train_shots", "distance")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,9 +63,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="validate every N iterations, 0 = never (default 500)")
     p.add_argument("--val-episodes", type=int_at_least(1), help="fixed validation episodes (default 100)")
     p.add_argument("--eval-episodes", type=int_at_least(1), help="fixed test episodes at the end (default 600)")
-    p.add_argument("--algorithm", choices=("maml", "mamlpp"),
-                   help="vision: maml (default) or mamlpp (MAML++: learned per-step per-layer rates, annealed "
-                        "multi-step loss, first order for 25000 iterations, cosine-annealed meta-lr)")
+    p.add_argument("--algorithm", choices=ALGORITHMS,
+                   help="vision: maml (second order, the default), fomaml (first order), metasgd (learned "
+                        "per-parameter inner rates), anil (only the head adapted), mamlpp (MAML++: learned per-step "
+                        "per-layer rates, annealed multi-step loss, first order for 25000 iterations, cosine-annealed "
+                        "meta-lr) or protonet (prototypical networks on the network without its classifier; no "
+                        "inner loop). --first-order / --meta-sgd alone mean fomaml / metasgd")
+    p.add_argument("--train-ways", type=int_at_least(2),
+                   help="protonet: classes per training episode (default --ways; Snell et al. train Omniglot 60-way)")
+    p.add_argument("--train-shots", type=int_at_least(1),
+                   help="protonet: support images per class in training episodes (default --shots); "
+                        "--queries sets the training queries")
+    p.add_argument("--distance", choices=("euclidean", "cosine"),
+                   help="protonet: squared euclidean (default, Snell et al.) or scaled cosine")
     p.add_argument("--train-split", choices=("train", "trainval"),
                    help="omniglot: 'trainval' trains on all 1200 characters")
     # --dataset folder (metafast.data.folder): your own ImageFolder under --root

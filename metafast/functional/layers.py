@@ -30,13 +30,17 @@ ONE_CALL_BACKWARD = True
 
 
 class RunCtx:
-    """Per-call facts every layer needs."""
+    """Per-call facts every layer needs. ``bn_stats``: None, or the BatchNorm layers' hook of this pass
+    (MAML++ per-step running statistics, metafast/functional/step_stats.py): ``running(layer)`` gives the
+    statistics [C] to normalise by (None: batch statistics), ``record(layer, x, mean, invstd, T)``
+    receives the per-task batch statistics of a training pass."""
 
-    __slots__ = ("T", "create_graph")
+    __slots__ = ("T", "create_graph", "bn_stats")
 
-    def __init__(self, T: int, create_graph: bool):
+    def __init__(self, T: int, create_graph: bool, bn_stats=None):
         self.T = T
         self.create_graph = create_graph
+        self.bn_stats = bn_stats
 
 
 def to_g(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -254,7 +258,10 @@ class BatchNorm(Layer):
     this is one native batch_norm, and its hand-written backward is native_batch_norm_backward
     (whose own derivative is the exact batch-norm double backward, mean/var dependence included).
     Running statistics are neither used nor updated, except in eval mode with
-    ``track_running_stats=True``, where the stored statistics normalise every task.
+    ``track_running_stats=True``, where the stored statistics normalise every task, and where the pass's
+    ``RunCtx.bn_stats`` hook (MAML++ per-step statistics) gives statistics to use or receives the batch
+    statistics. Saved for the backward: (x, w, mean, invstd, running mean); mean is None with running
+    statistics, the running mean None with batch statistics.
     """
 
     layout = "g"
@@ -265,9 +272,16 @@ class BatchNorm(Layer):
         self.eps = module.eps
         self.affine = module.affine
 
-    def _use_running(self) -> bool:
+    def _running(self, rc):
+        """(running mean, running var) [C] to normalise by, or None (batch statistics)."""
+        if rc.bn_stats is not None:
+            stats = rc.bn_stats.running(self)
+            if stats is not None:
+                return stats
         m = self.module
-        return (not m.training) and m.track_running_stats and m.running_mean is not None
+        if (not m.training) and m.track_running_stats and m.running_mean is not None:
+            return m.running_mean, m.running_var
+        return None
 
     def forward(self, ws, batched, x, rc):
         T = rc.T
@@ -279,19 +293,21 @@ class BatchNorm(Layer):
                 w, b = w.float(), b.float()
         else:
             w = b = None
-        if self._use_running():
-            m = self.module
-            rm, rv = m.running_mean.repeat(T), m.running_var.repeat(T)
+        running = self._running(rc)
+        if running is not None:
+            rm, rv = running[0].repeat(T), running[1].repeat(T)
             if x.dtype in _HALF:
                 rm, rv = rm.float(), rv.float()
             # affine in x: dx = gy * w / sqrt(rv + eps)
             y = F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
-            return y, (x, w, None, torch.rsqrt(rv + self.eps))
+            return y, (x, w, None, torch.rsqrt(rv + self.eps), rm)
         y, mean, invstd = batch_norm.forward(x, w, b, self.eps)
-        return y, (x, w, mean, invstd)
+        if rc.bn_stats is not None:
+            rc.bn_stats.record(self, x, mean.detach(), invstd.detach(), T)
+        return y, (x, w, mean, invstd, None)
 
     def backward(self, ws, batched, saved, gy, need_gx, rc):
-        x, w, mean, invstd = saved
+        x, w, mean, invstd, rm = saved
         T = rc.T
         if mean is None:  # eval with running statistics
             shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -299,7 +315,7 @@ class BatchNorm(Layer):
             gx = (gy * (invstd if w is None else w * invstd).view(shape)).to(gy.dtype) if need_gx else None
             grads = []
             if self.affine:
-                rm = self.module.running_mean.repeat(T).to(invstd.dtype)
+                rm = rm.to(invstd.dtype)
                 grads = [(gy * (x - rm.view(shape)) * invstd.view(shape)).sum(dims).view(T, -1),
                          gy.sum(dims).view(T, -1)]
             return gx, grads
@@ -310,37 +326,35 @@ class BatchNorm(Layer):
 
     # R-operators with batch statistics: metafast/ops/batch_norm_rop.py (formulas, the C++ kernels).
     def rforward(self, ws, batched, saved, rx, rws, rc):
-        x, w, mean, invstd = saved
+        x, w, mean, invstd, rm = saved
         if mean is None:
-            return self._rforward_running(x, w, invstd, rx, rws, rc), rx
+            return self._rforward_running(x, w, invstd, rm, rx, rws), rx
         rw, rb = (rws[0].reshape(-1), rws[1].reshape(-1)) if rws else (None, None)
         ry, sx_rx, s_rx = batch_norm_rop.rforward(x, w, mean, invstd, rx, rw, rb)
         return ry, (None if rx is None else (rx, sx_rx, s_rx))
 
     def rbackward(self, ws, batched, saved, gy, rgy, rstats, rws, need_gx, rc):
-        x, w, mean, invstd = saved
+        x, w, mean, invstd, rm = saved
         T = rc.T
         if mean is None:
-            return self._rbackward_running(x, w, invstd, gy, rgy, rstats, rws, need_gx, rc)
+            return self._rbackward_running(x, w, invstd, rm, gy, rgy, rstats, rws, need_gx, rc)
         rx, sx_rx, s_rx = rstats if rstats is not None else (None, None, None)
         rgx, r_gw, r_gb = batch_norm_rop.rbackward(x, w, mean, invstd, gy, rgy, rx, sx_rx, s_rx,
                                                    rws[0].reshape(-1) if rws else None, need_gx)
         return rgx, ([r_gw.view(T, -1), r_gb.view(T, -1)] if self.affine else [])
 
-    # Running statistics: y = w invstd (x - rm) + b is affine in x with constant invstd.
-    def _running_mean(self, T, dtype):
-        return self.module.running_mean.repeat(T).to(dtype)
-
-    def _rforward_running(self, x, w, invstd, rx, rws, rc):
+    # Running statistics (rm: the running mean repeated per task): y = w invstd (x - rm) + b is affine in x
+    # with constant invstd.
+    def _rforward_running(self, x, w, invstd, rm, rx, rws):
         s = invstd
         ry = None if rx is None else rx * per_channel(s if w is None else w * s, rx)
         if rws:
             rw, rb = (r.reshape(-1).to(s.dtype) for r in rws)
             a = rw * s
-            ry = affine(ry, x, a, rb - a * self._running_mean(rc.T, s.dtype))
+            ry = affine(ry, x, a, rb - a * rm.to(s.dtype))
         return ry
 
-    def _rbackward_running(self, x, w, invstd, gy, rgy, rx, rws, need_gx, rc):
+    def _rbackward_running(self, x, w, invstd, rm, gy, rgy, rx, rws, need_gx, rc):
         # dx = gy w s, dw = sum(gy xhat), db = sum(gy);  R(xhat) = rx s
         T, s = rc.T, invstd
         dims = [0] + list(range(2, x.dim()))
@@ -351,7 +365,7 @@ class BatchNorm(Layer):
                 rgx = rgx.addcmul_(gy, per_channel(rws[0].reshape(-1).to(s.dtype) * s, x))
         grads = []
         if self.affine:
-            xhat = (x - per_channel(self._running_mean(T, s.dtype), x)) * per_channel(s, x)
+            xhat = (x - per_channel(rm.to(s.dtype), x)) * per_channel(s, x)
             r_gw = (rgy * xhat).sum(dims)
             if rx is not None:
                 r_gw = r_gw + (gy * rx).sum(dims) * s

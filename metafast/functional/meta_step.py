@@ -27,7 +27,17 @@ MAML++ (an optional ninth plan entry, ``(lslr, weights)``): with ``lslr`` the ``
 
 ``weights`` [K] (the multi-step loss) makes the result sum_j w_j L_q(W_j) over the fast weights after
 every step j = 1..K, so the reverse adds w_j dL_q/dW_j to Wbar_j (a query pass per weighted step,
-rebuilt from W_j under step checkpointing).
+rebuilt from W_j under step checkpointing). A third entry ``bn`` (per-step BatchNorm weights, BNWB: the
+(piece, column) of each BatchNorm weight and bias in the rows of the eighth input ``step_bn`` [K', n])
+makes step k run at W'_k = P_k(W_k), W_k with those pieces replaced by row k, and the query pass after
+step k at P_k(W_{k+1}). The BatchNorm pieces of W_{k+1} are thus never read, so in the reverse
+
+    step_bnbar[k] += (Wbar_{k+1})_bn  (the query term after step k),   then (Wbar_{k+1})_bn = 0,
+    step_bnbar[k] += (Wbar'_k)_bn,  Wbar'_k = Wbar_{k+1} - H_s(W'_k)(lr_k Wbar_{k+1}),   then (Wbar_k)_bn = 0
+
+(θ's BatchNorm weights get no gradient; full adaptation is assumed: step 0 runs at θ with row 0 in it).
+A fourth entry (per-step BatchNorm running statistics, BNRS: a metafast.functional.step_stats.Recorder)
+receives the batch statistics of each step's support pass in the forward (not of its recomputation).
 
 Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
@@ -68,19 +78,45 @@ def _low(low, fast):
     return None if fast is None else [low(p) for p in fast]
 
 
+def _with_bn(bn, step_bn, k, fast, T):
+    """BNWB: the fast weight pieces [T, n_i] with each BatchNorm piece replaced by row k of step_bn
+    (an expanded view: the layers only read it)."""
+    fast = list(fast)
+    for i, c in bn:
+        fast[i] = step_bn[k, c:c + fast[i].shape[1]].to(fast[i].dtype).expand(fast[i].shape[0], -1)
+    return fast
+
+
+def _theta_with_bn(bn, step_bn, k, theta, sizes):
+    """BNWB: θ with its BatchNorm pieces replaced by row k of step_bn (step 0's weights)."""
+    parts = list(theta.split(sizes))
+    for i, c in bn:
+        parts[i] = step_bn[k, c:c + sizes[i]].to(theta.dtype)
+    return torch.cat(parts)
+
+
+def _route_bn(bn, wbar, step_bnbar, k):
+    """BNWB's reverse: the BatchNorm pieces of Wbar go to row k of step_bn's gradient and are zeroed."""
+    for i, c in bn:
+        step_bnbar[k, c:c + wbar[i].shape[1]] += wbar[i].sum(0).to(step_bnbar.dtype)
+        wbar[i].zero_()
+
+
 class MetaStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
+    def forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn=None):
         with cpu_cache.scope(theta.device):
-            return MetaStep._forward(ctx, theta, lrs, sx, sy, qx, qy, plan)
+            return MetaStep._forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn)
 
     @staticmethod
-    def _forward(ctx, theta, lrs, sx, sy, qx, qy, plan):
+    def _forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn=None):
         engine, loss_fn, steps, lr_of, first_order = plan[:5]
         prec = plan[5] if len(plan) > 5 else FP32
         report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
         ckpt = len(plan) > 7 and bool(plan[7])
-        lslr, weights = plan[8] if len(plan) > 8 else (False, None)
+        lslr, weights = plan[8][:2] if len(plan) > 8 else (False, None)
+        bn = plan[8][2] if len(plan) > 8 and len(plan[8]) > 2 and steps > 0 else None  # BNWB: [(piece, column)]
+        recorder = plan[8][3] if len(plan) > 8 and len(plan[8]) > 3 else None  # BNRS: support-pass statistics
         overflow = None
         low, scale = prec.low, prec.scale
         T = sx.shape[0]
@@ -89,13 +125,19 @@ class MetaStep(torch.autograd.Function):
         records, fast = [], None
         support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
         ctx.x_dtypes, ctx.x_shapes = (sx.dtype, qx.dtype), (sx.shape, qx.shape)
-        theta_c, sx, qx = low(theta), low(sx), low(qx)
         sizes = engine.slot_sizes()
+        # BNWB: step 0 runs at θ with row 0's BatchNorm weights (every later pass has fast weights)
+        theta_c = low(theta if bn is None else _theta_with_bn(bn, step_bn, 0, theta, sizes))
+        sx, qx = low(sx), low(qx)
         lr_parts = lrs.split(sizes) if lrs is not None and not lslr else None
         msl = {}  # MAML++ multi-step loss: step j -> (weighted loss [T], query tape, layout, dL/dout)
         for k in range(steps):
+            if bn is not None and fast is not None:
+                fast = _with_bn(bn, step_bn, k, fast, T)
             rng = _rng_states(engine) if ckpt else None
+            rc.bn_stats = None if recorder is None else recorder.at(k)  # recorded here only, not when recomputed
             out, layout, tape = engine.forward(0, n, theta_c, _low(low, fast), sx, "tn", rc, record=True)
+            rc.bn_stats = None
             out = engine.output(out, layout, T)
             if k == 0:
                 loss_fn.check_target(out, sy, "support_y")
@@ -112,8 +154,11 @@ class MetaStep(torch.autograd.Function):
             fast = _update(theta.split(sizes) if fast is None else fast, g, lr_k)
             if weights is not None and k + 1 < steps and weights[k] != 0:
                 rng = _rng_states(engine) if ckpt else None
-                msl[k + 1] = MetaStep._query(engine, loss_fn, theta_c, _low(low, fast), qx, qy, rc, not ckpt,
+                at = fast if bn is None else _with_bn(bn, step_bn, k, fast, T)
+                msl[k + 1] = MetaStep._query(engine, loss_fn, theta_c, _low(low, at), qx, qy, rc, not ckpt,
                                              weights[k], theta.dtype) + (rng,)
+        if bn is not None:  # the query pass after step K-1 runs with row K-1
+            fast = _with_bn(bn, step_bn, steps - 1, fast, T)
         rng = _rng_states(engine) if ckpt else None
         out_q, layout_q, tape_q = engine.forward(0, n, theta_c, _low(low, fast), qx, "tn", rc, record=not ckpt)
         out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
@@ -131,6 +176,7 @@ class MetaStep(torch.autograd.Function):
         ctx.plan, ctx.rc, ctx.sy, ctx.scale, ctx.ckpt, ctx.dtype = plan, rc, sy, scale, ckpt, theta.dtype
         ctx.records, ctx.tape_q, ctx.layout_q, ctx.dq = records, tape_q, layout_q, dq
         ctx.lrs, ctx.theta_shape, ctx.records_dtype = lrs, theta.shape, theta_c.dtype
+        ctx.bn, ctx.step_bn = bn, step_bn
         ctx.mark_non_differentiable(support_losses, out_q)
         return task_losses, support_losses, out_q
 
@@ -179,9 +225,13 @@ class MetaStep(torch.autograd.Function):
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
         del tape_q
+        bn = ctx.bn
+        step_bnbar = None if bn is None else torch.zeros_like(ctx.step_bn)
         for k in range(steps - 1, -1, -1):
             if k + 1 in ctx.msl:  # the multi-step loss's term at W_{k+1} joins Wbar_{k+1}
                 wbar = MetaStep._add_query_grad(ctx, wbar, k + 1, scale)
+            if bn is not None:  # the query terms' BatchNorm part is row k's; W_{k+1}'s own is never read
+                _route_bn(bn, wbar, step_bnbar, k)
             if first_order and lrbar is None:
                 continue  # FOMAML without learned rates reads nothing of the inner steps
             if ctx.ckpt:
@@ -215,11 +265,13 @@ class MetaStep(torch.autograd.Function):
                         h, rh = h
                         hbar_s = rh * -lrs[0] if hbar_s is None else hbar_s.add_(rh, alpha=-lrs[0])
                     wbar = [w.add_(hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
+                if bn is not None:  # Wbar'_k's BatchNorm part: step k ran with row k
+                    _route_bn(bn, wbar, step_bnbar, k)
         hbar_q = ctx.hbar_q
         if need_s and hbar_s is None:  # first order (or no steps): the support features get no gradient
             hbar_s = torch.zeros(ctx.x_shapes[0], dtype=ctx.x_dtypes[0], device=gq.device)
         return (torch.cat([w.sum(0) for w in wbar]), lrbar, None if hbar_s is None else hbar_s.to(ctx.x_dtypes[0]),
-                None, None if hbar_q is None else hbar_q.to(ctx.x_dtypes[1]), None, None)
+                None, None if hbar_q is None else hbar_q.to(ctx.x_dtypes[1]), None, None, step_bnbar)
 
     @staticmethod
     def _add_query_grad(ctx, wbar, j, scale):
@@ -229,7 +281,10 @@ class MetaStep(torch.autograd.Function):
         if ctx.ckpt:
             theta_c, _, qx, _ = ctx.ckpt_inputs
             low = (ctx.plan[5] if len(ctx.plan) > 5 else FP32).low
-            _, layout, tape = MetaStep._rerun(engine, (ctx.records[j][0], rng), lambda fast: engine.forward(
+            fast = ctx.records[j][0]  # W_j (with row j's BatchNorm weights under BNWB: this pass reads row j-1's)
+            if ctx.bn is not None:
+                fast = _with_bn(ctx.bn, ctx.step_bn, j - 1, fast, ctx.rc.T)
+            _, layout, tape = MetaStep._rerun(engine, (fast, rng), lambda fast: engine.forward(
                 0, len(engine.layers), theta_c, _low(low, fast), qx, "tn", ctx.rc, record=True))
         need_q = ctx.needs_input_grad[4]
         g = engine.backward(tape, (dq * scale).to(ctx.records_dtype), layout, ctx.rc, flat=False,

@@ -1,5 +1,5 @@
-"""Few-shot image classification with MAML: `metafast train --dataset omniglot|miniimagenet|cifarfs|fc100|folder`
-and `metafast eval CHECKPOINT`.
+"""Few-shot image classification: `metafast train --dataset omniglot|miniimagenet|cifarfs|fc100|folder
+[--algorithm maml|fomaml|metasgd|anil|mamlpp|protonet]` and `metafast eval CHECKPOINT`.
 
 Presets (PRESETS) follow the MAML paper for Omniglot and miniImageNet and learn2learn's MAML example
 for CIFAR-FS / FC100; every field can be overridden on the command line. Training samples meta-batches
@@ -8,9 +8,9 @@ of episodes from the 'train' split, validates every ``val_every`` iterations on 
 (atomic; ``--resume`` continues bit for bit: model, optimizer, episode generator, RNGs, history).
 At the end the best weights are evaluated on the 600 fixed 'test' episodes: mean accuracy +- 95% CI
 (1.96 std / sqrt(episodes)) goes to metrics.json, the curves to curves.json and training_curves.png.
+The meta-learners (how each is built, trained and evaluated) are in vision_algorithms.py.
 """
 import dataclasses
-import math
 import os
 import time
 from typing import Callable, Dict, List, Optional
@@ -25,13 +25,14 @@ from ..runtime.metrics import METRICS_NAME, device_label, versions
 from ..runtime.progress import RunningLoss
 from ..runtime.rng import rng_state, set_rng_state
 from ..runtime.run import TrainingInterrupted, resolve_device  # noqa: F401  (what train_vision raises on Ctrl-C)
+from .vision_algorithms import (ALGORITHMS, EVAL_BATCH, INNER_OPTIONS, MAMLPP_SCHEDULE, algorithm_from_flags,  # noqa: F401
+                                build_learner, check_algorithm, check_episodes, evaluate, train_step)
 
 DATASETS = ("omniglot", "miniimagenet", "cifarfs", "fc100", "folder")  # folder: your own ImageFolder (--root)
 MODELS = ("conv4", "resnet12")
 BEST_NAME = "best.pt"
 CURVES_NAME = "curves.json"
 PLOT_NAME = "training_curves.png"
-EVAL_BATCH = 50  # episodes adapted at once during evaluation (memory, not results)
 
 # dataset -> (channels, image side)
 IMAGE = {"omniglot": (1, 28), "miniimagenet": (3, 84), "cifarfs": (3, 32), "fc100": (3, 32)}
@@ -59,13 +60,8 @@ NORMALIZE = ("none", "dataset", "imagenet")  # folder: pixels in [0, 1] / per-ch
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # MAML paper, Omniglot 20-way: 5 steps lr 0.1 in training and at test, meta-batch 16.
 OMNIGLOT_20WAY = dict(inner_lr=0.1, inner_steps=5, test_inner_steps=5, meta_batch=16)
-
-# MAML++ (Antoniou et al. 2019) in iterations: the paper's schedules in epochs of 500 iterations (multi-step
-# loss annealed over 15, first order for 50), and its cosine-annealed meta-learning rate down to 1e-5.
-MAMLPP_SCHEDULE = dict(msl_anneal_iters=15 * 500, first_order_iters=50 * 500, min_meta_lr=1e-5)
-ALGORITHMS = ("maml", "mamlpp")
 _FIXED_ON_RESUME = ("algorithm", "dataset", "ways", "shots", "queries", "model", "width", "inner_lr", "inner_steps", "meta_batch",
-                    "meta_lr", "first_order", "meta_sgd", "seed", "train_split")
+                    "meta_lr", "first_order", "meta_sgd", "seed", "train_split", "train_ways", "train_shots", "distance")
 
 
 @dataclasses.dataclass
@@ -103,16 +99,29 @@ class VisionConfig(JobConfig):
     split_seed: int = 0
     mean: Optional[List[float]] = None   # per-channel, filled from `normalize` (saved with the run)
     std: Optional[List[float]] = None
-    algorithm: str = "maml"              # "mamlpp": MAML++ (metafast.MAMLpp, cosine-annealed meta_lr)
+    algorithm: Optional[str] = None      # one of ALGORITHMS; None: maml, or the variant first_order / meta_sgd name
+    train_ways: Optional[int] = None     # protonet: ways / shots of the training episodes (None: = ways / shots)
+    train_shots: Optional[int] = None
+    distance: Optional[str] = None       # protonet: "euclidean" (its default) or "cosine"
 
     def resolved(self) -> "VisionConfig":
-        """A copy with every None filled from the dataset's preset."""
+        """A copy with every None filled: the algorithm (from first_order / meta_sgd when not named), then
+        the dataset's preset (protonet: all but the inner loop's options, and its training episodes)."""
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {self.dataset!r}")
         preset = dict(PRESETS[self.dataset])
         if self.dataset == "omniglot" and self.ways == 20:
             preset.update(OMNIGLOT_20WAY)
         out = dataclasses.replace(self)
+        if out.algorithm is None:
+            out.algorithm = algorithm_from_flags(out.first_order, out.meta_sgd)
+        out.first_order = out.first_order or out.algorithm == "fomaml"
+        out.meta_sgd = out.meta_sgd or out.algorithm == "metasgd"
+        if out.algorithm == "protonet":  # no inner loop: its options stay unset (check_algorithm refuses them)
+            preset = {k: v for k, v in preset.items() if k not in INNER_OPTIONS}
+            out.train_ways = out.ways if out.train_ways is None else out.train_ways
+            out.train_shots = out.shots if out.train_shots is None else out.train_shots
+            out.distance = out.distance or "euclidean"
         for k, v in preset.items():
             if getattr(out, k) is None:
                 setattr(out, k, v)
@@ -122,18 +131,29 @@ class VisionConfig(JobConfig):
             out.mean, out.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         return out.validate()
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionConfig":
+        config = super().from_dict(d)
+        if config.algorithm is None or (config.algorithm == "maml" and (config.first_order or config.meta_sgd)):
+            # saved before the algorithm was named (or its variants were): the name the flags give it now
+            config.algorithm = algorithm_from_flags(config.first_order, config.meta_sgd)
+        return config
+
     def validate(self) -> "VisionConfig":
-        self.check_ints((("ways", 2), ("shots", 1), ("queries", 1), ("eval_queries", 1), ("inner_steps", 1),
-                         ("test_inner_steps", 1), ("meta_batch", 1), ("iterations", 1), ("val_every", 0),
-                         ("val_episodes", 1), ("eval_episodes", 1), ("checkpoint_every", 0), ("seed", 0),
-                         ("width", 1)))
-        self.check_positive(("inner_lr", "meta_lr"))
+        self.check_ints((("ways", 2), ("shots", 1), ("queries", 1), ("eval_queries", 1), ("meta_batch", 1),
+                         ("iterations", 1), ("val_every", 0), ("val_episodes", 1), ("eval_episodes", 1),
+                         ("checkpoint_every", 0), ("seed", 0), ("width", 1)))
+        self.check_positive(("meta_lr",))
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         if self.task_chunk is not None:
             self.check_ints((("task_chunk", 1),))
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        check_algorithm(self)
+        if self.algorithm != "protonet":
+            self.check_ints((("inner_steps", 1), ("test_inner_steps", 1)))
+            self.check_positive(("inner_lr",))
+        elif self.distance not in (None, "euclidean", "cosine"):
+            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {self.distance!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         allowed = ("train", "trainval") if self.dataset == "omniglot" else ("train",)
@@ -168,10 +188,9 @@ def load_data(dataset: str, root: str, split: str, download: bool = False, confi
         from ..data.folder import FolderDataset
         if config is None:
             raise ValueError("load_data: the folder dataset needs the run's config (image size, channels)")
-        queries = config.queries if split in ("train", "trainval") else config.eval_queries
+        ways, shots, queries = episode_shape(config, split)
         return FolderDataset(root, split=split, image_size=config.image_size, channels=config.channels,
-                             split_seed=config.split_seed, min_classes=config.ways,
-                             min_images=config.shots + queries)
+                             split_seed=config.split_seed, min_classes=ways, min_images=shots + queries)
     if dataset == "omniglot":
         from ..data.omniglot import Omniglot
         return Omniglot(root, split=split, download=download)
@@ -180,6 +199,26 @@ def load_data(dataset: str, root: str, split: str, download: bool = False, confi
         return MiniImageNet(root, split=split, download=download)
     from ..data.cifar import CIFARFS, FC100
     return (CIFARFS if dataset == "cifarfs" else FC100)(root, split=split, download=download)
+
+
+def episode_shape(config: VisionConfig, split: str):
+    """(ways, shots, queries) of ``split``'s episodes: the training ones (protonet: train_ways/train_shots)
+    or the evaluation ones."""
+    if split in ("train", "trainval"):
+        return config.train_ways or config.ways, config.train_shots or config.shots, config.queries
+    return config.ways, config.shots, config.eval_queries
+
+
+def make_sampler(config: VisionConfig, data, split: str, device: torch.device, seed: int = 0):
+    """The EpisodeSampler of ``split``, after checking that the data serves its episodes (errors name the option)."""
+    from ..data.episodes import EpisodeSampler
+
+    ways, shots, queries = episode_shape(config, split)
+    train = split in ("train", "trainval")
+    names = ("train_ways", "train_shots", "queries") if train and config.algorithm == "protonet" else \
+        ("ways", "shots", "queries" if train else "eval_queries")
+    check_episodes(data, ways, shots, queries, names)
+    return EpisodeSampler(data, ways, shots, queries, device=device, seed=seed, mean=config.mean, std=config.std)
 
 
 def build_model(config: VisionConfig) -> torch.nn.Module:
@@ -195,36 +234,8 @@ def build_model(config: VisionConfig) -> torch.nn.Module:
 
 
 def build(config: VisionConfig, device: torch.device):
-    from ..algorithms.batched_maml import BatchedMAML
-    from ..algorithms.mamlpp import MAMLpp
-
-    if config.algorithm == "mamlpp":
-        maml = MAMLpp(build_model(config), inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                      first_order=config.first_order, msl_anneal_iters=MAMLPP_SCHEDULE["msl_anneal_iters"],
-                      first_order_iters=MAMLPP_SCHEDULE["first_order_iters"], memory=config.memory,
-                      task_chunk=config.task_chunk).to(device)
-        return maml, torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
-    maml = BatchedMAML(build_model(config), inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                       first_order=config.first_order, meta_sgd=config.meta_sgd, loss="cross_entropy",
-                       memory=config.memory, task_chunk=config.task_chunk).to(device)
-    return maml, torch.optim.Adam(maml.parameters(), lr=config.meta_lr)
-
-
-def evaluate(maml, sampler, episodes: int, steps: int, seed: Optional[int] = None) -> dict:
-    """Accuracy over ``episodes`` fixed episodes of ``sampler`` after ``steps`` inner steps:
-    mean, 95% CI half-width (1.96 std / sqrt(n)) and the per-episode accuracies."""
-    from ..data.episodes import EVAL_SEED
-
-    accs = []
-    for ep in sampler.fixed_episodes(count=episodes, batch=EVAL_BATCH, seed=EVAL_SEED if seed is None else seed):
-        fast = maml.adapt(ep.support_x, ep.support_y, steps=steps)
-        with torch.no_grad():
-            out = maml.predict(fast, ep.query_x)
-        accs.append((out.argmax(-1) == ep.query_y).to(torch.float64).mean(1).cpu())
-    accs = torch.cat(accs)
-    ci = 1.96 * accs.std().item() / math.sqrt(accs.numel()) if accs.numel() > 1 else float("nan")
-    return {"accuracy": accs.mean().item(), "ci95": ci, "episodes": accs.numel(), "steps": steps,
-            "per_episode": accs.tolist()}
+    """(meta-learner of ``config.algorithm`` on the config's network, its Adam optimizer)."""
+    return build_learner(config, build_model(config), device)
 
 
 def plot_curves(path: str, history: dict, title: str) -> str:
@@ -257,7 +268,8 @@ def plot_curves(path: str, history: dict, title: str) -> str:
 
 
 def _title(c: VisionConfig) -> str:
-    return f"MAML {c.dataset} {c.ways}-way {c.shots}-shot ({c.model})"
+    train = f", trained {c.train_ways}-way {c.train_shots}-shot" if c.algorithm == "protonet" else ""
+    return f"{c.algorithm} {c.dataset} {c.ways}-way {c.shots}-shot ({c.model}{train})"
 
 
 # ----------------------------------------------------------------------------- training
@@ -281,19 +293,17 @@ class VisionJob(Job):
         return super().run()
 
     def state_dict(self) -> dict:
-        return {"maml": self.maml.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"maml": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": rng_state(self.device, {}),
                 "running_loss": self.running.state(), "running_acc": self.running_acc.state(),
                 "history": self.history, "best": self.best}
 
     def save_best(self, iteration: int, val: Optional[dict]) -> None:
         save_checkpoint({"task": self.task, "config": self.config.to_dict(), "iteration": iteration,
-                         "maml": self.maml.state_dict(), "val": None if val is None else
+                         "maml": self.learner.state_dict(), "val": None if val is None else
                          {k: v for k, v in val.items() if k != "per_episode"}}, self.best_path)
 
     def execute(self, device: torch.device) -> dict:
-        from ..data.episodes import EpisodeSampler
-
         config = self.config
         state = self.open(create=False)  # data first: a missing dataset fails before anything is written
         train_data = load_data(config.dataset, config.root, config.train_split, config.download, config)
@@ -302,20 +312,19 @@ class VisionJob(Job):
         if config.normalize == "dataset" and config.mean is None:
             from ..data.folder import channel_stats
             config.mean, config.std = channel_stats(train_data)
+        # the samplers check that the data serves the episodes: a bad ways/shots fails before anything is written
+        self.sampler = make_sampler(config, train_data, config.train_split, device, seed=config.seed)
+        self.val_sampler = make_sampler(config, val_data, "val", device) if self.validate else None
         os.makedirs(self.out_dir, exist_ok=True)
 
         torch.manual_seed(config.seed)
-        self.maml, self.optimizer = build(config, device)
-        self.sampler = EpisodeSampler(train_data, config.ways, config.shots, config.queries, device=device,
-                                      seed=config.seed, mean=config.mean, std=config.std)
-        self.val_sampler = (EpisodeSampler(val_data, config.ways, config.shots, config.eval_queries, device=device,
-                                           mean=config.mean, std=config.std) if self.validate else None)
+        self.learner, self.optimizer = build(config, device)  # any algorithm's (checkpoints keep it under "maml")
         self.running, self.running_acc = RunningLoss(), RunningLoss()
         self.history = {"train": [], "val": []}
         self.best = {"accuracy": -1.0, "iteration": 0}
         start = self.iteration
         if state is not None:
-            self.maml.load_state_dict(state["maml"])
+            self.learner.load_state_dict(state["maml"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.load_state_dict(state["sampler"])
             self.running = RunningLoss.from_state(state["running_loss"], device=device)
@@ -350,19 +359,11 @@ class VisionJob(Job):
         return metrics
 
     def step(self, iteration: int) -> bool:
-        config, maml = self.config, self.maml
+        config = self.config
         batch = self.sampler.sample(config.meta_batch)
-        if config.algorithm == "mamlpp":  # the schedules and the cosine meta-lr follow the iteration (resume-proof)
-            maml.set_iteration(iteration)
-            lo = MAMLPP_SCHEDULE["min_meta_lr"]
-            for group in self.optimizer.param_groups:  # CosineAnnealingLR's closed form, T_max = iterations
-                group["lr"] = lo + (config.meta_lr - lo) * (1 + math.cos(math.pi * iteration / config.iterations)) / 2
-        out = maml(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
-        self.running.update(out.loss)
-        self.running_acc.update(out.task_accuracies.mean())
+        loss, accuracy = train_step(config, self.learner, self.optimizer, batch, iteration)
+        self.running.update(loss)
+        self.running_acc.update(accuracy)
         done = iteration + 1
         if done % self.log_every == 0 or done == config.iterations:
             self.history["train"].append({"iteration": done, "loss": self.running.value(),
@@ -370,7 +371,7 @@ class VisionJob(Job):
             self.bar.set_postfix(loss=f"{self.running.value():.3f}", acc=f"{self.running_acc.value():.3f}",
                                  refresh=False)
         if self.validate and (done % config.val_every == 0 or done == config.iterations):
-            val = evaluate(maml, self.val_sampler, config.val_episodes, config.test_inner_steps)
+            val = evaluate(self.learner, self.val_sampler, config.val_episodes, config.test_inner_steps)
             self.history["val"].append({"iteration": done, "accuracy": val["accuracy"], "ci95": val["ci95"]})
             if val["accuracy"] > self.best["accuracy"]:
                 self.best = {"accuracy": val["accuracy"], "ci95": val["ci95"], "iteration": done}
@@ -385,8 +386,6 @@ def evaluate_checkpoint(path: str, root: Optional[str] = None, split: str = "tes
                         download: bool = False) -> dict:
     """Mean accuracy +- 95% CI of a checkpoint (best.pt, checkpoint.pt or a run directory) on the
     fixed episodes of ``split``; writes metrics.json (``out``, default beside the checkpoint)."""
-    from ..data.episodes import EpisodeSampler
-
     if os.path.isdir(path):
         path = os.path.join(path, BEST_NAME if os.path.isfile(os.path.join(path, BEST_NAME)) else CHECKPOINT_NAME)
     state = load_checkpoint(path)
@@ -394,23 +393,28 @@ def evaluate_checkpoint(path: str, root: Optional[str] = None, split: str = "tes
         raise ValueError(f"{path} is a checkpoint of task {state.get('task')!r}; `metafast eval` evaluates few-shot "
                          "vision checkpoints (metafast train --dataset omniglot|miniimagenet|cifarfs|fc100|folder)")
     config = VisionConfig.from_dict(state["config"])
+    proto = config.algorithm == "protonet"
+    if proto and steps is not None:
+        raise ValueError(f"steps (--steps): protonet has no inner loop (it classifies by the class prototypes), "
+                         f"got {steps}")
     dev = resolve_device(device)
     data = load_data(config.dataset, root or config.root, split, download, config)
-    maml, _ = build(config, dev)
-    maml.load_state_dict(state["maml"])
+    learner, _ = build(config, dev)
+    learner.load_state_dict(state["maml"])
     n = config.eval_episodes if episodes is None else episodes
-    s = config.test_inner_steps if steps is None else steps
-    sampler = EpisodeSampler(data, config.ways, config.shots, config.eval_queries, device=dev, mean=config.mean,
-                             std=config.std)
+    s = None if proto else config.test_inner_steps if steps is None else steps
+    sampler = make_sampler(config, data, split, dev)
     t0 = time.perf_counter()
-    result = evaluate(maml, sampler, n, s)
+    result = evaluate(learner, sampler, n, s)
     seconds = time.perf_counter() - t0
-    log(f"{config.dataset} {split}: {config.ways}-way {config.shots}-shot accuracy "
-        f"{100 * result['accuracy']:.2f}% +- {100 * result['ci95']:.2f}% (95% CI, {n} episodes, {s} inner steps, "
+    how = "prototypes" if proto else f"{s} inner steps"
+    log(f"{config.algorithm} {config.dataset} {split}: {config.ways}-way {config.shots}-shot accuracy "
+        f"{100 * result['accuracy']:.2f}% +- {100 * result['ci95']:.2f}% (95% CI, {n} episodes, {how}, "
         f"{config.eval_queries} queries per class)")
-    metrics = {"task": "vision", "dataset": config.dataset, "split": split, "ways": config.ways,
-               "shots": config.shots, "accuracy": result["accuracy"], "ci95": result["ci95"], "episodes": n,
-               "inner_steps": s, "queries_per_class": config.eval_queries, "checkpoint": os.path.abspath(path),
+    metrics = {"task": "vision", "algorithm": config.algorithm, "dataset": config.dataset, "split": split,
+               "ways": config.ways, "shots": config.shots, "accuracy": result["accuracy"], "ci95": result["ci95"],
+               "episodes": n, "inner_steps": s, "queries_per_class": config.eval_queries,
+               "checkpoint": os.path.abspath(path),
                "checkpoint_iteration": state["iteration"], "config": config.to_dict(),
                "device": device_label(dev), "eval_seconds": seconds, "versions": versions()}
     if extra:

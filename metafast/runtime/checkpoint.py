@@ -4,8 +4,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
-from typing import Any, Callable, Dict, IO
+from typing import Any, Callable, Dict, IO, List
 
 import torch
 
@@ -21,11 +22,14 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
 
     os.replace is atomic on POSIX and Windows, so readers see either the old file or the new one. A failed
-    write (a full disk, a file size limit) raises an OSError naming ``path``; the old file stays.
+    write (a full disk, a file size limit) raises an OSError naming ``path``; the old file stays. The temp
+    file's name carries the writer's pid, so that one left by a writer killed mid-write (SIGKILL, power
+    loss) is removed by the next write of ``path`` (:func:`remove_stale_temp_files`).
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -42,6 +46,44 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             raise OSError(e.errno, f"cannot write {path}: {e.strerror}; the previous file, if any, is unchanged") from e
         raise
     _fsync_dir(directory)
+
+
+def _temp_pattern(path: str) -> "re.Pattern[str]":
+    """The names of :func:`atomic_write`'s temp files for ``path``: ``.<name>.<pid>.<random>.tmp``."""
+    return re.compile(re.escape("." + os.path.basename(path)) + r"\.(\d+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: str) -> List[str]:
+    """Delete the temp files of ``path``'s atomic writes whose writer process is gone (killed mid-write);
+    a temp file of a live process (this one included: another thread may be writing) stays, and so do
+    files of other names. Returns the paths removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern, removed = _temp_pattern(path), []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        stale = os.path.join(directory, name)
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:  # removed meanwhile by another process cleaning up the same directory
+            continue
+        removed.append(stale)
+    return removed
 
 
 def _fsync_dir(directory: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .config import JobConfig
 from .interrupt import DeferredInterrupt
 from .metrics import write_metrics
@@ -120,6 +120,9 @@ class Job:
             self.seconds_before = state.get("train_seconds", 0.0)
         if create and self.main:
             os.makedirs(self.out_dir, exist_ok=True)
+        if self.main:  # what a writer killed mid-checkpoint left behind
+            for stale in remove_stale_temp_files(self.checkpoint_path):
+                self.log(f"removed {stale}, the partial checkpoint of a run killed while writing it")
         return self.state
 
     # ------------------------------------------------------------------------------ checkpoints, metrics

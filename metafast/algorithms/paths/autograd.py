@@ -14,10 +14,11 @@ from ...ops.inner_update import inner_update
 from .base import FastWeights, MetaStepPath, StepOutput, Support, Where
 
 
-def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None):
+def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None, recorder=None):
     """(fast weights [T, Pa] or None, support losses [T]) after ``steps`` inner steps from ``theta``;
     ``mode``: "second" (differentiable to second order), "first" (FOMAML) or "eval" (adapt()).
-    ``on_step(step, fast)``: called after each inner update (MAML++'s multi-step loss)."""
+    ``on_step(step, fast)``: called after each inner update (MAML++'s multi-step loss).
+    ``recorder``: MAML++ per-step BatchNorm statistics, recorded from each step's support pass."""
     engine = setup.engine
     prec = setup.prec
     guard = setup.guard
@@ -37,6 +38,7 @@ def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None):
     support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
     for step in range(steps):
         fast = setup.with_step_bn(theta, fast, step, T, detach=mode == "eval")
+        rc.bn_stats = setup.bn_hook(step, recorder)
         with grad_ctx:
             out, out_layout, tape = engine.forward(engine.adapt_from, len(engine.layers), theta_c, prec.low(fast),
                                                    x, layout, rc, record=True)
@@ -64,11 +66,12 @@ def inner_loop(setup, theta, sx, sy, steps: int, mode: str, on_step=None):
     return fast, support_losses
 
 
-def predict(setup, theta, fast, x, T: int):
-    """Outputs [T, N, ...] of the model at (θ, fast weights) on x (float32 under bf16/fp16)."""
+def predict(setup, theta, fast, x, T: int, step: int = 0):
+    """Outputs [T, N, ...] of the model at (θ, fast weights) on x (float32 under bf16/fp16); ``step``: the
+    inner step whose BatchNorm statistics an evaluation pass uses (MAML++ per-step running statistics)."""
     engine = setup.engine
     prec = setup.prec
-    rc = RunCtx(T, create_graph=False)
+    rc = RunCtx(T, create_graph=False, bn_stats=setup.bn_hook(step))
     out, layout, _ = engine.forward(0, len(engine.layers), prec.low(theta), prec.low(fast), prec.low(x), "tn",
                                     rc, record=False)
     out = engine.output(out, layout, T)
@@ -93,18 +96,20 @@ class AutogradPath(MetaStepPath):
 
         def query_loss(step, fast):  # MAML++ multi-step loss: the query loss after every step with a weight
             if step < steps - 1 and weights[step] != 0:  # host floats: no device sync
-                out = predict(s, theta, s.with_step_bn(theta, fast, step, T), qx, T)
+                out = predict(s, theta, s.with_step_bn(theta, fast, step, T), qx, T, step)
                 s.loss_fn.check_target(out, qy, "query_y")
                 step_losses.append(weights[step] * s.loss_fn.value(out, qy))
 
+        recorder = s.stats_recorder()
         fast, support_losses = inner_loop(s, theta, sx, sy, steps, "first" if s.first_order else "second",
-                                          None if weights is None else query_loss)
-        out = predict(s, theta, fast, qx, T)
+                                          None if weights is None else query_loss, recorder)
+        out = predict(s, theta, fast, qx, T, steps - 1)
         s.loss_fn.check_target(out, qy, "query_y")
         task_losses = s.loss_fn.value(out, qy)
         if weights is not None:
             task_losses = sum(step_losses, weights[-1] * task_losses)
         s.guard.check(task_losses, "query loss", support_losses)
+        s.commit_stats(recorder)
         acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
         return StepOutput(task_losses, acc, support_losses)
 

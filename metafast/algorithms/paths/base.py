@@ -11,6 +11,8 @@ from torch import nn
 from ... import fallback as _fallback
 from ...functional.executor import BatchedModel
 from ...functional.flat import FlatParams
+from ...functional.layers import BatchNorm
+from ...functional.step_stats import Recorder, StepStats
 from ...functional.precision import Precision
 
 
@@ -45,11 +47,13 @@ class StepOutput(NamedTuple):
 
 @dataclass
 class FastWeights:
-    """Adapted weights of T tasks: θ for the shared prefix, ``fast`` [T, Pa] for the adapted suffix."""
+    """Adapted weights of T tasks: θ for the shared prefix, ``fast`` [T, Pa] for the adapted suffix;
+    ``steps``: the inner steps that adapted them (per-step BatchNorm statistics at evaluation)."""
 
     theta: torch.Tensor
     fast: Optional[torch.Tensor]
     offset: int
+    steps: Optional[int] = None
 
     @property
     def num_tasks(self) -> Optional[int]:
@@ -135,11 +139,36 @@ class Setup:
     step_weights: Any = None         # MSL: fn(steps) -> [steps] weights of this iteration, or None (last only)
     step_bn: Optional[torch.Tensor] = None  # BNWB: [steps, BatchNorm weight+bias numel] per-step BN affine params
     bn_index: Optional[torch.Tensor] = None  # BNWB: their positions in the adapted weights [Pa] (int64)
+    # BNRS: the BatchNorm columns of the owner's step_running_mean / step_running_var / step_running_count
+    step_stats: Optional[StepStats] = None
 
     def maml_pp_options(self) -> List[str]:
         """The MAML++ options this setup uses (for a path's supports() reason)."""
         return [name for name, on in (("lslr", self.step_lrs is not None), ("multi_step_loss", self.multi_step_loss),
-                                      ("per_step_bn", self.step_bn is not None)) if on]
+                                      ("per_step_bn", self.step_bn is not None),
+                                      ("per_step_bn_stats", self.step_stats is not None)) if on]
+
+    def stats_recorder(self) -> Optional[Recorder]:
+        """BNRS: a recorder of this meta-step's per-step batch statistics (training mode), else None."""
+        if self.step_stats is None or not self.owner.training:
+            return None
+        mean = self.owner.step_running_mean
+        return self.step_stats.recorder(mean.shape[0], mean.device, mean.dtype)
+
+    def commit_stats(self, recorder: Optional[Recorder]) -> None:
+        """BNRS: the running statistics move towards what ``recorder`` saw (a finished training step)."""
+        if recorder is not None:
+            o = self.owner
+            recorder.commit(o.step_running_mean, o.step_running_var, o.step_running_count)
+
+    def bn_hook(self, step: int, recorder: Optional[Recorder] = None):
+        """BNRS: the RunCtx.bn_stats of a pass at inner step ``step`` (a query pass: the step before it):
+        recording (a training support pass), the running statistics of that step (eval mode), or None."""
+        if recorder is not None:
+            return recorder.at(step)
+        if self.step_stats is None or self.owner.training:
+            return None
+        return self.step_stats.use(self.owner.step_running_mean, self.owner.step_running_var, step)
 
     def with_step_bn(self, theta: torch.Tensor, fast: Optional[torch.Tensor], step: int, T: int,
                      detach: bool = False) -> Optional[torch.Tensor]:
@@ -152,6 +181,18 @@ class Setup:
             self.bn_index = self.bn_index.to(base.device)
         values = self.step_bn[step].detach() if detach else self.step_bn[step]
         return base.index_copy(1, self.bn_index, values.to(base.dtype).expand(T, -1))
+
+    def step_bn_pieces(self) -> Optional[List[Tuple[int, int]]]:
+        """BNWB for the exact reverse: (adapted piece index, column in step_bn's rows) of every BatchNorm
+        weight and bias, in step_bn's column order; None without per_step_bn."""
+        if self.step_bn is None:
+            return None
+        adapted = [s.offset for s in self.flat.slots if s.offset >= self.engine.adapt_offset]
+        at, pieces = 0, []
+        for s in (s for layer in self.engine.layers if isinstance(layer, BatchNorm) for s in layer.slots):
+            pieces.append((adapted.index(s.offset), at))
+            at += s.numel
+        return pieces
 
     def lr(self, step: int):
         """The inner rate of ``step``: Meta-SGD's [Pa] tensor, LSLR's per-tensor rates expanded to [Pa],

@@ -57,6 +57,9 @@ class CudaGraphPath(MetaStepPath):
             return Support(False, "adapt() runs eagerly", quiet=True)
         if self.setup.multi_step_loss:
             return Support(False, "multi_step_loss (its weights change with the iteration; a graph would freeze them)")
+        if self.setup.step_stats is not None:
+            return Support(False, "per_step_bn_stats (a replayed graph would not update the running statistics "
+                                  "once per step)")
         if where.device.type != "cuda":
             return Support(False, "inputs are not on a CUDA device")
         if not where.grad:

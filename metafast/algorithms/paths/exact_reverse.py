@@ -8,8 +8,8 @@ Sigmoid, Flatten, and the graph layers: MLPs, Conv4, ResNet-12), there is no inn
 wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
 graph).
 
-MAML++'s per-step per-tensor rates (lslr) and multi-step loss run here too (MetaStep's ninth plan
-entry). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
+MAML++'s per-step per-tensor rates (lslr), multi-step loss and per-step BatchNorm weights (per_step_bn)
+run here too (MetaStep's ninth plan entry; step_bn is its eighth input). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
 weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
 chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
 asked for where this path does not run is a fallback (the next path keeps every step).
@@ -61,6 +61,7 @@ class ExactReversePath(MetaStepPath):
         super().__init__(setup)
         self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
         self._head = HeadEngine(setup.engine) if setup.engine.adapt_from and self._support.ok else None
+        self._bn_pieces = setup.step_bn_pieces()  # per_step_bn: where the BatchNorm weights sit
 
     @property
     def flag(self) -> str:
@@ -74,8 +75,6 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
-        if self.setup.step_bn is not None:
-            return Support(False, "per_step_bn (the reverse does not implement per-step BatchNorm weights)")
         if self.setup.engine.adapt_from != 0 and self.setup.prec.mixed:
             return Support(False, f"anil=True with precision={self.setup.prec.name!r} (the reverse of the head "
                                   "takes its features' gradient in fp32 only)")
@@ -83,6 +82,12 @@ class ExactReversePath(MetaStepPath):
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
             return Support(False, "no meta-gradient is recorded (no_grad / inference mode)", quiet=True)
+        if self.setup.step_stats is not None and not self.setup.owner.training:
+            return Support(False, "per_step_bn_stats in eval mode (the reverse normalises by batch statistics; the "
+                                  "autograd path uses each step's running statistics)")
+        options = self.setup.maml_pp_options()
+        if options:
+            return Support(True, f"{self._support.reason}, with MAML++ {', '.join(options)}")
         return self._support
 
     def run(self, batch, steps, prepared) -> StepOutput:
@@ -95,8 +100,10 @@ class ExactReversePath(MetaStepPath):
         outs, flags = [], []
         # MAML++: LSLR's [steps, pieces] rates take Meta-SGD's place; the multi-step loss's weights of this iteration
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
-        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None)
-        anil = s.engine.adapt_from != 0
+        recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
+        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
+                   self._bn_pieces, recorder)
+        anil = s.engine.adapt_from != 0  # (per_step_bn and per_step_bn_stats need anil=False)
         body = checkpointed_body_features if s.memory == "low" else body_features
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
@@ -108,11 +115,12 @@ class ExactReversePath(MetaStepPath):
                 xq = body(s.engine, theta, xq)
                 engine, th = self._head, theta[s.engine.adapt_offset:]
             plan = (engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
-            outs.append(MetaStep.apply(th, lrs, xs, sy[c], xq, qy[c], plan))
+            outs.append(MetaStep.apply(th, lrs, xs, sy[c], xq, qy[c], plan, s.step_bn))
             if report:
                 flags.append(report[0])
         task_losses, support_losses, out = outs[0] if len(outs) == 1 else (torch.cat(t) for t in zip(*outs))
         s.guard.overflow = torch.cat(flags) if flags else None
         s.guard.check(task_losses, "query loss", support_losses)
+        s.commit_stats(recorder)
         acc = CrossEntropy.accuracy(out.detach(), qy) if s.loss_fn.classification else None
         return StepOutput(task_losses, acc, support_losses)
