@@ -30,3 +30,9 @@ def assert_path(maml, fused: bool, exact_reverse: Optional[bool] = None) -> None
     if exact_reverse is not None and not fused:
         assert is_exact_reverse(maml) == exact_reverse, (
             f"expected the {'exact reverse' if exact_reverse else 'autograd'} meta-gradient:\n{maml.describe()}")
+
+
+def path_taken(maml) -> str:
+    """The name of the path the last meta-step's batch signature runs (BatchedMAML remembers one per signature)."""
+    assert len(maml._signatures) == 1, f"expected one batch signature, got {len(maml._signatures)}"
+    return next(iter(maml._signatures.values()))[0].name

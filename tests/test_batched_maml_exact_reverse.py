@@ -59,13 +59,14 @@ def build(kind):
     return extra[kind]() if kind in extra else make(kind)
 
 
-def meta_gradient(kind, exact_reverse, steps, first_order, meta_sgd, anil=False):
+def meta_gradient(kind, exact_reverse, steps, first_order, meta_sgd, anil=False, make_model=build, **kw):
+    """``make_model(kind)`` -> (model, batch, loss); ``kw``: more BatchedMAML settings."""
     torch.manual_seed(0)
-    model, batch, loss = build(kind)
+    model, batch, loss = make_model(kind)
     lr = 0.1 if loss == "mse" else 0.3
     maml = BatchedMAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, meta_sgd=meta_sgd, anil=anil,
-                       loss=loss, exact_reverse=exact_reverse, fused=False)
-    assert_path(maml, fused=False, exact_reverse=exact_reverse and not anil)
+                       loss=loss, exact_reverse=exact_reverse, fused=False, **kw)
+    assert_path(maml, fused=False, exact_reverse=exact_reverse)
     if meta_sgd:  # distinct per-element rates, so a mix-up of lrs would show
         with torch.no_grad():
             maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
@@ -108,10 +109,10 @@ def test_in_place_relu_leaves_the_inputs_alone():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_anil_conv4_takes_autograd_path_and_matches_reference(first_order):
-    # the exact reverse gives no gradient for the body's features, so ANIL runs autograd
+def test_anil_conv4_takes_exact_reverse_and_matches_reference(first_order):
+    # the head's reverse hands the body its features' gradients (the full matrix: test_anil_exact_reverse.py)
     maml, (batch, lr, loss), out, g, params = meta_gradient("conv4_bn", True, 2, first_order, False, anil=True)
-    assert not maml.exact_reverse  # the path itself: asserted in meta_gradient
+    assert maml.exact_reverse  # the path itself: asserted in meta_gradient
     ref = reference(maml, batch, lr, 2, first_order, loss)
     assert rel_err(g, flat(torch.autograd.grad(ref * 1.7, params))) <= TOL
 

@@ -76,7 +76,7 @@ def test_the_order_of_the_paths():
     (dict(), "fused inner loop", "exact reverse (R-operator"),
     (dict(fused=False), "fused=False", "exact reverse (R-operator"),
     (dict(exact_reverse=False), "fused inner loop", "exact_reverse=False"),
-    (dict(anil=True), "anil=True", "only the head is adapted"),
+    (dict(anil=True), "anil=True", "exact reverse of the head (anil=True"),
     (dict(clip_grad_norm=1.0), "clip_grad_norm is set", "clip_grad_norm is set"),
     (dict(loss=lambda out, y: (out - y).abs().flatten(1).mean(1)), "the loss is a custom function",
      "the loss is a custom function"),

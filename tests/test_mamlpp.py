@@ -370,11 +370,12 @@ def test_per_step_bn_adapt_and_predict():
         BatchedMAML(make("conv4_bn")[0], per_step_bn=True, anil=True)
 
 
-def test_lslr_and_msl_with_anil_match_the_reference():
+@pytest.mark.parametrize("path,memory", [("autograd", "fast"), ("exact_reverse", "fast"), ("exact_reverse", "low")])
+def test_lslr_and_msl_with_anil_match_the_reference(path, memory):
     """ANIL: LSLR holds rates for the head's tensors only."""
     model, batch, loss = make("conv4_bn")
     maml = BatchedMAML(model, inner_lr=0.3, inner_steps=2, loss=loss, lslr=True, anil=True, multi_step_loss=True,
-                       msl_anneal_iters=5)
+                       msl_anneal_iters=5, exact_reverse=path == "exact_reverse", memory=memory)
     maml.set_iteration(1)
     with torch.no_grad():
         maml.step_lrs.mul_(torch.rand_like(maml.step_lrs) + 0.5)
@@ -382,7 +383,7 @@ def test_lslr_and_msl_with_anil_match_the_reference():
     names = [s.name for s in maml._flat.slots[maml._engine._first_adapted_slot:]]
     params = list(model.parameters()) + [maml.step_lrs]
     grads = torch.autograd.grad(maml(*batch).loss, params)
-    assert used_path(maml) == "autograd"
+    assert used_path(maml) == path
     ref = per_task_maml(model, *batch, 0.3, 2, False, loss, head_names=names, step_lrs=lslr_reference_rates(maml),
                         step_weights=maml.step_loss_weights())
     assert rel_err(flat(grads), flat(torch.autograd.grad(ref, params))) <= TOL

@@ -25,7 +25,7 @@ def meta_gradient(model, batch, steps, first_order, meta_sgd, exact_reverse=True
 def check(model, batch, steps, first_order, meta_sgd, exact_reverse=True, anil=False, lr=0.3):
     maml, out, g, params = meta_gradient(model, batch, steps, first_order, meta_sgd, exact_reverse, anil, lr)
     assert isinstance(maml._engine, GraphModel)
-    assert maml.exact_reverse == (exact_reverse and not anil)
+    assert maml.exact_reverse == exact_reverse
     assert ("exact reverse" in maml.describe()) == maml.exact_reverse
     ref = reference(maml, batch, lr, steps, first_order, "cross_entropy")
     assert abs(out.loss.item() - ref.item()) <= TOL * abs(ref.item())
@@ -62,7 +62,8 @@ def test_full_width_resnet12_second_order_matches_reference(widths):
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_anil_resnet12_matches_reference(first_order):
-    # the head is adapted, the body (all residual blocks) shared: the autograd path (engine range split)
+    # the head is adapted, the body (all residual blocks) shared: the exact reverse of the head, the body by
+    # autograd from its features' gradients (the full matrix: test_anil_exact_reverse.py)
     maml = check(tiny(), image_batch(H=16), 2, first_order, False, exact_reverse=True, anil=True)
     assert maml._engine.layers[maml._engine.adapt_from] is maml._engine.layers[-1]
 

@@ -68,12 +68,14 @@ class BatchedMAML(nn.Module):
             in a CUDA graph on first use and replay it; a new input shape captures again (up to 8),
             then runs eagerly with one warning. Results equal the eager path. With CPU inputs it runs
             eagerly (a metafast.FallbackWarning, an error under METAFAST_STRICT=1).
-        exact_reverse: where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU,
-            Tanh, Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL) and the
-            loss is "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is
-            the hand-derived exact reverse (Hessian-vector products by R-operators) instead of
-            autograd through the unrolled inner loop. Same gradients, far fewer autograd nodes; the
-            result supports one backward (no third-order derivatives). False forces autograd.
+        exact_reverse: where every adapted layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d,
+            ReLU, Tanh, Sigmoid, Flatten and the graph layers: MLPs, Conv4, ResNet-12) and the loss is
+            "mse" or "cross_entropy", run the meta-step as one autograd node whose backward is the
+            hand-derived exact reverse (Hessian-vector products by R-operators) instead of autograd
+            through the unrolled inner loop. Same gradients, far fewer autograd nodes; the result
+            supports one backward (no third-order derivatives). False forces autograd. With anil=True
+            the body runs once per support and query set under autograd and the head's reverse hands
+            it its features' gradients (fp32 only; on a module graph the head must read one value).
         fused: run the whole meta-step (inner loop, query loss, exact reverse) of a small Linear/ReLU
             MLP as one fused kernel per task batch (metafast.ops.fused_inner_loop). None (default):
             whenever the model and settings qualify (``describe()`` says whether and why); True:
@@ -253,7 +255,8 @@ class BatchedMAML(nn.Module):
     @property
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
-        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+        return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
+                and not (self._engine.adapt_from and self._prec.mixed))
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:
@@ -457,6 +460,8 @@ class BatchedMAML(nn.Module):
         meta-step path with the reason it runs or not ('>' marks the one a training step takes here)."""
         how = ("meta-gradient: exact reverse (R-operator Hessian-vector products, one autograd node)"
                if self.exact_reverse else "meta-gradient: autograd through the unrolled inner loop")
+        if self.exact_reverse and self._engine.adapt_from:
+            how += "; anil: of the head, the body's by autograd from its features' gradients"
         buffer = self._flat.ensure_bound()
         verdicts = self._verdicts()
         fused = dict((p.name, v) for p, v in verdicts)["fused"]
@@ -516,8 +521,11 @@ class BatchedMAML(nn.Module):
         numel = self._engine.adapted_numel
         per_task = self.inner_steps * numel * self._flat.buffer.element_size() / 2**20
         kept = f"{per_task:.1f} MB per task" + (f", {per_task * num_tasks:.1f} MB in all" if num_tasks else "")
+        body = ("; anil: the body checkpointed too (its features kept, its activations rebuilt one chunk at a time "
+                "in the backward)" if self._engine.adapt_from else "")
         return (f"memory: low (step-checkpointed exact reverse, chunks of {chunk} task(s)): peak ~ one inner step's "
-                f"activations of one chunk + fast weights of {self.inner_steps} steps x {numel} parameters ({kept})")
+                f"activations of one chunk + fast weights of {self.inner_steps} steps x {numel} parameters ({kept})"
+                + body)
 
     def _verdicts(self):
         """(path, Support) of every path for a training step of the current settings on the model's device."""

@@ -156,6 +156,8 @@ class BatchedModel:
         # One split per tensor and call: per-parameter slicing would give every slice its own
         # backward that zero-fills a full-size gradient.
         need_theta = fast is None or start < self.adapt_from
+        if isinstance(theta, list):  # already split per parameter (ANIL's head: None for the body's pieces)
+            return theta, (fast if fast is None or isinstance(fast, list) else fast.split(self.slot_sizes(), dim=1))
         theta_parts = theta.split(self._slot_sizes) if need_theta else None
         if fast is None or isinstance(fast, list):  # a list: contiguous per-parameter pieces [T, n_i] already
             return theta_parts, fast
@@ -189,15 +191,17 @@ class BatchedModel:
                 tape.append((layer, ws, batched, saved, converted))
         return x, layout, tape
 
-    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False, flat: bool = True):
+    def backward(self, tape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False, flat: bool = True,
+                 input_grad: bool = False):
         """d(sum_t loss_t)/d(adapted weights) per task, as one [T, Pa] tensor (flat order), or with
         ``flat=False`` as its per-parameter pieces [T, n_i].
 
         With ``record_gy`` also returns the gradient entering each tape entry (for the R-operators).
+        With ``input_grad`` returns (that, d(sum_t loss_t)/d(the tape's input), in the input's layout).
         """
         if out_layout == "g":
             gy = L.to_g(gy, rc.T)
-        first = next(k for k, entry in enumerate(tape) if entry[0].slots)
+        first = 0 if input_grad else next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         gys = [None] * len(tape)
         no_grad = not torch.is_grad_enabled()
@@ -205,7 +209,7 @@ class BatchedModel:
         for k in range(len(tape) - 1, first - 1, -1):
             layer, ws, batched, saved, converted = tape[k]
             gys[k] = gy  # a layer's backward_in_place may overwrite it: its R-backward must not read gy (ReLU's does not)
-            need_gx = k > first
+            need_gx = k > first or input_grad
             if fresh and no_grad and layer.backward_in_place is not None:
                 gx, grads = layer.backward_in_place(saved, gy)
             else:
@@ -218,6 +222,8 @@ class BatchedModel:
                     gy = L.to_g(gy, rc.T) if converted == "g" else L.to_tn(gy, rc.T)
         pieces.reverse()
         g = pieces if not flat else pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        if input_grad:
+            g = (g, gy)
         return (g, gys) if record_gy else g
 
     # -- exact second-order reverse (R-operators) ------------------------------------------------
@@ -226,7 +232,7 @@ class BatchedModel:
         return self.adapt_from == 0 and all(hasattr(layer, "rforward") for layer in self.layers)
 
     def hvp(self, tape, gys, out, out_layout: str, target, loss, direction, rc: L.RunCtx,
-            scale: float = 1.0) -> List[torch.Tensor]:
+            scale: float = 1.0, input_grad: bool = False):
         """Per-task Hessian-vector products H_t v_t of each task's support loss at the tape's weights,
         along ``direction`` (per-parameter pieces [T, n_i] of the adapted weights, in flat order): the
         R-operator (Pearlmutter) of the recorded inner gradient. Returns pieces alike.
@@ -235,6 +241,10 @@ class BatchedModel:
         A tape recorded in lower precision than ``direction`` (mixed precision) runs the layers' R-operators
         in the tape's dtype and the loss's in the direction's; ``gys`` then hold the gradient of
         ``scale`` * loss, so the loss's R-operator is scaled alike and the result divided by it.
+
+        ``input_grad`` (ANIL's head, fp32 only): also return R(d loss / d input), the tape input's gradient
+        differentiated along the direction, i.e. the mixed second derivative d/dx <d loss/dW, v>, in the
+        input's layout: (pieces, that).
         """
         acc, low = direction[0].dtype, out.dtype
         parts = [d.to(low) for d in direction]
@@ -256,19 +266,27 @@ class BatchedModel:
                 rx, r = layer.rforward(ws, batched, saved, rx, rws, rc)
             rsaved.append(r)
         rgy = loss_rgrad(loss, out, target, self.output(rx, out_layout, T), out_layout, acc, scale, T)
-        first = next(k for k, entry in enumerate(tape) if entry[0].slots)
+        first = 0 if input_grad else next(k for k, entry in enumerate(tape) if entry[0].slots)
         pieces = []
         for k in range(len(tape) - 1, first - 1, -1):
             layer, ws, batched, saved, converted = tape[k]
-            need_gx = k > first
+            need_gx = k > first or input_grad
             rgy, grads = layer.rbackward(ws, batched, saved, gys[k], rgy, rsaved[k], rws_all[k], need_gx, rc)
             pieces.extend(g.reshape(T, -1) for g in reversed(grads))
             if need_gx and converted is not None:
                 rgy = L.to_g(rgy, T) if converted == "g" else L.to_tn(rgy, T)
         pieces.reverse()
+        if input_grad:
+            return pieces, rgy
         if low == acc:
             return pieces
         return [h.to(acc) / scale if scale != 1 else h.to(acc) for h in pieces]
+
+    def head_input(self):
+        """(key, why): the one value the adapted layers read from the shared body (None for a chain, whose
+        range takes one tensor); key False, with the reason, where the head's range cannot take its input's
+        gradient."""
+        return None, ""
 
     @staticmethod
     def output(x, layout: str, T: int):

@@ -124,6 +124,7 @@ class MetaStep(torch.autograd.Function):
         n = len(engine.layers)
         records, fast = [], None
         support_losses = torch.zeros(T, dtype=theta.dtype, device=theta.device)
+        ctx.x_dtypes, ctx.x_shapes = (sx.dtype, qx.dtype), (sx.shape, qx.shape)
         sizes = engine.slot_sizes()
         # BNWB: step 0 runs at θ with row 0's BatchNorm weights (every later pass has fast weights)
         theta_c = low(theta if bn is None else _theta_with_bn(bn, step_bn, 0, theta, sizes))
@@ -208,8 +209,16 @@ class MetaStep(torch.autograd.Function):
         # Wbar is kept as per-parameter pieces [T, n_i] (what the layers return and the R-operators take),
         # so no [T, Pa] tensor is concatenated; the query backward runs in the tape's precision, what it
         # returns is accumulated in float32. The pieces are fresh, so they are updated in place.
-        wbar = [w.to(gq.dtype) for w in engine.backward(tape_q, gq.to(ctx.records_dtype), layout_q, rc,
-                                                         flat=False)]
+        # ANIL's body features (sx, qx are then h_s, h_q): their gradients, hbar_q from the query passes and
+        # hbar_s from the inner steps' mixed second derivatives (metafast/functional/head.py)
+        need_s, need_q = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        ctx.hbar_q = None
+        wbar = engine.backward(tape_q, gq.to(ctx.records_dtype), layout_q, rc, flat=False,
+                               **({"input_grad": True} if need_q else {}))
+        if need_q:
+            wbar, ctx.hbar_q = wbar
+        wbar = [w.to(gq.dtype) for w in wbar]
+        hbar_s = None
         sizes = [w.shape[1] for w in wbar]
         lslr = len(ctx.plan) > 8 and ctx.plan[8][0]
         lrbar = None
@@ -242,16 +251,27 @@ class MetaStep(torch.autograd.Function):
                 # d W_{k+1} / d W_k = I - diag(lr) H, so its transpose applies H to lr * Wbar.
                 # Low-precision layers get lr * Wbar, the range the inner loss scale was chosen for;
                 # otherwise a scalar lr is applied after H (H (lr Wbar) = lr H Wbar), one pass less.
+                kw = {"input_grad": True} if need_s else {}
                 if ctx.lrs is not None or ctx.records_dtype != gq.dtype:
                     h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, [lr * w for lr, w in zip(lrs, wbar)],
-                                   rc, ctx.scale)
+                                   rc, ctx.scale, **kw)
+                    if need_s:  # hbar_s -= d/dh_s <g_k, lr Wbar_{k+1}>
+                        h, rh = h
+                        hbar_s = -rh if hbar_s is None else hbar_s.sub_(rh)
                     wbar = [w.sub_(hk) for w, hk in zip(wbar, h)]
                 else:
-                    h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale)
+                    h = engine.hvp(tape, gys, out, layout, ctx.sy, loss_fn, wbar, rc, ctx.scale, **kw)
+                    if need_s:  # one scalar rate for every piece here
+                        h, rh = h
+                        hbar_s = rh * -lrs[0] if hbar_s is None else hbar_s.add_(rh, alpha=-lrs[0])
                     wbar = [w.add_(hk, alpha=-lr) for w, hk, lr in zip(wbar, h, lrs)]
                 if bn is not None:  # Wbar'_k's BatchNorm part: step k ran with row k
                     _route_bn(bn, wbar, step_bnbar, k)
-        return torch.cat([w.sum(0) for w in wbar]), lrbar, None, None, None, None, None, step_bnbar
+        hbar_q = ctx.hbar_q
+        if need_s and hbar_s is None:  # first order (or no steps): the support features get no gradient
+            hbar_s = torch.zeros(ctx.x_shapes[0], dtype=ctx.x_dtypes[0], device=gq.device)
+        return (torch.cat([w.sum(0) for w in wbar]), lrbar, None if hbar_s is None else hbar_s.to(ctx.x_dtypes[0]),
+                None, None if hbar_q is None else hbar_q.to(ctx.x_dtypes[1]), None, None, step_bnbar)
 
     @staticmethod
     def _add_query_grad(ctx, wbar, j, scale):
@@ -266,7 +286,12 @@ class MetaStep(torch.autograd.Function):
                 fast = _with_bn(ctx.bn, ctx.step_bn, j - 1, fast, ctx.rc.T)
             _, layout, tape = MetaStep._rerun(engine, (fast, rng), lambda fast: engine.forward(
                 0, len(engine.layers), theta_c, _low(low, fast), qx, "tn", ctx.rc, record=True))
-        g = engine.backward(tape, (dq * scale).to(ctx.records_dtype), layout, ctx.rc, flat=False)
+        need_q = ctx.needs_input_grad[4]
+        g = engine.backward(tape, (dq * scale).to(ctx.records_dtype), layout, ctx.rc, flat=False,
+                            **({"input_grad": True} if need_q else {}))
+        if need_q:  # the weighted query pass at W_j reads h_q too
+            g, hq = g
+            ctx.hbar_q = hq if ctx.hbar_q is None else ctx.hbar_q + hq
         return [w.add_(gk.to(w.dtype)) for w, gk in zip(wbar, g)]
 
     @staticmethod

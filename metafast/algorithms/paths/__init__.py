@@ -12,9 +12,10 @@ fused           paths/fused.py              a Linear/ReLU MLP (<= 4 layers, widt
                                             layer adapted, built-in mse / cross_entropy loss, no
                                             clipping, fp32 precision, a fused kernel on the device
                                             (metafast._C CPU/CUDA, Triton on a GPU); fused != False
-exact_reverse   paths/exact_reverse.py      every layer has R-operators (MLPs, Conv4), every layer
-                                            adapted, no clipping, built-in loss, a meta-gradient
-                                            is wanted; exact_reverse != False
+exact_reverse   paths/exact_reverse.py      every adapted layer has R-operators (MLPs, Conv4,
+                                            ResNet-12; ANIL's body by autograd, fp32), no
+                                            clipping, built-in loss, a meta-gradient is wanted;
+                                            exact_reverse != False
 autograd        paths/autograd.py           always (autograd through the unrolled inner loop)
 ==============  ==========================  =====================================================
 

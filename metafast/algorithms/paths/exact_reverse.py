@@ -3,9 +3,8 @@ reverse of the inner loop (metafast.functional.meta_step.MetaStep: Hessian-vecto
 R-operators) instead of autograd through the unrolled loop. Same gradients, far fewer autograd nodes;
 the result supports one backward (no third-order derivatives).
 
-It applies where every layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU, Tanh,
-Sigmoid, Flatten: MLPs and Conv4), every parameter is adapted (not ANIL), there is no inner gradient
-clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and a meta-gradient is
+It applies where every adapted layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU, Tanh,
+Sigmoid, Flatten, and the graph layers: MLPs, Conv4, ResNet-12), there is no inner gradient clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and a meta-gradient is
 wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
 graph).
 
@@ -14,9 +13,17 @@ run here too (MetaStep's ninth plan entry; step_bn is its eighth input). Memory 
 weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
 chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
 asked for where this path does not run is a fallback (the next path keeps every step).
+
+ANIL (anil=True): the body runs once per support and query set with autograd (metafast.functional.head),
+MetaStep runs the head's inner loop on its features and returns their gradients (the query pass's input
+gradient, and the inner loop's adjoint by the head's mixed second derivatives), and autograd carries them
+into the body, which needs no R-operators (with memory="low" the body is checkpointed, recomputed per task
+chunk in the backward). Not with bf16/fp16 (autograd runs those), and on a module graph
+only where the head reads one value of the body and every node after it depends on it.
 """
 import torch
 
+from ...functional.head import HeadEngine, body_features, checkpointed_body_features
 from ...functional.losses import CrossEntropy
 from ...functional.meta_step import MetaStep
 from .base import MetaStepPath, StepOutput, Support, Where
@@ -27,8 +34,12 @@ def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
     if not requested:
         return Support(False, "exact_reverse=False")
     if engine.adapt_from != 0:
-        return Support(False, "only the head is adapted (anil=True): the reverse covers fully adapted models")
-    missing = sorted({type(layer.module).__name__ for layer in engine.layers if not hasattr(layer, "rforward")})
+        key, why = engine.head_input()
+        if key is False:
+            return Support(False, f"anil=True and {why} (the reverse needs one input to the head)")
+    # ANIL's body runs with autograd: only the adapted layers need R-operators
+    missing = sorted({type(layer.module).__name__ for layer in engine.layers[engine.adapt_from:]
+                      if not hasattr(layer, "rforward")})
     if missing:
         return Support(False, f"no R-operator for {', '.join(missing)} (the layers with one: Linear, Conv2d, "
                                 "BatchNorm, MaxPool2d, ReLU, Tanh, Sigmoid, Flatten)")
@@ -36,6 +47,9 @@ def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
         return Support(False, "clip_grad_norm is set (the reverse has no clipped update)")
     if not hasattr(loss_fn, "rgrad"):
         return Support(False, "the loss is a custom function (no R-operator)")
+    if engine.adapt_from != 0:
+        return Support(True, "exact reverse of the head (anil=True: R-operator Hessian-vector products, one "
+                             "autograd node; the body's gradient from its features by autograd)")
     return Support(True, "exact reverse (R-operator Hessian-vector products, one autograd node)")
 
 
@@ -46,6 +60,7 @@ class ExactReversePath(MetaStepPath):
     def __init__(self, setup):
         super().__init__(setup)
         self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
+        self._head = HeadEngine(setup.engine) if setup.engine.adapt_from and self._support.ok else None
         self._bn_pieces = setup.step_bn_pieces()  # per_step_bn: where the BatchNorm weights sit
 
     @property
@@ -60,6 +75,9 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
+        if self.setup.engine.adapt_from != 0 and self.setup.prec.mixed:
+            return Support(False, f"anil=True with precision={self.setup.prec.name!r} (the reverse of the head "
+                                  "takes its features' gradient in fp32 only)")
         if where.adapt:
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
@@ -85,11 +103,19 @@ class ExactReversePath(MetaStepPath):
         recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
         maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
                    self._bn_pieces, recorder)
+        anil = s.engine.adapt_from != 0  # (per_step_bn and per_step_bn_stats need anil=False)
+        body = checkpointed_body_features if s.memory == "low" else body_features
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
-            plan = (s.engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
-            outs.append(MetaStep.apply(theta, lrs, sx[c], sy[c], qx[c], qy[c], plan, s.step_bn))
+            engine, th, xs, xq = s.engine, theta, sx[c], qx[c]
+            if anil:  # the body once per set, by autograd; MetaStep runs the head on its features
+                with torch.no_grad() if s.first_order else torch.enable_grad():
+                    xs = (body_features if s.first_order else body)(s.engine, theta, xs)  # first order: h_s constant
+                xq = body(s.engine, theta, xq)
+                engine, th = self._head, theta[s.engine.adapt_offset:]
+            plan = (engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
+            outs.append(MetaStep.apply(th, lrs, xs, sy[c], xq, qy[c], plan, s.step_bn))
             if report:
                 flags.append(report[0])
         task_losses, support_losses, out = outs[0] if len(outs) == 1 else (torch.cat(t) for t in zip(*outs))

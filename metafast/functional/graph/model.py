@@ -210,8 +210,9 @@ class GraphModel(BatchedModel):
                 acc[j] = (gx, own)
 
     def backward(self, tape: GraphTape, gy, out_layout: str, rc: L.RunCtx, record_gy: bool = False,
-                 flat: bool = True):
+                 flat: bool = True, input_grad: bool = False):
         T = rc.T
+        key = self.head_input()[0] if input_grad else None
         if out_layout == "g":
             gy = L.to_g(gy, T)
         acc = {tape.out: (gy, False)}
@@ -224,7 +225,7 @@ class GraphModel(BatchedModel):
             node, layer = self.nodes[i], self.layers[i]
             g, own = acc.pop(i)
             gys[i] = g
-            need = [j in active for j in node.inputs]
+            need = [j in active or (input_grad and j == key) for j in node.inputs]
             if layer.multi:
                 gxs, grads = layer.backward(ws, batched, saved, g, need, rc)
             else:
@@ -236,6 +237,8 @@ class GraphModel(BatchedModel):
             self._propagate(node, layer, grads, gxs, g, need, convs, acc, found, no_grad, T)
         pieces = self._pieces(found)
         out = pieces if not flat else pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        if input_grad:
+            out = (out, acc.pop(key)[0])
         return (out, gys) if record_gy else out
 
     # -- exact second-order reverse --------------------------------------------------------------
@@ -243,7 +246,8 @@ class GraphModel(BatchedModel):
         return self.adapt_from == 0 and all(hasattr(layer, "rforward") for layer in self.layers)
 
     def hvp(self, tape: GraphTape, gys, out, out_layout: str, target, loss, direction, rc: L.RunCtx,
-            scale: float = 1.0) -> List[torch.Tensor]:
+            scale: float = 1.0, input_grad: bool = False):
+        key = self.head_input()[0] if input_grad else None
         acc_dtype, low = direction[0].dtype, out.dtype
         parts = [d.to(low) for d in direction]
         T = rc.T
@@ -298,7 +302,7 @@ class GraphModel(BatchedModel):
                 continue
             node, layer = self.nodes[i], self.layers[i]
             r, own = acc.pop(i)
-            need = [j in active for j in node.inputs]
+            need = [j in active or (input_grad and j == key) for j in node.inputs]
             if layer.multi:
                 rgxs, grads = layer.rbackward(ws, batched, saved, gys[i], r, rsaved[i], rws_all[i], need, rc)
             else:
@@ -308,6 +312,25 @@ class GraphModel(BatchedModel):
                 rgxs = [rgx]
             self._propagate(node, layer, grads, rgxs, r, need, convs, acc, found, no_grad, T)
         pieces = self._pieces(found)
+        if input_grad:
+            return pieces, acc.pop(key)[0]
         if low == acc_dtype:
             return pieces
         return [h.to(acc_dtype) / scale if scale != 1 else h.to(acc_dtype) for h in pieces]
+
+    def head_input(self):
+        """(key, why): ANIL's head [adapt_from, n) must read exactly one value of the body, and every node of
+        it must depend on the head's weights (the gradient tape then reaches that value through the head);
+        key False and the reason otherwise."""
+        a = self.adapt_from
+        outside = sorted({j for node in self.nodes[a:] for j in node.inputs if j < a})
+        if len(outside) != 1 or outside[0] == GRAPH_INPUT:
+            names = ["input" if j == GRAPH_INPUT else self.nodes[j].name for j in outside]
+            return False, f"the adapted nodes read {len(outside)} values of the body ({', '.join(names)}), not one"
+        active = {a}
+        for i in range(a + 1, len(self.nodes)):
+            if any(j in active for j in self.nodes[i].inputs):
+                active.add(i)
+            else:
+                return False, f"node {self.nodes[i].name} after the head does not depend on it"
+        return outside[0], ""
