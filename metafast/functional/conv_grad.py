@@ -52,7 +52,9 @@ _channels_last_route = takes_channels_last_route  # the name tests/test_conv_gra
 # oneDNN spends more on converting the weights to and from its blocked layout than on the arithmetic,
 # and its grouped backward-weights kernel is ~3x slower than T ungrouped ones there (1 thread: 44 vs
 # 15 ms for the 4 tasks' weight gradients, 62 vs 44 ms of weight conversions); the loop took the 4x4
-# convolutions to 0.5-0.7x the grouped time (fwd, input and weight gradients, 1 and 2 threads). From
+# forward and input gradients to 0.5-0.7x the grouped time, and the weight gradients to about even (0.6-0.8x
+# before stacking the per-task gradients into one [T, ...] tensor, one more copy of them); the step on 1
+# thread took 0.92x (bench/NOTES.md). From
 # 8x8 maps on, the two were even on 1 thread and the grouped call faster on 2 threads, and the copies
 # the loop adds grow with the map, so the grouped call stays there; so it does for small weights (Conv4's
 # 64 x 64 x 3 x 3 over 32 tasks), where there is little to convert and T calls would cost more.
