@@ -25,8 +25,6 @@ from . import conv_grad
 from .flat import ParamSlot
 
 _HALF = (torch.float16, torch.bfloat16)
-# grouped convolutions: input and weight gradients from one convolution_backward call
-ONE_CALL_BACKWARD = True
 
 
 class RunCtx:
@@ -180,70 +178,51 @@ class Conv2d(Layer):
             y = F.conv2d(x.reshape(n * T, self.cin, *x.shape[2:]), w, b, self.stride, self.padding,
                          self.dilation, self.groups)
             y = y.view(n, T * self.cout, *y.shape[2:])
-            return y, (x, None)
-        wg = w.reshape(T * self.cout, *w.shape[2:])
-        bg = b.reshape(T * self.cout) if b is not None else None
-        y = F.conv2d(x, wg, bg, self.stride, self.padding, self.dilation, self.groups * T)
-        return y, (x, wg)
+            return y, x
+        return self._conv(x, w, b, T), x
+
+    def _conv(self, x, w, b, T):
+        """Per-task weights w [T, Cout, ...]: one grouped convolution or a loop over tasks (conv_grad)."""
+        return conv_grad.task_conv(x, w, b, T, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, ws, batched, saved, gy, need_gx, rc):
-        x, wg = saved
-        T, n = rc.T, x.shape[0]
-        gx = None
-        if wg is None:
-            w = ws[0]
-            if need_gx:
-                gx = self._input_grad(gy.reshape(n * T, self.cout, *gy.shape[2:]),
-                                      x.reshape(n * T, self.cin, *x.shape[2:]), w, self.groups).view(x.shape)
-            # Per-task weight grads need the grouped form; only the weight's shape is read here (an
-            # uninitialised contiguous buffer: an expanded one would be copied to contiguous first).
-            wg = w.new_empty((T * self.cout, *w.shape[1:]))
-        elif need_gx:
-            if ONE_CALL_BACKWARD and not conv_grad.takes_channels_last_route(gy, x.shape, self.stride):
-                gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding,
-                                                                self.dilation, False, [0, 0], self.groups * T,
-                                                                [True, True, False])
-                return gx, self._weight_grads(gw, gy, ws, T)
-            gx = self._input_grad(gy, x, wg, self.groups * T)
-        gw = torch.ops.aten.convolution_backward(gy, x, wg, None, self.stride, self.padding, self.dilation, False,
-                                                 [0, 0], self.groups * T, [False, True, False])[1]
-        return gx, self._weight_grads(gw, gy, ws, T)
+        gx, gw = self._backward(saved, ws[0], gy, need_gx, rc.T)
+        return gx, self._weight_grads(gw, gy, ws, rc.T)
+
+    def _backward(self, x, w, gy, need_gx, T, need_gw=True):
+        """(input grad or None, per-task weight grads [T, Cout, ...] or None) at weights w (shared or per task)."""
+        return conv_grad.task_conv_backward(gy, x, w, T, self.stride, self.padding, self.dilation, self.groups,
+                                            need_gx, need_gw)
 
     def _weight_grads(self, gw, gy, ws, T):
-        grads = [gw.view(T, self.cout, *gw.shape[1:])]
+        grads = [gw]
         if len(ws) > 1:
             grads.append(gy.sum((0, 2, 3)).view(T, self.cout))
         return grads
-
-    def _input_grad(self, gy, x, w, groups):
-        return conv_grad.input_grad(gy, x, w, self.stride, self.padding, self.dilation, groups)
-
-    def _grouped(self, w, T):
-        """Per-task weights [T, Cout, ...] as the weight of the grouped convolution over T tasks."""
-        return w.reshape(T * self.cout, *w.shape[2:])
 
     # R-operators: the convolution is bilinear in (x, W), so
     # R(y) = conv(x, R(W)) + conv(R(x), W) + R(b), and R(dW), R(dx) are the backward of R(gy) at (x, W)
     # plus the backward of gy at (R(x), R(W)).
     def rforward(self, ws, batched, saved, rx, rws, rc):
-        x, _ = saved
+        x = saved
         T = rc.T
-        rb = rws[1].reshape(-1) if len(rws) > 1 else None
-        ry = F.conv2d(x, self._grouped(rws[0], T), rb, self.stride, self.padding, self.dilation, self.groups * T)
+        ry = self._conv(x, rws[0], rws[1] if len(rws) > 1 else None, T)
         if rx is not None:
             ry = ry.add_(self.forward(ws[:1], batched, rx, rc)[0])  # conv(R(x), W), no bias
         return ry, rx
 
     def rbackward(self, ws, batched, saved, gy, rgy, rx, rws, need_gx, rc):
         T = rc.T
-        rgx, grads = self.backward(ws, batched, saved, rgy, need_gx, rc)
-        rwg = self._grouped(rws[0], T)
-        if rx is not None:
-            gw2 = torch.ops.aten.convolution_backward(gy, rx, rwg, None, self.stride, self.padding, self.dilation,
-                                                      False, [0, 0], self.groups * T, [False, True, False])[1]
-            grads[0] = grads[0].add_(gw2.view_as(grads[0]))
+        x = saved
+        if rx is None:
+            rgx, gw = self._backward(x, ws[0], rgy, need_gx, T)
+        else:  # R(dW) = dW(R(gy) at x) + dW(gy at R(x)): one weight gradient over both batches
+            rgx = self._backward(x, ws[0], rgy, need_gx, T, need_gw=False)[0]
+            gw = conv_grad.task_conv_weight_grad2(rgy, x, gy, rx, rws[0], T, self.stride, self.padding,
+                                                  self.dilation, self.groups)
+        grads = self._weight_grads(gw, rgy, ws, T)
         if need_gx:
-            rgx = rgx.add_(self._input_grad(gy, saved[0], rwg, self.groups * T))
+            rgx = rgx.add_(self._backward(x, rws[0], gy, True, T, need_gw=False)[0])
         return rgx, grads
 
 
