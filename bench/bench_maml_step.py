@@ -39,7 +39,8 @@ from metafast.models import MLP, Conv4, ResNet12  # noqa: E402
 
 BENCH = "maml_step"
 # A meta-gradient this far from the per-task loop's is wrong, not rounding: fp32 rounding of the
-# loop itself (printed against fp64) is ~1e-7 here.
+# loop itself (printed against fp64) is ~1e-7 on the MLP and Conv4. Where the loop's own fp32 distance
+# from fp64 is larger (ResNet-12: ~1e-2, ill-conditioned in fp32), twice that distance is the tolerance.
 GRAD_RTOL = 1e-4
 # The GPU targets (speed-ups of BatchedMAML's meta-step, checked per row on CUDA; the Workload's
 # target_vs_torch_func is the CPU target). learn2learn's recipe (the per-task loop) stands in for
@@ -225,7 +226,8 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
     ref64 = PerTaskLoop(model, wl.inner_lr, wl.steps, wl.loss)
     ref64.model.double()
     ref64 = ref64.meta_grad(*_to(batch, device, torch.float64))
-    print(f"per-task loop fp32 vs fp64 meta-gradient: rel err {rel_err(ref, ref64):.1e}")
+    tol = max(GRAD_RTOL, 2 * rel_err(ref, ref64))
+    print(f"per-task loop fp32 vs fp64 meta-gradient: rel err {rel_err(ref, ref64):.1e} (tolerance {tol:.1e})")
     errs, notes = {}, {}
     for m in methods:
         try:
@@ -237,14 +239,14 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
                 sink.fail(f"{wl.name}: {m.name} {notes[m.name]}")
             continue
         errs[m.name] = rel_err(g, ref)
-        ok = errs[m.name] <= GRAD_RTOL
+        ok = errs[m.name] <= tol
         if not ok:
             why = " (vmap second order through BatchNorm)" if (
                 isinstance(m, TorchFunc) and any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm)
                                                  for x in model.modules())) else ""
             notes[m.name] = f"WRONG meta-gradient: rel err {errs[m.name]:.1e} vs per-task loop{why}; timed anyway"
             if isinstance(m, Metafast):
-                sink.fail(f"{wl.name}: {m.name} meta-gradient rel err {errs[m.name]:.1e} > {GRAD_RTOL:g}")
+                sink.fail(f"{wl.name}: {m.name} meta-gradient rel err {errs[m.name]:.1e} > {tol:.1e}")
         print(f"  {m.name:>20}: meta-grad rel err vs loop {errs[m.name]:.1e}  {'OK' if ok else 'MISMATCH'}"
               + ("" if ok else f"  worst: {_worst_params(g, ref, model)}"))
 
@@ -284,14 +286,14 @@ def bench_workload(wl: Workload, device: torch.device, quick: bool, classes: Seq
                "speedup_vs_loop": times[PerTaskLoop.name] / ms if PerTaskLoop.name in times else None,
                "speedup_vs_learn2learn": times[vs_l2l] / ms if vs_l2l in times else None,
                "learn2learn_timed_as": vs_l2l,
-               "grad_rel_err_vs_loop": errs[m.name], "threads": torch.get_num_threads(), "tasks": T,
+               "grad_rel_err_vs_loop": errs[m.name], "grad_tol": tol, "threads": torch.get_num_threads(), "tasks": T,
                "quick": quick, "isolated_processes": isolate, "load_avg_1min_before": load_before,
                "load_avg_1min_after": load_after, "ms_rounds": per_round[m.name]}
         if isinstance(m, Metafast) and goals:
             if device.type == "cpu" and "speedup_vs_torch_func" in goals:
                 row["target_vs_torch_func"] = goals["speedup_vs_torch_func"]
             speedup_target(row, goals, device.type)
-            add_target(row, f"meta-grad rel. err <= {GRAD_RTOL:g}", errs[m.name] <= GRAD_RTOL, errs[m.name])
+            add_target(row, f"meta-grad rel. err <= {tol:.1e}", errs[m.name] <= tol, errs[m.name])
         if m.name in notes:
             row["note"] = notes[m.name]
         rows.append(sink.add(row))
@@ -413,7 +415,7 @@ def report(rows: List[Dict[str, object]]) -> bool:
     for r in rows:
         if "targets" not in r:
             continue
-        right = r["grad_rel_err_vs_loop"] <= GRAD_RTOL
+        right = r["grad_rel_err_vs_loop"] <= r.get("grad_tol", GRAD_RTOL)
         ok &= right
         tf = next((x for x in rows if x["workload"] == r["workload"] and x["method"] == TorchFunc.name), None)
         caveat = f" (torch.func itself: {tf['note']})" if tf is not None and "note" in tf else ""
