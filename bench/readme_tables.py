@@ -80,6 +80,7 @@ WORKLOAD_LABEL = {
     "omniglot": "Omniglot Conv4 5-way 1-shot, 32 tasks, 1 step",
     "sinusoid_1000x5": "sinusoid MLP 1-40-40-1, 1000 tasks, 5 steps",
     "anil_head": "ANIL head 64->5, 32 tasks 5-way 5-shot, 10 steps",
+    "resnet12": "ResNet-12 narrow 32x32 5-way 1-shot, 3 queries, 4 tasks, 1 step",
 }
 
 
@@ -91,8 +92,9 @@ def _meta_step(name: str) -> Tuple[List[str], List[dict]]:
         note = " (wrong: vmap through BatchNorm)" if r["method"] == "torch.func" and "note" in r else ""
         body.append([WORKLOAD_LABEL.get(r["workload"], r["workload"]), method, ms(r["ms"]),
                      x(r.get("speedup_vs_torch_func")), x(r.get("speedup_vs_loop")),
-                     err(r.get("grad_rel_err_vs_loop")) + note])
-    return table(["workload", "method", "ms", "vs torch.func", "vs per-task loop", "meta-grad rel. err"], body), rows
+                     x(r.get("speedup_vs_learn2learn")), err(r.get("grad_rel_err_vs_loop")) + note])
+    return table(["workload", "method", "ms", "vs torch.func", "vs per-task loop", "vs learn2learn",
+                  "meta-grad rel. err"], body), rows
 
 
 def _fused(name: str) -> Tuple[List[str], List[dict]]:
