@@ -15,6 +15,10 @@ miniImageNet ResNet-12 (wide, 64-160-320-640) 5-way 5-shot, meta-batch 4, second
 to the same G GB of the GPU (``torch.cuda.set_per_process_memory_fraction``). A baseline that runs out of
 memory there gets the row note "out of memory" (the point of the run); metafast running out is a failure.
 
+``--model resnet12 --width narrow --image 32 --shots 1 --queries 3 --tasks 4 --steps 1 5``: the executor
+issue's workload (ResNet-12 narrow on CIFAR-FS-shaped episodes, 5-way 1-shot, 3 queries, meta-batch 4);
+its target is a low-mode peak no higher than learn2learn's at every K (rows: memory_resnet12_narrow_cpu.json).
+
 A method whose memory, extrapolated linearly in K from its two previous rows, would exceed
 ``--budget-mb`` is skipped at that K (its row says so): at K = 100 torch.func, learn2learn and metafast's
 fast mode would need many GB.
@@ -22,7 +26,8 @@ Each method's meta-gradient is compared with learn2learn's at the same K where b
 distance grows with K; torch.func's own distance from learn2learn sets the tolerance's scale).
 
     python bench/bench_memory.py [--steps 1 5 10 25 100] [--budget-mb 12000] [--device cpu|cuda] [--quick]
-                                 [--model conv4|resnet12] [--tasks 2] [--cuda-budget-gb G]
+                                 [--model conv4|resnet12] [--width wide|narrow] [--tasks 2] [--shots 5]
+                                 [--queries 15] [--cuda-budget-gb G]
                                  [--no-plot]
 """
 import argparse
@@ -43,8 +48,9 @@ from bench.baselines import Learn2Learn, TorchFunc  # noqa: E402
 from bench.common import RESULTS_DIR, RowSink, base_row, finish, print_table  # noqa: E402
 
 BENCH = "memory"
-WAYS, SHOTS, QUERIES, LR = 5, 5, 15, 0.01
+WAYS, LR = 5, 0.01
 MODELS = ("conv4", "resnet12")
+WIDTHS = ("wide", "narrow")  # ResNet-12: 64-160-320-640 or 64-128-256-512
 # (method, BatchedMAML keyword arguments); baselines take none
 METHODS = {
     "metafast fast": {"memory": "fast"},
@@ -59,12 +65,13 @@ COLUMNS = ["method", "steps", "peak_mb", "s_per_step", "vs_learn2learn", "grad_r
 REFERENCE = "metafast low"  # --float64-reference: this method in float64 (exact to 1e-10 per the test suite)
 
 
-def _batch(image: int, tasks: int, device: torch.device):
+def _batch(args, device: torch.device):
     g = torch.Generator().manual_seed(0)
-    sx = torch.randn(tasks, WAYS * SHOTS, 3, image, image, generator=g)
-    qx = torch.randn(tasks, WAYS * QUERIES, 3, image, image, generator=g)
-    sy = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(tasks, 1)
-    qy = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(tasks, 1)
+    image, tasks = args.image, args.tasks
+    sx = torch.randn(tasks, WAYS * args.shots, 3, image, image, generator=g)
+    qx = torch.randn(tasks, WAYS * args.queries, 3, image, image, generator=g)
+    sy = torch.arange(WAYS).repeat_interleave(args.shots).repeat(tasks, 1)
+    qy = torch.arange(WAYS).repeat_interleave(args.queries).repeat(tasks, 1)
     return [t.to(device) for t in (sx, sy, qx, qy)]
 
 
@@ -101,11 +108,11 @@ def _measure(method: str, steps: int, args, device: torch.device, grad_path: str
     image, dtype = args.image, torch.float64 if args.float64 else torch.float32
     torch.manual_seed(0)
     if args.model == "resnet12":
-        model = ResNet12.wide(WAYS, in_channels=3, image_size=image).to(device)
+        model = getattr(ResNet12, args.width)(WAYS, in_channels=3, image_size=image).to(device)
     else:
         model = Conv4(WAYS, in_channels=3, hidden=32, image_size=image, stride=1, pool=True).to(device)
     model = model.to(dtype)
-    batch = [t.to(dtype) if t.is_floating_point() else t for t in _batch(image, args.tasks, device)]
+    batch = [t.to(dtype) if t.is_floating_point() else t for t in _batch(args, device)]
     if METHODS[method] is not None:
         maml = metafast.BatchedMAML(model, inner_lr=LR, inner_steps=steps, loss="cross_entropy",
                                     **METHODS[method])
@@ -151,7 +158,8 @@ def _measure(method: str, steps: int, args, device: torch.device, grad_path: str
 def _run_child(method: str, steps: int, args, grad_path: str, float64: bool = False) -> Dict[str, object]:
     cmd = [sys.executable, os.path.abspath(__file__)] + ["--float64"] * float64 + ["--child", method, "--steps", str(steps), "--image",
            str(args.image), "--device", args.device, "--grad-out", grad_path, "--threads", str(args.threads),
-           "--model", args.model, "--tasks", str(args.tasks), "--cuda-budget-gb", str(args.cuda_budget_gb)]
+           "--model", args.model, "--width", args.width, "--tasks", str(args.tasks), "--shots",
+           str(args.shots), "--queries", str(args.queries), "--cuda-budget-gb", str(args.cuda_budget_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} at K={steps} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -174,11 +182,21 @@ def targets(rows: List[Dict[str, object]]) -> List[str]:
     def check(name, ok, detail):
         out.append(f"{'n/a ' if ok is None else 'PASS' if ok else 'FAIL'} {name}: {detail}")
 
-    if rows and rows[0].get("model") == "resnet12":  # the GPU run: what fits where learn2learn does not
-        fits = [r["steps"] for r in rows if r["method"] == "metafast low" and r.get("peak_mb") is not None]
-        oom = [r["steps"] for r in rows if r["method"] == "learn2learn" and r.get("note") == "out of memory"]
-        check("metafast low fits where learn2learn runs out of memory", None if not oom else bool(set(fits) & set(oom)),
-              f"low ran at K = {fits}, learn2learn out of memory at K = {oom}")
+    if rows and rows[0].get("model") == "resnet12":
+        if rows[0].get("device_type") == "cuda":  # the GPU run: what fits where learn2learn does not
+            fits = [r["steps"] for r in rows if r["method"] == "metafast low" and r.get("peak_mb") is not None]
+            oom = [r["steps"] for r in rows if r["method"] == "learn2learn" and r.get("note") == "out of memory"]
+            check("metafast low fits where learn2learn runs out of memory",
+                  None if not oom else bool(set(fits) & set(oom)),
+                  f"low ran at K = {fits}, learn2learn out of memory at K = {oom}")
+            return out
+        # the executor issue's target: with a low-memory mode, peak <= learn2learn's at every K
+        ks = sorted(k for (m, k) in at if m == "learn2learn")
+        lows = [m for m in METHODS if m.startswith("metafast low")]
+        best = {k: min((at[(m, k)]["peak_mb"] for m in lows if (m, k) in at), default=None) for k in ks}
+        check("low-mode peak <= learn2learn at every K",
+              None if not ks or None in best.values() else all(best[k] <= at[("learn2learn", k)]["peak_mb"] for k in ks),
+              "; ".join(f"K={k}: {best[k]} vs {at[('learn2learn', k)]['peak_mb']} MB" for k in ks))
         return out
     low, l2l, fast = at.get(("metafast low", 10)), at.get(("learn2learn", 10)), at.get(("metafast fast", 10))
     check("K=10 low peak <= 0.5x learn2learn", None if not (low and l2l) else low["peak_mb"] <= 0.5 * l2l["peak_mb"],
@@ -229,7 +247,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--image", type=int, default=84)
     p.add_argument("--model", default="conv4", choices=MODELS, help="conv4 (32 channels) or resnet12 (wide)")
+    p.add_argument("--width", default="wide", choices=WIDTHS, help="resnet12: wide (64-160-320-640) or narrow "
+                   "(64-128-256-512)")
     p.add_argument("--tasks", type=int, default=2, help="meta-batch size (default 2)")
+    p.add_argument("--shots", type=int, default=5, help="support examples per class (default 5)")
+    p.add_argument("--queries", type=int, default=15, help="query examples per class (default 15)")
     p.add_argument("--cuda-budget-gb", type=float, default=0.0,
                    help="cuda: hold every method to this many GB of the GPU (0: the whole GPU)")
     p.add_argument("--threads", type=int, default=2)
@@ -253,7 +275,7 @@ def main(argv=None) -> int:
     rows: List[Dict[str, object]] = []
     if args.tasks < 1:
         p.error(f"--tasks: expected an integer >= 1, got {args.tasks}")
-    suffix = "" if args.model == "conv4" else f"_{args.model}"
+    suffix = "" if args.model == "conv4" else f"_{args.model}" + ("_narrow" if args.width == "narrow" else "")
     sink = RowSink(f"{BENCH}{suffix}_{args.device}", out_dir=args.out)
     sink.expect(len(args.steps) * len(args.methods))
     floor = GRAD_RTOL
@@ -267,7 +289,8 @@ def main(argv=None) -> int:
                 f64 = torch.load(path)
             for method in args.methods:
                 row = dict(base_row(BENCH, device), method=method, steps=steps, image=args.image, tasks=args.tasks,
-                           model=args.model, cuda_budget_gb=args.cuda_budget_gb or None, peak_mb=None,
+                           model=args.model, width=args.width if args.model == "resnet12" else None,
+                           shots=args.shots, queries=args.queries, device_type=args.device, cuda_budget_gb=args.cuda_budget_gb or None, peak_mb=None,
                            s_per_step=None, note="")
                 guess = _predicted(rows, method, steps)
                 if guess is not None and guess > args.budget_mb:
