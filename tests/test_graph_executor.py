@@ -339,3 +339,61 @@ def test_module_without_r_operators_runs_batched_on_local_autograd(monkeypatch):
     with pytest.warns(FallbackWarning, match="no batched layer for Softplus.*local autograd"):
         maml = check(Net, image_batch(), steps=1, expect_exact=False)
     assert "[local autograd: no batched layer for Softplus]" in maml.describe()
+
+
+FUNCTIONAL_POOLS = {  # forward tails after conv_c (a [N, 4, 5, 5] map)
+    "max_pool2d": lambda h: F.max_pool2d(h, 2, stride=1),
+    "max_pool2d_padded": lambda h: F.max_pool2d(h, kernel_size=3, padding=1, ceil_mode=True),
+    "avg_pool2d": lambda h: F.avg_pool2d(h, 3, 2, 1, count_include_pad=False),
+    "adaptive_avg_pool2d": lambda h: F.adaptive_avg_pool2d(h, 3),
+    "mean_keepdim": lambda h: h.mean((2, 3), keepdim=True),
+    "torch_mean": lambda h: torch.mean(h, dim=[3, 2]),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONAL_POOLS))
+def test_functional_pooling_takes_the_exact_reverse(name):
+    # F.avg_pool2d(out, 4) and out.mean((2, 3)) are how many residual networks end (learn2learn's WRN28)
+    tail = FUNCTIONAL_POOLS[name]
+
+    class Net(ResidualConcat):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(tail(torch.zeros(1, 4, 5, 5)).numel(), 3)
+
+        def forward(self, x):
+            h = F.relu(self.conv_c(torch.cat([self.conv_b(x), self.act(self.bn(self.conv_a(x)))], dim=1)))
+            h = tail(h)
+            return self.head(h.view(h.size(0), -1))
+
+    maml = check(Net, image_batch(), steps=2)
+    assert "per task" not in maml.describe()
+
+
+def test_a_mean_over_other_dims_runs_per_task(monkeypatch):
+    class Net(ResidualConcat):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4 * 5, 3)
+
+        def forward(self, x):
+            h = F.relu(self.conv_c(torch.cat([self.conv_b(x), self.act(self.bn(self.conv_a(x)))], dim=1)))
+            return self.head(h.mean(-1).flatten(1))  # not a spatial mean: no batched layer claims it
+
+    monkeypatch.delenv("METAFAST_STRICT", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        maml = check(Net, image_batch(), steps=1, expect_exact=False)
+    assert "no batched layer for call_method mean" in maml.describe()
+
+
+def test_exact_modules_all_have_r_operators():
+    from metafast.functional.executor import EXACT_MODULES, make_layer
+
+    examples = {nn.Linear: (2, 3), nn.Conv2d: (2, 3, 1), nn.BatchNorm1d: (3,), nn.BatchNorm2d: (3,),
+                nn.LayerNorm: (3,), nn.MaxPool2d: (2,), nn.AvgPool2d: (2,), nn.AdaptiveAvgPool2d: (1,),
+                nn.Dropout: (0.5,)}
+    for cls in EXACT_MODULES:
+        m = cls(*examples.get(cls, ()))
+        layer = make_layer(m, [])
+        assert hasattr(layer, "rforward") and hasattr(layer, "rbackward"), cls.__name__

@@ -17,6 +17,12 @@ from .graph import layers as G
 _ELEMENTWISE = (nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Mish, nn.Hardswish, nn.AlphaDropout)
 _POOLING = (nn.AdaptiveMaxPool2d,)
 _SKIP = (nn.Identity,)
+# the modules whose batched layer has R-operators (the exact reverse covers them; tests check this list
+# against make_layer); in a traced graph also residual add/sub, concat, scalar mul/div and functional
+# max/avg pooling and spatial means
+EXACT_MODULES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.ReLU, nn.LeakyReLU, nn.ELU,
+                 nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                 nn.Dropout)
 _SMOOTH = {nn.ELU: G.ELU, nn.GELU: G.GELU, nn.SiLU: G.SiLU}
 
 

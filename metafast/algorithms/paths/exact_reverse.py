@@ -23,6 +23,7 @@ only where the head reads one value of the body and every node after it depends 
 """
 import torch
 
+from ...functional.executor import EXACT_MODULES
 from ...functional.head import HeadEngine, body_features, checkpointed_body_features
 from ...functional.losses import CrossEntropy
 from ...functional.meta_step import MetaStep
@@ -41,8 +42,8 @@ def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
     missing = sorted({type(layer.module).__name__ for layer in engine.layers[engine.adapt_from:]
                       if not hasattr(layer, "rforward")})
     if missing:
-        return Support(False, f"no R-operator for {', '.join(missing)} (the layers with one: Linear, Conv2d, "
-                                "BatchNorm, MaxPool2d, ReLU, Tanh, Sigmoid, Flatten)")
+        have = ", ".join(m.__name__ for m in EXACT_MODULES)
+        return Support(False, f"no R-operator for {', '.join(missing)} (the modules with one: {have})")
     if clip_grad_norm is not None:
         return Support(False, "clip_grad_norm is set (the reverse has no clipped update)")
     if not hasattr(loss_fn, "rgrad"):

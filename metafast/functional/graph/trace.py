@@ -153,13 +153,15 @@ def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of):
             raise Untraceable(f"node {a.name} ({a.op} {a.target}) is not a tensor the batched graph holds")
         return index[a]
 
-    def add(n: fx.Node, layer, inputs, why=None):
+    def add(n: fx.Node, layer, inputs, why=None, name=None):
+        """Node ``n``'s value is the new layer's output (``name``: when one fx node becomes several layers)."""
         if why is not None:
             how = ("it runs batched with a local autograd backward and no R-operators (no exact reverse)"
                    if isinstance(layer, L.Stateless) else "it runs per task (vmap or a loop)")
             notes.append(f"{n.name}: {why}; {how}")
+        inputs = [ref(i) for i in inputs]
         index[n] = len(nodes)
-        nodes.append(GraphNode(n.name, layer, [ref(i) for i in inputs], why))
+        nodes.append(GraphNode(name or n.name, layer, inputs, why))
 
     def fallback_call(n, fn, what):
         tensors = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node)]
@@ -269,6 +271,18 @@ def _function(n: fx.Node, add, alias, sizes, ref, fallback_call):
     if t == "size" and len(args) == 1 or (t is getattr and args[1] == "shape"):
         sizes.add(n)  # x.size() / x.shape: usable through [0] only
         return
+    if t in _POOL_FUNCS and args and isinstance(args[0], fx.Node):
+        module = _pool_module(t, args[1:], kw)
+        if module is not None:
+            add(n, _layer_of(module), [args[0]])
+            return
+    if t in (torch.mean, "mean") and args and isinstance(args[0], fx.Node):
+        spatial = _spatial_mean(args[1:], kw)
+        if spatial is not None:  # the mean over H, W of an [N, C, H, W] map: adaptive average pooling to 1x1
+            add(n, _layer_of(nn.AdaptiveAvgPool2d(1)), [args[0]])
+            if not spatial:  # keepdim=False drops the two 1-sized dims: [N, C, 1, 1] -> [N, C]
+                add(n, L.Flatten(nn.Flatten()), [n], name=f"{n.name}_flatten")
+            return
     if t in _ACT_FUNCS and isinstance(args[0], fx.Node):
         if "inplace" in kw:
             kw = {k: v for k, v in kw.items() if k != "inplace"}
@@ -284,6 +298,39 @@ def _function(n: fx.Node, add, alias, sizes, ref, fallback_call):
     if t is F.dropout or t is torch.dropout:
         raise Untraceable(f"node {n.name}: functional dropout (use nn.Dropout, which the graph batches)")
     fallback_call(n, t, what)
+
+
+# functional poolings as the modules the executor batches: (module class, the function's argument names after
+# the input, in its order); max_pool2d's return_indices=True has no batched layer (its output is a pair)
+_POOL_FUNCS = {
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                  "divisor_override")),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+}
+
+
+def _pool_module(fn, args, kw) -> Optional[nn.Module]:
+    cls, names = _POOL_FUNCS[fn]
+    if len(args) > len(names) or not set(kw) <= set(names):
+        return None
+    given = dict(zip(names, args), **kw)
+    if not all(_const(v) for v in given.values()) or given.get("return_indices"):
+        return None
+    return cls(**given)
+
+
+def _spatial_mean(args, kw) -> Optional[bool]:
+    """keepdim (True/False) when ``mean(x, dim, keepdim)`` averages dims 2 and 3 (H, W of an [N, C, H, W]
+    map) and nothing else; None for any other mean (negative dims are not taken: the rank is unknown here)."""
+    if len(args) > 2 or not set(kw) <= {"dim", "keepdim"}:
+        return None
+    given = dict(zip(("dim", "keepdim"), args), **kw)
+    dim = given.get("dim")
+    if not isinstance(dim, (tuple, list)) or sorted(dim) != [2, 3]:
+        return None
+    keepdim = given.get("keepdim", False)
+    return keepdim if isinstance(keepdim, bool) else None
 
 
 def _layer_of(m: nn.Module) -> L.Layer:
