@@ -194,6 +194,21 @@ def _distributed(name: str) -> Tuple[List[str], List[dict]]:
                   "vs 1 x 1", "all_reduce ms"], body), rows
 
 
+def _memory(name: str) -> Tuple[List[str], List[dict]]:
+    """Peak memory one second-order meta-step adds, per K and method (bench/bench_memory.py)."""
+    rows = load(name)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    at = {(r["method"], r["steps"]): r for r in rows}
+
+    def cell(r: Optional[dict]) -> str:
+        if r is None or r.get("peak_mb") is None:
+            return r["note"].split(":")[0] if r and r.get("note") else "-"
+        return f"{r['peak_mb']:.0f} MB, {r['s_per_step']:.1f} s"
+
+    body = [[str(k)] + [cell(at.get((m, k))) for m in methods] for k in dict.fromkeys(r["steps"] for r in rows)]
+    return table(["inner steps K"] + methods, body), rows
+
+
 TABLES: Dict[str, Tuple[str, Callable[[str], Tuple[List[str], List[dict]]]]] = {
     "demo_cpu": ("demo_cpu", _demo),
     "distributed_cpu": ("distributed_cpu", _distributed),
@@ -202,6 +217,8 @@ TABLES: Dict[str, Tuple[str, Callable[[str], Tuple[List[str], List[dict]]]]] = {
     "micro_cpu": (", ".join(m[0] for m in MICRO), _micro),
     "sampler_cpu": ("sampler_cpu", _sampler),
     "maml_step_cuda": ("maml_step_cuda", _gpu),
+    "memory_cpu": ("memory_cpu", _memory),
+    "memory_resnet12_narrow_cpu": ("memory_resnet12_narrow_cpu", _memory),
 }
 
 
