@@ -11,7 +11,7 @@ from torch import nn
 from metafast import BatchedMAML
 from metafast.fallback import FallbackError, FallbackWarning
 from metafast.functional.graph.model import GraphModel
-from test_batched_maml import DT, TOL, flat, image_batch, reference, rel_err
+from test_batched_maml import DT, TOL, flat, image_batch, reference, regression_batch, rel_err
 
 
 def meta_gradient(model, batch, steps, first_order, meta_sgd, exact_reverse, loss="cross_entropy", lr=0.3):
@@ -289,20 +289,30 @@ class _MaskMul(nn.Module):
         return x * self.masks[k][t]
 
 
+class _FunctionalDrop(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, training=self.training)
+
+
+@pytest.mark.parametrize("functional", [False, True])
 @pytest.mark.parametrize("exact,memory", [(True, "fast"), (False, "fast"), (True, "low")])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_dropout_masks_per_task_reproducible_from_the_seed(exact, memory, first_order):
-    """memory="low": the reverse rebuilds each step with the masks that step's forward drew."""
+def test_dropout_masks_per_task_reproducible_from_the_seed(exact, memory, first_order, functional):
+    """memory="low": the reverse rebuilds each step with the masks that step's forward drew. F.dropout with
+    training=self.training is the same batched layer, following its module's mode."""
     import copy
 
     from maml_reference import per_task_maml
     from metafast.functional.graph.layers import Dropout
-    from test_batched_maml import regression_batch
 
     steps, p = 2, 0.4
     batch = regression_batch()
     torch.manual_seed(0)
-    model = DropMLP(nn.Dropout(p)).to(DT)
+    model = DropMLP(_FunctionalDrop(p) if functional else nn.Dropout(p)).to(DT)
     ref_model = copy.deepcopy(model)
     maml = BatchedMAML(model, inner_lr=0.1, inner_steps=steps, first_order=first_order, loss="mse",
                        exact_reverse=exact, memory=memory)
@@ -397,3 +407,34 @@ def test_exact_modules_all_have_r_operators():
         m = cls(*examples.get(cls, ()))
         layer = make_layer(m, [])
         assert hasattr(layer, "rforward") and hasattr(layer, "rbackward"), cls.__name__
+
+
+def test_functional_dropout_without_the_mode_flag_drops_in_eval_too():
+    # F.dropout(x, p) defaults to training=True: eager PyTorch drops in eval mode as well, and so does the graph
+    from metafast.functional.graph.layers import Dropout
+
+    class Net(DropMLP):
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            return self.out(F.dropout(h, 0.5) + F.dropout(h, 0.5, training=False))
+
+    model = Net(nn.Identity()).to(DT)
+    maml = BatchedMAML(model, inner_lr=0.1, inner_steps=1, loss="mse")
+    drops = [x for x in maml._engine.layers if isinstance(x, Dropout)]
+    assert len(drops) == 1 and "per task" not in maml.describe()  # training=False: the identity, no layer
+    model.eval()
+    assert drops[0].module.training
+    sx, sy, qx, qy = regression_batch()
+    pred = maml.predict(maml.adapt(sx, sy, steps=0), qx)
+    assert rel_err(pred[1], model.out(torch.tanh(model.inp(qx[1])))) > 1e-3  # it dropped
+
+
+def test_torch_dropout_is_refused_by_the_tracer(monkeypatch):
+    class Net(DropMLP):
+        def forward(self, x):
+            return self.out(torch.dropout(torch.tanh(self.inp(x)), 0.5, True))
+
+    monkeypatch.delenv("METAFAST_STRICT", raising=False)
+    with pytest.warns(FallbackWarning, match="torch.dropout"):
+        maml = BatchedMAML(Net(nn.Identity()).to(DT), inner_lr=0.1, inner_steps=1, loss="mse")
+    assert "per task" in maml.describe()

@@ -119,7 +119,28 @@ def trace_graph(root: nn.Module, is_known, make_layer, slots_of) -> Tuple[List[G
             opaque[o] = "its forward uses its parameters or buffers directly"
     else:
         raise Untraceable("tracing did not settle")
-    return _build(root, graph, opaque, make_layer, slots_of)
+    return _build(root, graph, opaque, make_layer, slots_of, _dropout_modes(root, graph, is_known, set(opaque)))
+
+
+def _dropout_modes(root: nn.Module, graph: fx.Graph, is_known, opaque: Set[str]) -> Dict[str, bool]:
+    """Node name -> whether that F.dropout call follows its module's mode (``training=self.training``):
+    its traced flag flips when the model is traced again in the other mode. Calls whose flag stays are
+    constants (F.dropout's default training=True drops in eval mode too)."""
+    calls = {n.name: n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+             for n in graph.nodes if n.op == "call_function" and n.target is F.dropout}
+    if not calls:
+        return {}
+    modes = {m: m.training for m in root.modules()}
+    try:
+        root.train(not root.training)
+        other = {n.name: n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+                 for n in _trace(root, is_known, opaque).nodes if n.op == "call_function" and n.target is F.dropout}
+    except Exception:  # noqa: BLE001 - a forward that traces in one mode only: its calls keep the traced flag
+        other = {}
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return {name: name in other and other[name] != flag for name, flag in calls.items()}
 
 
 def _const(a) -> bool:
@@ -137,7 +158,7 @@ _ACT_FUNCS = {
 _ACT_METHODS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
-def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of):
+def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of, dropout_modes: Dict[str, bool]):
     modules = dict(root.named_modules())
     index: Dict[fx.Node, int] = {}
     alias: Dict[fx.Node, int] = {}  # nodes that pass their input through (Identity, eval Dropout)
@@ -205,6 +226,13 @@ def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of):
             if isinstance(layer, L.Generic) or isinstance(layer, L.Stateless):
                 why = opaque.get(n.target) or f"no batched layer for {type(m).__name__}"
             add(n, layer, [n.args[0]], why)
+            continue
+        if n.op == "call_function" and n.target is F.dropout and n.args and isinstance(n.args[0], fx.Node):
+            drop = _functional_dropout(n, root, modules, dropout_modes.get(n.name, False))
+            if drop is None:
+                alias[n] = ref(n.args[0])
+            else:
+                add(n, G.Dropout(drop), [n.args[0]])
             continue
         if n.op == "call_function" or n.op == "call_method":
             _function(n, add, alias, sizes, ref, fallback_call)
@@ -295,8 +323,8 @@ def _function(n: fx.Node, add, alias, sizes, ref, fallback_call):
     if t in ("contiguous", "clone") and len(args) == 1:
         alias[n] = ref(args[0])
         return
-    if t is F.dropout or t is torch.dropout:
-        raise Untraceable(f"node {n.name}: functional dropout (use nn.Dropout, which the graph batches)")
+    if t is torch.dropout:
+        raise Untraceable(f"node {n.name}: torch.dropout (use nn.Dropout or F.dropout, which the graph batches)")
     fallback_call(n, t, what)
 
 
@@ -331,6 +359,37 @@ def _spatial_mean(args, kw) -> Optional[bool]:
         return None
     keepdim = given.get("keepdim", False)
     return keepdim if isinstance(keepdim, bool) else None
+
+
+class FunctionalDropout:
+    """``F.dropout(x, p, training=...)`` in a forward, for the batched Dropout layer: ``training`` follows the
+    calling module's mode where the call passes it (``training=self.training``), else it is the traced
+    constant (F.dropout's default training=True drops in eval mode too)."""
+
+    def __init__(self, p: float, owner: nn.Module, training: bool, follows: bool):
+        self.p, self.owner, self.fixed = float(p), owner, None if follows else bool(training)
+
+    @property
+    def training(self) -> bool:
+        return self.owner.training if self.fixed is None else self.fixed
+
+    def __repr__(self):
+        mode = f"{type(self.owner).__name__}.training" if self.fixed is None else self.fixed
+        return f"F.dropout(p={self.p}, training={mode})"
+
+
+def _functional_dropout(n: fx.Node, root: nn.Module, modules, follows: bool) -> Optional[FunctionalDropout]:
+    """The batched dropout of an ``F.dropout`` call (None: p = 0, or the identity for good)."""
+    given = dict(zip(("p", "training", "inplace"), n.args[1:]), **n.kwargs)
+    p, training = given.get("p", 0.5), given.get("training", True)
+    if not (_scalar(p) and 0 <= p < 1 and isinstance(training, bool) and set(given) <= {"p", "training", "inplace"}):
+        raise Untraceable(f"node {n.name}: F.dropout with p={p!r}, training={training!r} (constants expected, "
+                          "0 <= p < 1)")
+    if p == 0 or (not training and not follows):
+        return None
+    stack = n.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return FunctionalDropout(p, modules.get(path, root), training, follows)
 
 
 def _layer_of(m: nn.Module) -> L.Layer:
