@@ -29,7 +29,7 @@ def paper_weights(epoch, K, num_epochs):
 
 def lslr_reference_rates(maml):
     """LSLR's rates as the reference takes them: per step, parameter name -> scalar (views of step_lrs)."""
-    names = [s.name for s in maml._flat.slots[maml._engine._first_adapted_slot:]]
+    names = [s.name for s in maml._flat.slots[maml._engine.first_adapted_slot:]]
     return [{n: maml.step_lrs[k, i] for i, n in enumerate(names)} for k in range(maml.step_lrs.shape[0])]
 
 
@@ -380,7 +380,7 @@ def test_lslr_and_msl_with_anil_match_the_reference(path, memory):
     with torch.no_grad():
         maml.step_lrs.mul_(torch.rand_like(maml.step_lrs) + 0.5)
     assert maml.step_lrs.shape == (2, 2)  # the head's weight and bias
-    names = [s.name for s in maml._flat.slots[maml._engine._first_adapted_slot:]]
+    names = [s.name for s in maml._flat.slots[maml._engine.first_adapted_slot:]]
     params = list(model.parameters()) + [maml.step_lrs]
     grads = torch.autograd.grad(maml(*batch).loss, params)
     assert used_path(maml) == path

@@ -223,7 +223,7 @@ class BatchedMAML(nn.Module):
             self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=self._flat.buffer.device))
             self.register_load_state_dict_post_hook(BatchedMAML._iteration_loaded)
         if lslr:
-            pieces = self._flat.slots[self._engine._first_adapted_slot:]
+            pieces = self._flat.slots[self._engine.first_adapted_slot:]
             init = torch.tensor(lrs if len(lrs) > 1 else lrs * inner_steps, dtype=self._flat.buffer.dtype)
             self.step_lrs = nn.Parameter(init[:, None].expand(inner_steps, len(pieces)).clone()
                                          .to(self._flat.buffer.device))
@@ -360,7 +360,7 @@ class BatchedMAML(nn.Module):
     def _piece_sizes(self) -> Optional[torch.Tensor]:
         if self.step_lrs is None:
             return None
-        sizes = [slot.numel for slot in self._flat.slots[self._engine._first_adapted_slot:]]
+        sizes = [slot.numel for slot in self._flat.slots[self._engine.first_adapted_slot:]]
         return torch.tensor(sizes, dtype=torch.long, device=self.step_lrs.device)
 
     def _check_lslr_steps(self, steps: int) -> None:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import cpu_cache
+from ..functional.modes import eval_mode
 
 __all__ = ["ProtoNet", "ProtoOutput", "DISTANCES", "BATCHNORM_MODES", "class_prototypes", "euclidean_logits",
            "cosine_logits", "reference_logits", "train_step", "evaluate", "mean_ci95"]
@@ -330,17 +331,12 @@ def evaluate(protonet: ProtoNet, episodes, ways: Optional[int] = None, count: in
     default, in batches of ``batch``) or any iterable of batches with support_x/support_y/query_x/query_y."""
     if hasattr(episodes, "fixed_episodes"):
         episodes = episodes.fixed_episodes(count=count, batch=batch)
-    was_training = protonet.training
-    protonet.eval()
     accs = []
-    try:
-        with torch.no_grad():
-            for batch in episodes:
-                with cpu_cache.scope(batch.support_x.device):
-                    logits = protonet.logits(batch.support_x, batch.support_y, batch.query_x, ways, batch.query_y)[0]
-                accs.append((logits.argmax(-1) == batch.query_y).to(torch.float64).mean(1).cpu())
-    finally:
-        protonet.train(was_training)
+    with eval_mode(protonet), torch.no_grad():
+        for batch in episodes:
+            with cpu_cache.scope(batch.support_x.device):
+                logits = protonet.logits(batch.support_x, batch.support_y, batch.query_x, ways, batch.query_y)[0]
+            accs.append((logits.argmax(-1) == batch.query_y).to(torch.float64).mean(1).cpu())
     if not accs:
         raise ValueError("episodes: expected at least one episode batch, got none")
     accs = torch.cat(accs)

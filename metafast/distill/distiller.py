@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..functional.modes import eval_mode
 from ..ops.kd_loss import check_args, kd_loss
 from ..runtime.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ..runtime.interrupt import DeferredInterrupt
@@ -38,14 +39,10 @@ class DistillInterrupted(Exception):
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
     """Top-1 accuracy of ``model`` on (x, y) in eval mode; the model's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
+    correct = 0
+    with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
             correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
-    finally:
-        model.train(was_training)
     return correct / max(x.shape[0], 1)
 
 
@@ -207,14 +204,10 @@ class Distiller:
         with torch.no_grad():
             acc_t = accuracy(self.teacher, x, y, batch_size)
             acc_s = accuracy(self.student, x, y, batch_size)
-            was = self.student.training
-            self.student.eval()
-            try:
+            with eval_mode(self.student):
                 agree = sum(int((self.teacher(x[i:i + batch_size]).argmax(-1)
                                  == self.student(x[i:i + batch_size]).argmax(-1)).sum())
                             for i in range(0, x.shape[0], batch_size)) / max(x.shape[0], 1)
-            finally:
-                self.student.train(was)
         return {"teacher_accuracy": acc_t, "student_accuracy": acc_s, "agreement": agree}
 
     # ------------------------------------------------------------------------------ state

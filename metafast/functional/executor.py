@@ -169,6 +169,12 @@ class BatchedModel:
             return theta_parts, fast
         return theta_parts, fast.split(self.slot_sizes(), dim=1)
 
+    @property
+    def first_adapted_slot(self) -> int:
+        """Index (in the flat buffer's slot order) of the first adapted parameter: slots from it on are the
+        adapted pieces, those before it the shared body (ANIL)."""
+        return self._first_adapted_slot
+
     def slot_sizes(self) -> List[int]:
         """Sizes of the adapted parameters' pieces, in flat order."""
         return self._slot_sizes[self._first_adapted_slot:]

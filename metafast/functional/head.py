@@ -36,7 +36,7 @@ class HeadEngine:
         self.engine, self.key = engine, key
         self.start = engine.adapt_from
         self.layers = engine.layers[self.start:]
-        self._body = [None] * engine._first_adapted_slot  # the body's θ pieces: not read by the head
+        self._body = [None] * engine.first_adapted_slot  # the body's θ pieces: not read by the head
 
     def slot_sizes(self):
         return self.engine.slot_sizes()

@@ -14,20 +14,23 @@ computes the meta-gradient directly:
 H_s(W_k) v is the R-operator of the recorded inner backward (Pearlmutter 1994). On small few-shot
 models this removes the autograd engine's per-node cost, which dominates their meta-step.
 
-Step checkpointing (an optional eighth plan entry, True): the forward keeps only each step's fast
+What runs is a :class:`StepPlan` (the engine, loss, step count, rates, order, and the options below,
+each a named field).
+
+Step checkpointing (``checkpoint=True``): the forward keeps only each step's fast
 weights W_k (K * T * P numbers) instead of every step's activations, and the reverse recomputes step k's
 support forward and backward when it reaches it (and the query pass from W_K), so the peak holds one
 step's activations whatever K is. Recomputation runs the same ops on the same inputs, so the
 meta-gradient is the same.
 
-MAML++ (an optional ninth plan entry, ``(lslr, weights)``): with ``lslr`` the ``lrs`` input is LSLR's
+MAML++ (``lslr``, ``msl_weights``, ``bn_pieces``, ``bn_recorder``): with ``lslr`` the ``lrs`` input is LSLR's
 [K', n_pieces] per-step per-piece rates (K' >= K), so lr_k is a scalar per piece i and
 
     lrbar[k, i] = -sum_t <Wbar_{k+1,i}, g_{k,i}>,   Wbar_k = Wbar_{k+1} - H_s(W_k) (lr_k * Wbar_{k+1});
 
-``weights`` [K] (the multi-step loss) makes the result sum_j w_j L_q(W_j) over the fast weights after
+``msl_weights`` [K] (the multi-step loss) makes the result sum_j w_j L_q(W_j) over the fast weights after
 every step j = 1..K, so the reverse adds w_j dL_q/dW_j to Wbar_j (a query pass per weighted step,
-rebuilt from W_j under step checkpointing). A third entry ``bn`` (per-step BatchNorm weights, BNWB: the
+rebuilt from W_j under step checkpointing). ``bn_pieces`` (per-step BatchNorm weights, BNWB: the
 (piece, column) of each BatchNorm weight and bias in the rows of the eighth input ``step_bn`` [K', n])
 makes step k run at W'_k = P_k(W_k), W_k with those pieces replaced by row k, and the query pass after
 step k at P_k(W_{k+1}). The BatchNorm pieces of W_{k+1} are thus never read, so in the reverse
@@ -36,19 +39,39 @@ step k at P_k(W_{k+1}). The BatchNorm pieces of W_{k+1} are thus never read, so 
     step_bnbar[k] += (Wbar'_k)_bn,  Wbar'_k = Wbar_{k+1} - H_s(W'_k)(lr_k Wbar_{k+1}),   then (Wbar_k)_bn = 0
 
 (θ's BatchNorm weights get no gradient; full adaptation is assumed: step 0 runs at θ with row 0 in it).
-A fourth entry (per-step BatchNorm running statistics, BNRS: a metafast.functional.step_stats.Recorder)
+``bn_recorder`` (per-step BatchNorm running statistics, BNRS: a metafast.functional.step_stats.Recorder)
 receives the batch statistics of each step's support pass in the forward (not of its recomputation).
 
-Mixed precision (an optional sixth plan entry, metafast.functional.precision.Precision): the layers
+Mixed precision (``precision``, a metafast.functional.precision.Precision): the layers
 run on low-precision copies of θ and W_k, while W_k, the losses, the inner update and every
 accumulated Wbar stay float32; the inner gradient (and its R-operator) is taken of S * loss and
-divided by S in float32.
+divided by S in float32; ``overflow_report``, a list, receives which tasks' scaled inner gradient overflowed.
 """
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
+
 import torch
 
 from .. import cpu_cache
-from .precision import FP32
+from .precision import FP32, Precision
 from .layers import RunCtx
+
+
+@dataclass
+class StepPlan:
+    """What one MetaStep node runs (every field but the first five is an option, off by default)."""
+    engine: Any                          # BatchedModel, GraphModel or HeadEngine (ANIL's head)
+    loss_fn: Any                         # a metafast.functional.losses loss (value_and_grad, rgrad)
+    steps: int                           # K inner steps
+    lr_of: Callable[[int], float]        # step k -> its scalar inner rate (read when ``lrs`` is None)
+    first_order: bool                    # FOMAML: the reverse drops the Hessian terms
+    precision: Precision = FP32          # mixed precision of the layers
+    overflow_report: Optional[list] = None  # receives the per-task overflow flags [T] of the inner gradients
+    checkpoint: bool = False             # step checkpointing (memory="low")
+    lslr: bool = False                   # MAML++ LSLR: ``lrs`` is [K', n_pieces]
+    msl_weights: Optional[Any] = None    # MAML++ multi-step loss weights [K]
+    bn_pieces: Optional[List[Tuple[int, int]]] = None  # BNWB: (piece, column in step_bn) per BatchNorm tensor
+    bn_recorder: Optional[Any] = None    # BNRS: a step_stats.Recorder of each step's support statistics
 
 
 def _update(base, g, lr):
@@ -105,18 +128,17 @@ def _route_bn(bn, wbar, step_bnbar, k):
 class MetaStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn=None):
+        if not isinstance(plan, StepPlan):
+            raise TypeError(f"plan: expected a metafast.functional.meta_step.StepPlan, got {type(plan).__name__}")
         with cpu_cache.scope(theta.device):
             return MetaStep._forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn)
 
     @staticmethod
     def _forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn=None):
-        engine, loss_fn, steps, lr_of, first_order = plan[:5]
-        prec = plan[5] if len(plan) > 5 else FP32
-        report = plan[6] if len(plan) > 6 else None  # a list that receives the overflow flags [T]
-        ckpt = len(plan) > 7 and bool(plan[7])
-        lslr, weights = plan[8][:2] if len(plan) > 8 else (False, None)
-        bn = plan[8][2] if len(plan) > 8 and len(plan[8]) > 2 and steps > 0 else None  # BNWB: [(piece, column)]
-        recorder = plan[8][3] if len(plan) > 8 and len(plan[8]) > 3 else None  # BNRS: support-pass statistics
+        engine, loss_fn, steps, lr_of = plan.engine, plan.loss_fn, plan.steps, plan.lr_of
+        prec, report, ckpt = plan.precision, plan.overflow_report, plan.checkpoint
+        lslr, weights, recorder = plan.lslr, plan.msl_weights, plan.bn_recorder
+        bn = plan.bn_pieces if steps > 0 else None  # BNWB: [(piece, column)]
         overflow = None
         low, scale = prec.low, prec.scale
         T = sx.shape[0]
@@ -196,16 +218,16 @@ class MetaStep(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_losses):
-        engine, loss_fn, steps, lr_of, first_order = ctx.plan[:5]
+        plan = ctx.plan
+        engine, loss_fn, steps, lr_of = plan.engine, plan.loss_fn, plan.steps, plan.lr_of
+        first_order = plan.first_order
         rc = ctx.rc
         scale = g_losses.view(-1, *([1] * (ctx.dq.dim() - 1)))
         gq = ctx.dq * scale
         tape_q, layout_q = ctx.tape_q, ctx.layout_q
         if ctx.ckpt:  # rebuild the query tape from W_K
-            theta_c, _, qx, record = ctx.ckpt_inputs
-            low = (ctx.plan[5] if len(ctx.plan) > 5 else FP32).low
-            _, layout_q, tape_q = MetaStep._rerun(engine, record, lambda fast: engine.forward(
-                0, len(engine.layers), theta_c, _low(low, fast), qx, "tn", rc, record=True))
+            _, _, qx, record = ctx.ckpt_inputs
+            _, layout_q, tape_q = MetaStep._rebuild(ctx, record, qx)
         # Wbar is kept as per-parameter pieces [T, n_i] (what the layers return and the R-operators take),
         # so no [T, Pa] tensor is concatenated; the query backward runs in the tape's precision, what it
         # returns is accumulated in float32. The pieces are fresh, so they are updated in place.
@@ -220,7 +242,7 @@ class MetaStep(torch.autograd.Function):
         wbar = [w.to(gq.dtype) for w in wbar]
         hbar_s = None
         sizes = [w.shape[1] for w in wbar]
-        lslr = len(ctx.plan) > 8 and ctx.plan[8][0]
+        lslr = plan.lslr
         lrbar = None
         if ctx.lrs is not None and ctx.needs_input_grad[1]:
             lrbar = torch.zeros_like(ctx.lrs)
@@ -276,16 +298,14 @@ class MetaStep(torch.autograd.Function):
     @staticmethod
     def _add_query_grad(ctx, wbar, j, scale):
         """Wbar_j += w_j dL_q/dW_j (the multi-step loss), its query tape rebuilt from W_j when checkpointed."""
-        engine = ctx.plan[0]
+        engine = ctx.plan.engine
         _, tape, layout, dq, rng = ctx.msl[j]
         if ctx.ckpt:
-            theta_c, _, qx, _ = ctx.ckpt_inputs
-            low = (ctx.plan[5] if len(ctx.plan) > 5 else FP32).low
+            _, _, qx, _ = ctx.ckpt_inputs
             fast = ctx.records[j][0]  # W_j (with row j's BatchNorm weights under BNWB: this pass reads row j-1's)
             if ctx.bn is not None:
                 fast = _with_bn(ctx.bn, ctx.step_bn, j - 1, fast, ctx.rc.T)
-            _, layout, tape = MetaStep._rerun(engine, (fast, rng), lambda fast: engine.forward(
-                0, len(engine.layers), theta_c, _low(low, fast), qx, "tn", ctx.rc, record=True))
+            _, layout, tape = MetaStep._rebuild(ctx, (fast, rng), qx)
         need_q = ctx.needs_input_grad[4]
         g = engine.backward(tape, (dq * scale).to(ctx.records_dtype), layout, ctx.rc, flat=False,
                             **({"input_grad": True} if need_q else {}))
@@ -307,15 +327,22 @@ class MetaStep(torch.autograd.Function):
             _set_rng_states(engine, now)
 
     @staticmethod
+    def _rebuild(ctx, record, x):
+        """A checkpointed pass rebuilt with its tape: the whole engine on input ``x`` (the support or query set,
+        as the forward cast it) at the record's fast weights, in the plan's precision. Returns (out, layout, tape)."""
+        engine, low = ctx.plan.engine, ctx.plan.precision.low
+        theta_c = ctx.ckpt_inputs[0]
+        return MetaStep._rerun(engine, record, lambda fast: engine.forward(
+            0, len(engine.layers), theta_c, _low(low, fast), x, "tn", ctx.rc, record=True))
+
+    @staticmethod
     def _recompute(ctx, k):
         """Step k's record (tape, gys, out, layout, g) rebuilt from its fast weights W_k: the same ops on the
         same inputs as the forward, so the same values."""
-        engine, loss_fn = ctx.plan[:2]
-        prec = ctx.plan[5] if len(ctx.plan) > 5 else FP32
-        theta_c, sx, _, _ = ctx.ckpt_inputs
+        engine, loss_fn, prec = ctx.plan.engine, ctx.plan.loss_fn, ctx.plan.precision
+        _, sx, _, _ = ctx.ckpt_inputs
         rc = ctx.rc
-        out, layout, tape = MetaStep._rerun(engine, ctx.records[k], lambda fast: engine.forward(
-            0, len(engine.layers), theta_c, _low(prec.low, fast), sx, "tn", rc, record=True))
+        out, layout, tape = MetaStep._rebuild(ctx, ctx.records[k], sx)
         out = engine.output(out, layout, rc.T)
         _, dout = loss_fn.value_and_grad(out.to(ctx.dtype), ctx.sy, False)
         g, gys = engine.backward(tape, prec.grad_seed(dout), layout, rc, record_gy=True, flat=False)

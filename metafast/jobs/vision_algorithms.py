@@ -136,6 +136,7 @@ def evaluate(learner: nn.Module, sampler, episodes: int, steps: Optional[int] = 
     from ..algorithms.protonet import ProtoNet, mean_ci95
     from ..algorithms.protonet import evaluate as proto_evaluate
     from ..data.episodes import EVAL_SEED
+    from ..functional.modes import eval_mode
 
     fixed = sampler.fixed_episodes(count=episodes, batch=EVAL_BATCH, seed=EVAL_SEED if seed is None else seed)
     if isinstance(learner, ProtoNet):
@@ -145,16 +146,12 @@ def evaluate(learner: nn.Module, sampler, episodes: int, steps: Optional[int] = 
     if steps is None:
         raise ValueError("steps: the MAML family needs the number of inner steps to adapt with")
     accs = []
-    was_training = learner.training
-    learner.eval()  # Dropout off; MAML++'s per-step running statistics (per_step_bn_stats) in use
-    try:
+    with eval_mode(learner):  # Dropout off; MAML++'s per-step running statistics (per_step_bn_stats) in use
         for ep in fixed:
             fast = learner.adapt(ep.support_x, ep.support_y, steps=steps)
             with torch.no_grad():
                 out = learner.predict(fast, ep.query_x)
             accs.append((out.argmax(-1) == ep.query_y).to(torch.float64).mean(1).cpu())
-    finally:
-        learner.train(was_training)
     accs = torch.cat(accs)
     mean, ci = mean_ci95(accs)
     return {"accuracy": mean, "ci95": ci, "episodes": accs.numel(), "steps": steps, "per_episode": accs.tolist()}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..functional.modes import eval_mode
 from .model import Inputs, LossSpec, MultiTask
 from .weighting import LossWeighting
 
@@ -92,10 +93,6 @@ def _shard(x: Inputs, targets: Union[Tensor, Sequence[Tensor]], tasks: int):
 @torch.no_grad()
 def per_task_accuracy(model: MultiTask, x: Inputs, targets: Union[Tensor, Sequence[Tensor]]) -> List[float]:
     """Fraction of correct arg-max predictions for each task."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         outs = model(x)
-    finally:
-        model.train(was_training)
     return [(out.argmax(-1) == targets[t]).double().mean().item() for t, out in enumerate(outs)]

@@ -9,7 +9,7 @@ wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, 
 graph).
 
 MAML++'s per-step per-tensor rates (lslr), multi-step loss and per-step BatchNorm weights (per_step_bn)
-run here too (MetaStep's ninth plan entry; step_bn is its eighth input). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
+run here too (StepPlan's lslr, msl_weights, bn_pieces and bn_recorder; step_bn is MetaStep's eighth input). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
 weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
 chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
 asked for where this path does not run is a fallback (the next path keeps every step).
@@ -26,7 +26,7 @@ import torch
 from ...functional.executor import EXACT_MODULES
 from ...functional.head import HeadEngine, body_features, checkpointed_body_features
 from ...functional.losses import CrossEntropy
-from ...functional.meta_step import MetaStep
+from ...functional.meta_step import MetaStep, StepPlan
 from .base import MetaStepPath, StepOutput, Support, Where
 
 
@@ -102,8 +102,7 @@ class ExactReversePath(MetaStepPath):
         # MAML++: LSLR's [steps, pieces] rates take Meta-SGD's place; the multi-step loss's weights of this iteration
         lrs = s.lrs if s.step_lrs is None else s.step_lrs
         recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
-        maml_pp = (s.step_lrs is not None, s.step_weights(steps) if s.multi_step_loss and steps > 1 else None,
-                   self._bn_pieces, recorder)
+        msl_weights = s.step_weights(steps) if s.multi_step_loss and steps > 1 else None
         anil = s.engine.adapt_from != 0  # (per_step_bn and per_step_bn_stats need anil=False)
         body = checkpointed_body_features if s.memory == "low" else body_features
         for lo in range(0, T, n):
@@ -115,7 +114,9 @@ class ExactReversePath(MetaStepPath):
                     xs = (body_features if s.first_order else body)(s.engine, theta, xs)  # first order: h_s constant
                 xq = body(s.engine, theta, xq)
                 engine, th = self._head, theta[s.engine.adapt_offset:]
-            plan = (engine, s.loss_fn, steps, s.lr, s.first_order, s.prec, report, s.memory == "low", maml_pp)
+            plan = StepPlan(engine, s.loss_fn, steps, s.lr, s.first_order, precision=s.prec, overflow_report=report,
+                            checkpoint=s.memory == "low", lslr=s.step_lrs is not None, msl_weights=msl_weights,
+                            bn_pieces=self._bn_pieces, bn_recorder=recorder)
             outs.append(MetaStep.apply(th, lrs, xs, sy[c], xq, qy[c], plan, s.step_bn))
             if report:
                 flags.append(report[0])
