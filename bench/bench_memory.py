@@ -56,6 +56,7 @@ METHODS = {
     "metafast fast": {"memory": "fast"},
     "metafast low": {"memory": "low"},
     "metafast low chunk=1": {"memory": "low", "task_chunk": 1},
+    "metafast min chunk=1": {"memory": "min", "task_chunk": 1},
     "learn2learn": None,
     "torch.func": None,
 }
@@ -192,7 +193,7 @@ def targets(rows: List[Dict[str, object]]) -> List[str]:
             return out
         # the executor issue's target: with a low-memory mode, peak <= learn2learn's at every K
         ks = sorted(k for (m, k) in at if m == "learn2learn")
-        lows = [m for m in METHODS if m.startswith("metafast low")]
+        lows = [m for m in METHODS if m.startswith(("metafast low", "metafast min"))]
         best = {k: min((at[(m, k)]["peak_mb"] for m in lows if (m, k) in at), default=None) for k in ks}
         check("low-mode peak <= learn2learn at every K",
               None if not ks or None in best.values() else all(best[k] <= at[("learn2learn", k)]["peak_mb"] for k in ks),

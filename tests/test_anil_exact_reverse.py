@@ -87,7 +87,7 @@ def test_anil_exact_reverse_matches_reference_and_autograd_path(kind, steps, fir
 
 
 @pytest.mark.parametrize("kind", ["conv4_bn", "resnet12"])
-@pytest.mark.parametrize("memory,task_chunk", [("low", None), ("low", 2), ("fast", 2)])
+@pytest.mark.parametrize("memory,task_chunk", [("low", None), ("low", 2), ("fast", 2), ("min", 2)])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_anil_memory_modes_match_reference(kind, memory, task_chunk, steps, first_order):

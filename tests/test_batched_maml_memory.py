@@ -1,5 +1,6 @@
-"""BatchedMAML's memory modes (memory="fast" | "low", task_chunk=N) against the float64 per-task reference
-(rel. err <= 1e-10), and that the low mode really keeps only fast weights between steps."""
+"""BatchedMAML's memory modes (memory="fast" | "low" | "min", task_chunk=N) against the float64 per-task
+reference (rel. err <= 1e-10), that the low mode really keeps only fast weights between steps and the min
+mode not even those."""
 import pytest
 import torch
 
@@ -11,7 +12,9 @@ from test_batched_maml import TOL, flat, make, meta_grads, reference, rel_err
 # memory="fast" unchunked is the matrix of test_batched_maml_exact_reverse.py; chunks in the fast mode
 # only split the work, so one model covers them.
 MODES = [("low", None, kind) for kind in ("mlp", "mlp_bn", "conv4_bn", "conv4_pool")] + \
-        [("low", 2, kind) for kind in ("mlp_bn", "conv4_bn", "conv4_pool")] + [("fast", 1, "conv4_bn")]
+        [("low", 2, kind) for kind in ("mlp_bn", "conv4_bn", "conv4_pool")] + [("fast", 1, "conv4_bn")] + \
+        [("min", None, kind) for kind in ("mlp", "conv4_bn")] + [("min", c, kind) for c, kind in
+                                                                ((1, "mlp_bn"), (2, "conv4_bn"), (2, "conv4_pool"))]
 
 
 @pytest.mark.parametrize("memory,task_chunk,kind", MODES)
@@ -83,6 +86,64 @@ def test_low_mode_keeps_fast_weights_not_activations():
     assert low[0][0] is None  # W_0 is theta itself
     assert all(isinstance(w, list) and all(p.shape[0] == 3 for p in w) for w, _ in low[1:])
     assert all(isinstance(r, tuple) and len(r) == 5 for r in fast)  # (tape, gys, out, layout, g)
+
+
+def test_min_mode_keeps_no_fast_weights_and_replays_each_chunk(monkeypatch):
+    """memory="min": the node holds random states only; the reverse replays steps 0..K-1, then reverses."""
+    model, batch, loss = make("conv4_bn")  # 3 tasks
+    seen = []
+    real = meta_step.MetaStep.forward
+
+    def grab(ctx, *args):
+        out = real(ctx, *args)
+        seen.append((list(ctx.records), ctx.ckpt_inputs[3][0]))
+        return out
+
+    monkeypatch.setattr(meta_step.MetaStep, "forward", staticmethod(grab))
+    calls = _checkpointed_calls(monkeypatch)
+    maml = BatchedMAML(model, inner_lr=0.3, inner_steps=3, loss=loss, memory="min", task_chunk=2)
+    out = maml(*batch)
+    assert len(seen) == 2 and all(w is None and all(r[0] is None for r in records) for records, w in seen)
+    assert calls == []
+    out.loss.backward()
+    # per chunk (the second chunk's node runs first in the backward): replay 0, 1, 2, then the reverse 2, 1, 0
+    assert calls == [0, 1, 2, 2, 1, 0] * 2
+    assert "memory: min (step-checkpointed exact reverse replaying each chunk's inner loop, chunks of 2" \
+        in maml.describe()
+
+
+@pytest.mark.parametrize("memory", ["low", "min"])
+def test_checkpointed_node_frees_its_fast_weights_after_its_backward(memory):
+    """A chunk's W_k go when its backward ends (not when the graph dies); a retained graph replays them."""
+    model, batch, loss = make("conv4_bn")
+    nodes = []
+    real = meta_step.MetaStep.forward
+
+    def grab(ctx, *args):
+        nodes.append(ctx)
+        return real(ctx, *args)
+
+    meta_step.MetaStep.forward = staticmethod(grab)
+    try:
+        maml = BatchedMAML(model, inner_lr=0.3, inner_steps=3, loss=loss, memory=memory, task_chunk=2)
+        out = maml(*batch)
+    finally:
+        meta_step.MetaStep.forward = real
+    params = list(model.parameters())
+    first = flat(torch.autograd.grad(out.loss, params, retain_graph=True))
+    assert len(nodes) == 2 and all(r[0] is None for ctx in nodes for r in ctx.records)
+    assert all(ctx.ckpt_inputs[3][0] is None for ctx in nodes)
+    second = flat(torch.autograd.grad(out.loss, params))  # the retained graph: replayed from θ
+    assert torch.equal(first, second)
+
+
+def test_min_mode_refuses_a_theta_changed_before_the_backward():
+    model, batch, loss = make("conv4_bn")
+    out = BatchedMAML(model, inner_lr=0.3, inner_steps=2, loss=loss, memory="min")(*batch)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # e.g. an optimizer step between forward and backward
+    with pytest.raises(RuntimeError, match="parameters changed between this meta-step's forward and its backward"):
+        out.loss.backward()
 
 
 def test_chunk_larger_than_batch_is_clamped_and_equals_unchunked():

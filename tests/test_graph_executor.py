@@ -299,7 +299,7 @@ class _FunctionalDrop(nn.Module):
 
 
 @pytest.mark.parametrize("functional", [False, True])
-@pytest.mark.parametrize("exact,memory", [(True, "fast"), (False, "fast"), (True, "low")])
+@pytest.mark.parametrize("exact,memory", [(True, "fast"), (False, "fast"), (True, "low"), (True, "min")])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_dropout_masks_per_task_reproducible_from_the_seed(exact, memory, first_order, functional):
     """memory="low": the reverse rebuilds each step with the masks that step's forward drew. F.dropout with

@@ -41,7 +41,8 @@ def used_path(maml):
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("option", ["lslr", "msl", "both"])
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("path,memory", [("autograd", "fast"), ("exact_reverse", "fast"), ("exact_reverse", "low")])
+@pytest.mark.parametrize("path,memory", [("autograd", "fast"), ("exact_reverse", "fast"), ("exact_reverse", "low"),
+                                         ("exact_reverse", "min")])
 def test_meta_gradient_matches_per_task_reference(kind, steps, option, first_order, path, memory):
     torch.manual_seed(0)
     model, batch, loss = make(kind)
@@ -253,7 +254,7 @@ def test_train_parser_takes_algorithm():
 def test_task_chunks_and_step_checkpointing_give_the_same_meta_gradient():
     model, batch, loss = make("conv4_bn")
     grads = []
-    for memory, chunk in (("fast", None), ("low", 2), ("fast", 1)):
+    for memory, chunk in (("fast", None), ("low", 2), ("fast", 1), ("min", 2)):
         maml = BatchedMAML(model, inner_lr=0.3, inner_steps=3, loss=loss, lslr=True, multi_step_loss=True,
                            msl_anneal_iters=10, memory=memory, task_chunk=chunk)
         maml.set_iteration(2)
@@ -285,7 +286,13 @@ def meta_sgd_reference_rates(maml):
 
 
 PATHS = {"autograd": dict(exact_reverse=False), "exact_reverse": dict(),
-         "exact_reverse_low_chunks": dict(memory="low", task_chunk=2)}
+         "exact_reverse_low_chunks": dict(memory="low", task_chunk=2),
+         "exact_reverse_min_chunks": dict(memory="min", task_chunk=2)}
+
+
+def path_of(name: str) -> str:
+    """The meta-step path a PATHS entry runs on (memory modes and chunks run on the exact reverse)."""
+    return name.split("_low")[0].split("_min")[0]
 
 
 @pytest.mark.parametrize("kind", ["mlp_bn", "conv4_bn"])
@@ -308,7 +315,7 @@ def test_per_step_bn_matches_per_task_reference(kind, steps, first_order, others
             maml.lrs.mul_(torch.rand_like(maml.lrs) + 0.5)
     extra = [maml.step_bn] + ([maml.step_lrs] if lslr_msl else [maml.lrs] if others == "meta_sgd" else [])
     out = maml(*batch)
-    assert used_path(maml) == path.split("_low")[0]
+    assert used_path(maml) == path_of(path)
     assert_path(maml, fused=False, exact_reverse=path != "autograd")
     params = list(model.parameters()) + extra
     grads = torch.autograd.grad(out.loss, params)
@@ -342,7 +349,7 @@ def test_per_step_bn_exact_reverse_five_steps_in_chunks():
             maml.step_lrs.mul_(torch.linspace(0.5, 1.5, maml.step_lrs.numel(), dtype=DT).view_as(maml.step_lrs))
         params = list(model.parameters()) + [maml.step_bn, maml.step_lrs]
         grads[name] = flat(torch.autograd.grad(maml(*batch).loss, params))
-        assert used_path(maml) == name.split("_low")[0]
+        assert used_path(maml) == path_of(name)
     ref = per_task_maml(model, *batch, 0.3, 5, False, loss, step_params=step_bn_reference(maml),
                         step_lrs=lslr_reference_rates(maml), step_weights=maml.step_loss_weights())
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
@@ -481,7 +488,7 @@ def test_per_step_bn_stats_buffers_equal_a_hand_reference(kind, path):
     want_mean, want_var = torch.zeros_like(maml.step_running_mean), torch.ones_like(maml.step_running_var)
     for n, b in enumerate((batch, second_batch(batch)), start=1):
         maml(*b).loss.backward()
-        assert used_path(maml) == path.split("_low")[0]
+        assert used_path(maml) == path_of(path)
         inputs, _ = reference_bnrs(model, b, lr, 3, loss, step_bn_reference(maml) if bnwb else None)
         at = 0
         for i, bn in enumerate(bns):
@@ -545,7 +552,7 @@ def test_per_step_bn_stats_leave_training_meta_gradients_unchanged(path):
         with torch.no_grad():
             maml.step_bn.copy_(torch.linspace(0.5, 1.5, maml.step_bn.numel(), dtype=DT).view_as(maml.step_bn))
         out = maml(*batch)
-        assert used_path(maml) == path.split("_low")[0]
+        assert used_path(maml) == path_of(path)
         grads.append(flat(torch.autograd.grad(out.loss, list(model.parameters()) + [maml.step_bn])))
     assert torch.equal(grads[0], grads[1])
     assert maml.step_running_count.tolist() == [1, 1, 1]

@@ -24,7 +24,7 @@ from .paths import exact_reverse as _exact_reverse
 
 __all__ = ["BatchedMAML", "MetaOutput", "FastWeights", "explain_paths", "MEMORY_MODES"]
 
-MEMORY_MODES = ("fast", "low")
+MEMORY_MODES = ("fast", "low", "min")
 _MAX_SIGNATURES = 16  # batch signatures whose checks and path are remembered (a train and an eval shape...)
 
 
@@ -97,9 +97,13 @@ class BatchedMAML(nn.Module):
             backward when the reverse reaches it, so the peak holds one step's activations whatever
             ``inner_steps`` is, for about one more support forward+backward per step. It runs on the
             exact-reverse path; where that does not apply, "fast" runs with a FallbackWarning
-            (``describe()`` says why). Both modes give the same meta-gradients.
+            (``describe()`` says why). "min" is "low" keeping no fast weights either: the reverse
+            replays each chunk's inner loop from θ (one more support forward+backward per step), so
+            what a step keeps for its backward does not grow with the meta-batch. Every mode gives the
+            same meta-gradients.
         task_chunk: run the meta-batch in chunks of this many tasks whose meta-gradients add up (the
-            result equals the unchunked one). With memory="low" the peak is then one step of one chunk;
+            result equals the unchunked one). With memory="low" the peak is then one step of one chunk
+            plus every task's fast weights; with "min" one step and the fast weights of one chunk;
             with "fast" chunks split the work, not the peak. None (default): all tasks at once. A chunk
             larger than the batch is clamped.
         lslr: MAML++ learned per-step, per-layer inner rates: an nn.Parameter ``step_lrs``
@@ -249,7 +253,8 @@ class BatchedMAML(nn.Module):
     cuda_graph = _setting("cuda_graph", "capture the meta-step in CUDA graphs (CUDA inputs)")
     fused = _setting("fused", "None: fused where it applies; True: required; False: never")
     loss_fn = _setting("loss_fn", "the per-task loss (metafast.functional.losses.TaskLoss)")
-    memory = _setting("memory", '"fast": keep every inner step for the reverse; "low": step checkpointing')
+    memory = _setting("memory", '"fast": keep every inner step for the reverse; "low": step checkpointing; '
+                      '"min": step checkpointing with the inner loop replayed in the reverse')
     task_chunk = _setting("task_chunk", "tasks per chunk of the meta-batch, or None (all at once)")
 
     @property
@@ -520,9 +525,15 @@ class BatchedMAML(nn.Module):
                     f"{self.inner_steps}; chunks of {chunk} task(s) split the work, not the peak)")
         numel = self._engine.adapted_numel
         per_task = self.inner_steps * numel * self._flat.buffer.element_size() / 2**20
-        kept = f"{per_task:.1f} MB per task" + (f", {per_task * num_tasks:.1f} MB in all" if num_tasks else "")
         body = ("; anil: the body checkpointed too (its features kept, its activations rebuilt one chunk at a time "
                 "in the backward)" if self._engine.adapt_from else "")
+        if self.memory == "min":
+            per_chunk = f", {per_task * int(chunk):.1f} MB per chunk" if chunk != "all" else ""
+            return (f"memory: min (step-checkpointed exact reverse replaying each chunk's inner loop, chunks of "
+                    f"{chunk} task(s)): peak ~ one inner step's activations of one chunk + that chunk's fast weights "
+                    f"of {self.inner_steps} steps x {numel} parameters ({per_task:.1f} MB per task{per_chunk}), "
+                    "rebuilt in its backward" + body)
+        kept = f"{per_task:.1f} MB per task" + (f", {per_task * num_tasks:.1f} MB in all" if num_tasks else "")
         return (f"memory: low (step-checkpointed exact reverse, chunks of {chunk} task(s)): peak ~ one inner step's "
                 f"activations of one chunk + fast weights of {self.inner_steps} steps x {numel} parameters ({kept})"
                 + body)

@@ -53,12 +53,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-inner-steps", type=int_at_least(1), help="inner steps at validation/test (default: the preset's)")
     p.add_argument("--model", choices=MODELS, help="network (default conv4, the paper's)")
     p.add_argument("--width", type=int_at_least(1), help="Conv4 channels (default: the preset's)")
-    p.add_argument("--memory", choices=("fast", "low"),
+    p.add_argument("--memory", choices=("fast", "low", "min"),
                    help="vision: 'low' recomputes each inner step in the reverse instead of keeping its activations "
-                        "(peak independent of --inner-steps, same results; default fast)")
+                        "(peak independent of --inner-steps, same results); 'min' also replays the inner loop instead "
+                        "of keeping its fast weights (default fast)")
     p.add_argument("--task-chunk", type=int_at_least(1), metavar="N",
-                   help="vision: run the meta-batch N tasks at a time (same results; with --memory low the peak is one "
-                        "step of N tasks)")
+                   help="vision: run the meta-batch N tasks at a time (same results; with --memory low/min the peak is "
+                        "one step of N tasks)")
     p.add_argument("--val-every", type=int_at_least(0), metavar="N",
                    help="validate every N iterations, 0 = never (default 500)")
     p.add_argument("--val-episodes", type=int_at_least(1), help="fixed validation episodes (default 100)")

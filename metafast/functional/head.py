@@ -11,7 +11,7 @@ everywhere in the executor). MetaStep runs the head's inner loop and query loss 
 the second being the R-operator of the head's input gradient along lr_k Wbar_{k+1} (the mixed second
 derivative, one extra output of the Hessian-vector product the reverse takes anyway). Autograd carries both
 into the body's parameters, which therefore need only first derivatives: no R-operator, and any layer the
-executor runs (per-task fallbacks included) may be in the body. With memory="low" the body is
+executor runs (per-task fallbacks included) may be in the body. With memory="low" or "min" the body is
 checkpointed too (:func:`checkpointed_body_features`): its activations are rebuilt in the backward, one task
 chunk at a time, so the peak no longer holds every chunk's body.
 """
@@ -71,7 +71,7 @@ def body_features(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def checkpointed_body_features(engine, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """:func:`body_features` whose activations are not kept: autograd recomputes the body when the backward
-    reaches it (torch.utils.checkpoint), so one task chunk's body is alive at a time (memory="low"). The body's
+    reaches it (torch.utils.checkpoint), so one task chunk's body is alive at a time (memory="low" or "min"). The body's
     own Dropout generators are rewound for the recomputation, which therefore draws the forward's masks."""
     gens = [layer.gen for layer in engine.layers[:engine.adapt_from] if getattr(layer, "gen", None) is not None]
     states = [g.get_state() for g in gens]

@@ -21,7 +21,10 @@ Step checkpointing (``checkpoint=True``): the forward keeps only each step's fas
 weights W_k (K * T * P numbers) instead of every step's activations, and the reverse recomputes step k's
 support forward and backward when it reaches it (and the query pass from W_K), so the peak holds one
 step's activations whatever K is. Recomputation runs the same ops on the same inputs, so the
-meta-gradient is the same.
+meta-gradient is the same. With ``replay=True`` too (memory="min") the forward keeps not even W_k: the
+reverse first replays the inner loop from θ to get W_1..W_K back (one more support forward and backward
+per step), so between forward and backward a node holds its outputs and nothing of size K * T * P, and
+the peak of a chunked meta-batch is one chunk's K fast weights and one step's activations.
 
 MAML++ (``lslr``, ``msl_weights``, ``bn_pieces``, ``bn_recorder``): with ``lslr`` the ``lrs`` input is LSLR's
 [K', n_pieces] per-step per-piece rates (K' >= K), so lr_k is a scalar per piece i and
@@ -68,6 +71,7 @@ class StepPlan:
     precision: Precision = FP32          # mixed precision of the layers
     overflow_report: Optional[list] = None  # receives the per-task overflow flags [T] of the inner gradients
     checkpoint: bool = False             # step checkpointing (memory="low")
+    replay: bool = False                 # with checkpoint: keep no W_k, replay the inner loop in the reverse (memory="min")
     lslr: bool = False                   # MAML++ LSLR: ``lrs`` is [K', n_pieces]
     msl_weights: Optional[Any] = None    # MAML++ multi-step loss weights [K]
     bn_pieces: Optional[List[Tuple[int, int]]] = None  # BNWB: (piece, column in step_bn) per BatchNorm tensor
@@ -81,6 +85,14 @@ def _update(base, g, lr):
     if isinstance(lr, (list, tuple)):
         return [torch.addcmul(b, l, gk, value=-1.0) for b, l, gk in zip(base, lr, g)]
     return [torch.add(b, gk, alpha=-lr) for b, gk in zip(base, g)]
+
+
+def _step_lr(plan, lrs, sizes, k):
+    """Step k's inner rate as _update takes it: LSLR's row k (a scalar per piece), Meta-SGD's per-parameter
+    pieces, or the plan's scalar for step k."""
+    if plan.lslr:
+        return list(lrs[k].unbind())
+    return lrs.split(sizes) if lrs is not None else plan.lr_of(k)
 
 
 def _generators(engine):
@@ -135,8 +147,9 @@ class MetaStep(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, theta, lrs, sx, sy, qx, qy, plan, step_bn=None):
-        engine, loss_fn, steps, lr_of = plan.engine, plan.loss_fn, plan.steps, plan.lr_of
+        engine, loss_fn, steps = plan.engine, plan.loss_fn, plan.steps
         prec, report, ckpt = plan.precision, plan.overflow_report, plan.checkpoint
+        keep = ckpt and not plan.replay  # checkpointed: keep W_k (replay: the reverse recomputes it from θ)
         lslr, weights, recorder = plan.lslr, plan.msl_weights, plan.bn_recorder
         bn = plan.bn_pieces if steps > 0 else None  # BNWB: [(piece, column)]
         overflow = None
@@ -151,7 +164,6 @@ class MetaStep(torch.autograd.Function):
         # BNWB: step 0 runs at θ with row 0's BatchNorm weights (every later pass has fast weights)
         theta_c = low(theta if bn is None else _theta_with_bn(bn, step_bn, 0, theta, sizes))
         sx, qx = low(sx), low(qx)
-        lr_parts = lrs.split(sizes) if lrs is not None and not lslr else None
         msl = {}  # MAML++ multi-step loss: step j -> (weighted loss [T], query tape, layout, dL/dout)
         for k in range(steps):
             if bn is not None and fast is not None:
@@ -170,10 +182,9 @@ class MetaStep(torch.autograd.Function):
                 bad = prec.overflowed(g, support_losses)
                 overflow = bad if overflow is None else overflow | bad
             # checkpointed: W_k alone (None: theta); the step's tape is dropped here and rebuilt by the reverse
-            records.append((fast, rng) if ckpt else (tape, gys, out, layout, g))
+            records.append(((fast if keep else None), rng) if ckpt else (tape, gys, out, layout, g))
             del tape, gys, out
-            lr_k = list(lrs[k].unbind()) if lslr else (lr_parts if lrs is not None else lr_of(k))
-            fast = _update(theta.split(sizes) if fast is None else fast, g, lr_k)
+            fast = _update(theta.split(sizes) if fast is None else fast, g, _step_lr(plan, lrs, sizes, k))
             if weights is not None and k + 1 < steps and weights[k] != 0:
                 rng = _rng_states(engine) if ckpt else None
                 at = fast if bn is None else _with_bn(bn, step_bn, k, fast, T)
@@ -186,7 +197,7 @@ class MetaStep(torch.autograd.Function):
         out_q = engine.output(out_q, layout_q, T).to(theta.dtype)
         if ckpt:
             tape_q = None
-            ctx.ckpt_inputs = (theta_c, sx, qx, (fast, rng))  # W_K, to rebuild the query tape in the reverse
+            ctx.ckpt_inputs = (theta_c, sx, qx, (fast if keep else None, rng))  # W_K: the query tape's rebuild
         if report is not None and overflow is not None:
             report.append(overflow)
         loss_fn.check_target(out_q, qy, "query_y")
@@ -199,6 +210,10 @@ class MetaStep(torch.autograd.Function):
         ctx.records, ctx.tape_q, ctx.layout_q, ctx.dq = records, tape_q, layout_q, dq
         ctx.lrs, ctx.theta_shape, ctx.records_dtype = lrs, theta.shape, theta_c.dtype
         ctx.bn, ctx.step_bn = bn, step_bn
+        if ckpt:  # the replay's start (autograd's version check catches an in-place change before the backward)
+            ctx.save_for_backward(theta)
+            ctx.theta_sum = theta.detach().sum()  # and this one a change through the parameters it aliases
+        ctx.replay_pending = ckpt and not keep
         ctx.mark_non_differentiable(support_losses, out_q)
         return task_losses, support_losses, out_q
 
@@ -225,6 +240,8 @@ class MetaStep(torch.autograd.Function):
         scale = g_losses.view(-1, *([1] * (ctx.dq.dim() - 1)))
         gq = ctx.dq * scale
         tape_q, layout_q = ctx.tape_q, ctx.layout_q
+        if ctx.replay_pending:  # memory="min" (or a second backward): W_1..W_K back first
+            MetaStep._replay(ctx, ctx.saved_tensors[0])
         if ctx.ckpt:  # rebuild the query tape from W_K
             _, _, qx, record = ctx.ckpt_inputs
             _, layout_q, tape_q = MetaStep._rebuild(ctx, record, qx)
@@ -292,6 +309,10 @@ class MetaStep(torch.autograd.Function):
         hbar_q = ctx.hbar_q
         if need_s and hbar_s is None:  # first order (or no steps): the support features get no gradient
             hbar_s = torch.zeros(ctx.x_shapes[0], dtype=ctx.x_dtypes[0], device=gq.device)
+        if ctx.ckpt:  # this node's fast weights go now, not when its graph dies (a retained graph replays them)
+            ctx.records = [(None, rng) for _, rng in ctx.records]
+            theta_c, sx, qx, (_, rng) = ctx.ckpt_inputs
+            ctx.ckpt_inputs, ctx.replay_pending = (theta_c, sx, qx, (None, rng)), True
         return (torch.cat([w.sum(0) for w in wbar]), lrbar, None if hbar_s is None else hbar_s.to(ctx.x_dtypes[0]),
                 None, None if hbar_q is None else hbar_q.to(ctx.x_dtypes[1]), None, None, step_bnbar)
 
@@ -334,6 +355,30 @@ class MetaStep(torch.autograd.Function):
         theta_c = ctx.ckpt_inputs[0]
         return MetaStep._rerun(engine, record, lambda fast: engine.forward(
             0, len(engine.layers), theta_c, _low(low, fast), x, "tn", ctx.rc, record=True))
+
+    @staticmethod
+    def _replay(ctx, theta):
+        """memory="min": the inner loop again from θ, each step as its checkpointed rebuild (the same ops on the
+        same inputs and random states as the forward), filling the records with W_k and W_K."""
+        plan, T, bn = ctx.plan, ctx.rc.T, ctx.bn
+        now = theta.detach().sum()
+        if not (torch.equal(now, ctx.theta_sum) or bool(now.isnan() & ctx.theta_sum.isnan())):
+            raise RuntimeError("MetaStep (memory='min'): the parameters changed between this meta-step's forward "
+                               "and its backward (an optimizer step?); the reverse replays the inner loop from them, "
+                               "so the backward must come first")
+        sizes = plan.engine.slot_sizes()
+        fast = None
+        for k in range(plan.steps):
+            if bn is not None and fast is not None:
+                fast = _with_bn(bn, ctx.step_bn, k, fast, T)
+            ctx.records[k] = (fast, ctx.records[k][1])
+            g = MetaStep._recompute(ctx, k)[4]  # the step's tape is dropped here
+            fast = _update(theta.split(sizes) if fast is None else fast, g, _step_lr(plan, ctx.lrs, sizes, k))
+        if bn is not None:
+            fast = _with_bn(bn, ctx.step_bn, plan.steps - 1, fast, T)
+        theta_c, sx, qx, (_, rng) = ctx.ckpt_inputs
+        ctx.ckpt_inputs = (theta_c, sx, qx, (fast, rng))
+        ctx.replay_pending = False
 
     @staticmethod
     def _recompute(ctx, k):

@@ -81,7 +81,7 @@ class VisionConfig(JobConfig):
     meta_lr: Optional[float] = None
     first_order: bool = False
     meta_sgd: bool = False
-    memory: str = "fast"                 # BatchedMAML's memory mode; "low": step checkpointing (same results)
+    memory: str = "fast"                 # BatchedMAML's memory mode: "fast", "low" or "min" (same results)
     task_chunk: Optional[int] = None     # tasks per chunk of the meta-batch (same results)
     iterations: Optional[int] = None
     val_every: int = 500                 # 0: no validation (best.pt = the final weights)

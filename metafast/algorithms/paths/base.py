@@ -130,7 +130,7 @@ class Setup:
     cuda_graph: bool                 # requested (falls back to eager with a FallbackWarning)
     guard: FiniteGuard
     fallbacks: dict = field(default_factory=dict)  # key -> count, shared with the owner (describe())
-    memory: str = "fast"             # "fast" | "low" (step checkpointing; the exact reverse runs it)
+    memory: str = "fast"             # "fast" | "low" (step checkpointing) | "min" (and replay; both on the exact reverse)
     task_chunk: Optional[int] = None  # tasks per chunk of the meta-batch (None: all)
     # MAML++ (metafast/algorithms/mamlpp.py); a path that does not implement one says so in supports()
     step_lrs: Optional[torch.Tensor] = None  # LSLR: [steps, adapted tensors] learned rates, else None

@@ -9,15 +9,17 @@ wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, 
 graph).
 
 MAML++'s per-step per-tensor rates (lslr), multi-step loss and per-step BatchNorm weights (per_step_bn)
-run here too (StepPlan's lslr, msl_weights, bn_pieces and bn_recorder; step_bn is MetaStep's eighth input). Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast
-weights kept, its activations rebuilt by the reverse), and ``task_chunk`` runs one MetaStep node per
-chunk of tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode
-asked for where this path does not run is a fallback (the next path keeps every step).
+run here too (StepPlan's lslr, msl_weights, bn_pieces and bn_recorder; step_bn is MetaStep's eighth input).
+Memory modes run here: ``memory="low"`` passes step checkpointing to MetaStep (each step's fast weights
+kept, its activations rebuilt by the reverse), ``memory="min"`` checkpointing with replay (no fast weights
+kept: the reverse replays the inner loop from θ), and ``task_chunk`` runs one MetaStep node per chunk of
+tasks, so with checkpointing the reverse holds one step of one chunk at a time. A memory mode asked for
+where this path does not run is a fallback (the next path keeps every step).
 
 ANIL (anil=True): the body runs once per support and query set with autograd (metafast.functional.head),
 MetaStep runs the head's inner loop on its features and returns their gradients (the query pass's input
 gradient, and the inner loop's adjoint by the head's mixed second derivatives), and autograd carries them
-into the body, which needs no R-operators (with memory="low" the body is checkpointed, recomputed per task
+into the body, which needs no R-operators (with memory="low" or "min" the body is checkpointed, recomputed per task
 chunk in the backward). Not with bf16/fp16 (autograd runs those), and on a module graph
 only where the head reads one value of the body and every node after it depends on it.
 """
@@ -104,7 +106,7 @@ class ExactReversePath(MetaStepPath):
         recorder = s.stats_recorder()  # BNRS: every chunk's support passes record into it
         msl_weights = s.step_weights(steps) if s.multi_step_loss and steps > 1 else None
         anil = s.engine.adapt_from != 0  # (per_step_bn and per_step_bn_stats need anil=False)
-        body = checkpointed_body_features if s.memory == "low" else body_features
+        body = body_features if s.memory == "fast" else checkpointed_body_features
         for lo in range(0, T, n):
             c = slice(lo, lo + n)
             report = [] if watch else None
@@ -115,8 +117,8 @@ class ExactReversePath(MetaStepPath):
                 xq = body(s.engine, theta, xq)
                 engine, th = self._head, theta[s.engine.adapt_offset:]
             plan = StepPlan(engine, s.loss_fn, steps, s.lr, s.first_order, precision=s.prec, overflow_report=report,
-                            checkpoint=s.memory == "low", lslr=s.step_lrs is not None, msl_weights=msl_weights,
-                            bn_pieces=self._bn_pieces, bn_recorder=recorder)
+                            checkpoint=s.memory != "fast", replay=s.memory == "min", lslr=s.step_lrs is not None,
+                            msl_weights=msl_weights, bn_pieces=self._bn_pieces, bn_recorder=recorder)
             outs.append(MetaStep.apply(th, lrs, xs, sy[c], xq, qy[c], plan, s.step_bn))
             if report:
                 flags.append(report[0])
