@@ -254,13 +254,16 @@ def test_ctrl_c_saves_and_resumes_exactly(cifar_root, tmp_path, one_thread):
     assert ma["per_episode_accuracy"] == mb["per_episode_accuracy"]
 
 
-def test_memory_options_reach_batched_maml_and_are_checked():
-    args = cli.build_parser().parse_args(["train", "--dataset", "omniglot", "--memory", "low", "--task-chunk", "3"])
-    assert (args.memory, args.task_chunk) == ("low", 3)
-    cf = vision.VisionConfig(dataset="omniglot", memory="low", task_chunk=3).resolved()
+@pytest.mark.parametrize("memory,line", [("low", "memory: low (step-checkpointed exact reverse, chunks of 3 task(s))"),
+                                         ("min", "memory: min (step-checkpointed exact reverse replaying each chunk's "
+                                                 "inner loop, chunks of 3 task(s))")])
+def test_memory_options_reach_batched_maml_and_are_checked(memory, line):
+    args = cli.build_parser().parse_args(["train", "--dataset", "omniglot", "--memory", memory, "--task-chunk", "3"])
+    assert (args.memory, args.task_chunk) == (memory, 3)
+    cf = vision.VisionConfig(dataset="omniglot", memory=memory, task_chunk=3).resolved()
     maml, _ = vision.build(cf, torch.device("cpu"))
-    assert (maml.memory, maml.task_chunk) == ("low", 3)
-    assert "memory: low (step-checkpointed exact reverse, chunks of 3 task(s))" in maml.describe()
+    assert (maml.memory, maml.task_chunk) == (memory, 3)
+    assert line in maml.describe()
     for bad, name in ((dict(memory="tiny"), "memory"), (dict(task_chunk=0), "task_chunk")):
         with pytest.raises(ValueError, match=name):
             vision.VisionConfig(dataset="omniglot", **bad).resolved()
