@@ -18,6 +18,7 @@ memory there gets the row note "out of memory" (the point of the run); metafast 
 ``--model resnet12 --width narrow --image 32 --shots 1 --queries 3 --tasks 4 --steps 1 5``: the executor
 issue's workload (ResNet-12 narrow on CIFAR-FS-shaped episodes, 5-way 1-shot, 3 queries, meta-batch 4);
 its target is a low-mode peak no higher than learn2learn's at every K (rows: memory_resnet12_narrow_cpu.json).
+The same with ``--tasks 16 --steps 5 --tag tasks16``: what a larger meta-batch adds to each mode's peak.
 
 A method whose memory, extrapolated linearly in K from its two previous rows, would exceed
 ``--budget-mb`` is skipped at that K (its row says so): at K = 100 torch.func, learn2learn and metafast's
@@ -259,6 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="32x32 images, K = 1 2 4 (a smoke run)")
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true", help="no PNG (e.g. a machine without matplotlib)")
+    p.add_argument("--tag", default="", help="appended to the results file's name (e.g. tasks16 for a meta-batch sweep)")
     p.add_argument("--float64-reference", action="store_true",
                    help="compare meta-gradients with metafast's low mode in float64 instead of learn2learn's fp32 "
                         "(on by default for resnet12: in fp32 its gradients are ill-conditioned, bench/NOTES.md)")
@@ -277,6 +279,7 @@ def main(argv=None) -> int:
     if args.tasks < 1:
         p.error(f"--tasks: expected an integer >= 1, got {args.tasks}")
     suffix = "" if args.model == "conv4" else f"_{args.model}" + ("_narrow" if args.width == "narrow" else "")
+    suffix += f"_{args.tag}" if args.tag else ""
     sink = RowSink(f"{BENCH}{suffix}_{args.device}", out_dir=args.out)
     sink.expect(len(args.steps) * len(args.methods))
     floor = GRAD_RTOL
