@@ -219,6 +219,7 @@ TABLES: Dict[str, Tuple[str, Callable[[str], Tuple[List[str], List[dict]]]]] = {
     "maml_step_cuda": ("maml_step_cuda", _gpu),
     "memory_cpu": ("memory_cpu", _memory),
     "memory_resnet12_narrow_cpu": ("memory_resnet12_narrow_cpu", _memory),
+    "memory_resnet12_narrow_tasks16_cpu": ("memory_resnet12_narrow_tasks16_cpu", _memory),
 }
 
 
