@@ -363,9 +363,9 @@ class MetaStep(torch.autograd.Function):
         plan, T, bn = ctx.plan, ctx.rc.T, ctx.bn
         now = theta.detach().sum()
         if not (torch.equal(now, ctx.theta_sum) or bool(now.isnan() & ctx.theta_sum.isnan())):
-            raise RuntimeError("MetaStep (memory='min'): the parameters changed between this meta-step's forward "
-                               "and its backward (an optimizer step?); the reverse replays the inner loop from them, "
-                               "so the backward must come first")
+            raise RuntimeError("MetaStep: the parameters changed between this meta-step's forward and a backward "
+                               "that replays its inner loop from them (memory='min', or a second backward of a "
+                               "checkpointed step; an optimizer step in between?): run the backward first")
         sizes = plan.engine.slot_sizes()
         fast = None
         for k in range(plan.steps):
