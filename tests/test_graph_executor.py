@@ -438,3 +438,16 @@ def test_torch_dropout_is_refused_by_the_tracer(monkeypatch):
     with pytest.warns(FallbackWarning, match="torch.dropout"):
         maml = BatchedMAML(Net(nn.Identity()).to(DT), inner_lr=0.1, inner_steps=1, loss="mse")
     assert "per task" in maml.describe()
+
+
+def test_functional_dropout_follows_the_module_that_calls_it():
+    from metafast.functional.graph.layers import Dropout
+
+    model = DropMLP(_FunctionalDrop(0.3)).to(DT)
+    maml = BatchedMAML(model, inner_lr=0.1, inner_steps=1, loss="mse")
+    (drop,) = [x for x in maml._engine.layers if isinstance(x, Dropout)]
+    assert drop.module.training
+    model.drop.eval()  # the calling module alone: its flag, not the root's, decides
+    assert model.training and not drop.module.training
+    model.drop.train()
+    assert drop.module.training

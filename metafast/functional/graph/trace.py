@@ -387,8 +387,9 @@ def _functional_dropout(n: fx.Node, root: nn.Module, modules, follows: bool) -> 
                           "0 <= p < 1)")
     if p == 0 or (not training and not follows):
         return None
-    stack = n.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()))[0] if stack else ""
+    stack = n.meta.get("nn_module_stack") or {}  # innermost last; values (path, type) (older torch: key = path)
+    key, val = next(reversed(stack.items())) if stack else ("", None)
+    path = val[0] if isinstance(val, tuple) else key
     return FunctionalDropout(p, modules.get(path, root), training, follows)
 
 
