@@ -260,8 +260,8 @@ class BatchedMAML(nn.Module):
     @property
     def exact_reverse(self) -> bool:
         """Whether the meta-gradient is computed by the exact reverse (where it applies, unless set False)."""
-        return (_exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse).ok
-                and not (self._engine.adapt_from and self._prec.mixed))
+        return _exact_reverse.support(self._engine, self.loss_fn, self.clip_grad_norm, self._exact_reverse,
+                                      self._prec).ok
 
     @exact_reverse.setter
     def exact_reverse(self, value: bool) -> None:

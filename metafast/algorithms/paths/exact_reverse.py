@@ -3,10 +3,10 @@ reverse of the inner loop (metafast.functional.meta_step.MetaStep: Hessian-vecto
 R-operators) instead of autograd through the unrolled loop. Same gradients, far fewer autograd nodes;
 the result supports one backward (no third-order derivatives).
 
-It applies where every adapted layer has R-operators (Linear, Conv2d, BatchNorm, MaxPool2d, ReLU, Tanh,
-Sigmoid, Flatten, and the graph layers: MLPs, Conv4, ResNet-12), there is no inner gradient clipping, the loss is "mse" or "cross_entropy", exact_reverse is not False, and a meta-gradient is
-wanted (autograd records; ``adapt()`` and no-grad calls take the unrolled path, which then builds no
-graph).
+It applies where every adapted layer has R-operators (metafast.functional.executor.EXACT_MODULES and the
+graph operations: MLPs, Conv4, ResNet-12), there is no inner gradient clipping, the loss is "mse" or
+"cross_entropy", exact_reverse is not False, and a meta-gradient is wanted (autograd records; ``adapt()``
+and no-grad calls take the unrolled path, which then builds no graph).
 
 MAML++'s per-step per-tensor rates (lslr), multi-step loss and per-step BatchNorm weights (per_step_bn)
 run here too (StepPlan's lslr, msl_weights, bn_pieces and bn_recorder; step_bn is MetaStep's eighth input).
@@ -19,9 +19,9 @@ where this path does not run is a fallback (the next path keeps every step).
 ANIL (anil=True): the body runs once per support and query set with autograd (metafast.functional.head),
 MetaStep runs the head's inner loop on its features and returns their gradients (the query pass's input
 gradient, and the inner loop's adjoint by the head's mixed second derivatives), and autograd carries them
-into the body, which needs no R-operators (with memory="low" or "min" the body is checkpointed, recomputed per task
-chunk in the backward). Not with bf16/fp16 (autograd runs those), and on a module graph
-only where the head reads one value of the body and every node after it depends on it.
+into the body, which needs no R-operators (with memory="low" or "min" the body is checkpointed, recomputed
+per task chunk in the backward). Not with bf16/fp16 (autograd runs those), and on a module graph only where
+the head reads one value of the body and every node after it depends on it.
 """
 import torch
 
@@ -29,11 +29,12 @@ from ...functional.executor import EXACT_MODULES
 from ...functional.head import HeadEngine, body_features, checkpointed_body_features
 from ...functional.losses import CrossEntropy
 from ...functional.meta_step import MetaStep, StepPlan
+from ...functional.precision import FP32
 from .base import MetaStepPath, StepOutput, Support, Where
 
 
-def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
-    """Whether the exact reverse covers this model, loss and clipping (``requested``: exact_reverse)."""
+def support(engine, loss_fn, clip_grad_norm, requested: bool = True, prec=FP32) -> Support:
+    """Whether the exact reverse covers this model, loss, clipping and precision (``requested``: exact_reverse)."""
     if not requested:
         return Support(False, "exact_reverse=False")
     if engine.adapt_from != 0:
@@ -50,6 +51,9 @@ def support(engine, loss_fn, clip_grad_norm, requested: bool = True) -> Support:
         return Support(False, "clip_grad_norm is set (the reverse has no clipped update)")
     if not hasattr(loss_fn, "rgrad"):
         return Support(False, "the loss is a custom function (no R-operator)")
+    if engine.adapt_from != 0 and prec.mixed:
+        return Support(False, f"anil=True with precision={prec.name!r} (the reverse of the head takes its features' "
+                              "gradient in fp32 only)")
     if engine.adapt_from != 0:
         return Support(True, "exact reverse of the head (anil=True: R-operator Hessian-vector products, one "
                              "autograd node; the body's gradient from its features by autograd)")
@@ -62,7 +66,7 @@ class ExactReversePath(MetaStepPath):
 
     def __init__(self, setup):
         super().__init__(setup)
-        self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse)
+        self._support = support(setup.engine, setup.loss_fn, setup.clip_grad_norm, setup.exact_reverse, setup.prec)
         self._head = HeadEngine(setup.engine) if setup.engine.adapt_from and self._support.ok else None
         self._bn_pieces = setup.step_bn_pieces()  # per_step_bn: where the BatchNorm weights sit
 
@@ -78,9 +82,6 @@ class ExactReversePath(MetaStepPath):
     def supports(self, where: Where) -> Support:
         if not self._support.ok:
             return self._support
-        if self.setup.engine.adapt_from != 0 and self.setup.prec.mixed:
-            return Support(False, f"anil=True with precision={self.setup.prec.name!r} (the reverse of the head "
-                                  "takes its features' gradient in fp32 only)")
         if where.adapt:
             return Support(False, "adapt() differentiates nothing", quiet=True)
         if not where.grad:
