@@ -126,15 +126,13 @@ def _dropout_modes(root: nn.Module, graph: fx.Graph, is_known, opaque: Set[str])
     """Node name -> whether that F.dropout call follows its module's mode (``training=self.training``):
     its traced flag flips when the model is traced again in the other mode. Calls whose flag stays are
     constants (F.dropout's default training=True drops in eval mode too)."""
-    calls = {n.name: n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
-             for n in graph.nodes if n.op == "call_function" and n.target is F.dropout}
+    calls = _dropout_flags(graph)
     if not calls:
         return {}
     modes = {m: m.training for m in root.modules()}
     try:
         root.train(not root.training)
-        other = {n.name: n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
-                 for n in _trace(root, is_known, opaque).nodes if n.op == "call_function" and n.target is F.dropout}
+        other = _dropout_flags(_trace(root, is_known, opaque))
     except Exception:  # noqa: BLE001 - a forward that traces in one mode only: its calls keep the traced flag
         other = {}
     finally:
@@ -156,6 +154,12 @@ _ACT_FUNCS = {
     F.gelu: lambda a, k: nn.GELU(**k), F.silu: lambda a, k: nn.SiLU(),
 }
 _ACT_METHODS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def _dropout_flags(graph: fx.Graph) -> Dict[str, object]:
+    """Node name -> the traced ``training`` argument of each F.dropout call (F.dropout's default: True)."""
+    return {n.name: n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+            for n in graph.nodes if n.op == "call_function" and n.target is F.dropout}
 
 
 def _build(root, graph: fx.Graph, opaque: Dict[str, str], make_layer, slots_of, dropout_modes: Dict[str, bool]):
