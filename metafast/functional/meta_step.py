@@ -311,8 +311,8 @@ class MetaStep(torch.autograd.Function):
             hbar_s = torch.zeros(ctx.x_shapes[0], dtype=ctx.x_dtypes[0], device=gq.device)
         if ctx.ckpt:  # this node's fast weights go now, not when its graph dies (a retained graph replays them)
             ctx.records = [(None, rng) for _, rng in ctx.records]
-            theta_c, sx, qx, (_, rng) = ctx.ckpt_inputs
-            ctx.ckpt_inputs, ctx.replay_pending = (theta_c, sx, qx, (None, rng)), True
+            MetaStep._set_final_weights(ctx, None)
+            ctx.replay_pending = True
         return (torch.cat([w.sum(0) for w in wbar]), lrbar, None if hbar_s is None else hbar_s.to(ctx.x_dtypes[0]),
                 None, None if hbar_q is None else hbar_q.to(ctx.x_dtypes[1]), None, None, step_bnbar)
 
@@ -357,6 +357,12 @@ class MetaStep(torch.autograd.Function):
             0, len(engine.layers), theta_c, _low(low, fast), x, "tn", ctx.rc, record=True))
 
     @staticmethod
+    def _set_final_weights(ctx, fast):
+        """W_K of the checkpointed query pass (None: dropped, the replay brings it back)."""
+        theta_c, sx, qx, (_, rng) = ctx.ckpt_inputs
+        ctx.ckpt_inputs = (theta_c, sx, qx, (fast, rng))
+
+    @staticmethod
     def _replay(ctx, theta):
         """memory="min": the inner loop again from θ, each step as its checkpointed rebuild (the same ops on the
         same inputs and random states as the forward), filling the records with W_k and W_K."""
@@ -376,8 +382,7 @@ class MetaStep(torch.autograd.Function):
             fast = _update(theta.split(sizes) if fast is None else fast, g, _step_lr(plan, ctx.lrs, sizes, k))
         if bn is not None:
             fast = _with_bn(bn, ctx.step_bn, plan.steps - 1, fast, T)
-        theta_c, sx, qx, (_, rng) = ctx.ckpt_inputs
-        ctx.ckpt_inputs = (theta_c, sx, qx, (fast, rng))
+        MetaStep._set_final_weights(ctx, fast)
         ctx.replay_pending = False
 
     @staticmethod
